@@ -1,0 +1,239 @@
+"""The recipe schema: one YAML file describes a whole Con-J run.
+
+Every section is a dataclass whose fields carry their defaults and a one-line help
+(`metadata["help"]`). `load_recipe` reads YAML, applies `section.key=value` overrides
+and rejects unknown keys or wrong types with the file name and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import InputError
+
+
+def opt(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TinyConfig:
+    """Shapes of the locally built model used when `model.name_or_path: tiny`."""
+
+    hidden_size: int = opt(256, "hidden size (a multiple of 256 keeps k-quants usable)")
+    intermediate_size: int = opt(512, "MLP width")
+    num_hidden_layers: int = opt(2, "transformer layers")
+    num_attention_heads: int = opt(4, "attention heads")
+    num_key_value_heads: int = opt(2, "key/value heads")
+    vocab_size: int = opt(2048, "sentencepiece vocabulary size")
+    warmup_steps: int = opt(150, "steps of format warm-up so the model writes JSON judgments")
+    seed: int = opt(0, "seed of the build")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt("tiny", "a Hugging Face model id or local directory; 'tiny' builds a small local model")
+    tiny: TinyConfig = field(default_factory=TinyConfig, metadata={"help": "shapes of the tiny local model"})
+    load_in_4bit: bool | None = opt(None, "4-bit NF4 QLoRA; default: on when CUDA is available")
+    dtype: str = opt("auto", "compute dtype: auto (bf16 if supported, else fp16 on CUDA; fp32 on CPU), bf16, fp16, fp32")
+    use_unsloth: str = opt("auto", "auto (when installed and on CUDA), yes, no")
+    max_seq_length: int = opt(2048, "longest prompt+judgment in tokens")
+    trust_remote_code: bool = opt(False, "passed to from_pretrained")
+
+
+@dataclass
+class DataConfig:
+    path: str = opt("data/sample_prefs.jsonl", "a JSON/JSONL/Parquet/CSV file, a save_to_disk directory or a HF dataset name")
+    preset: str = opt("auto", "auto, canonical, llmbar, chosen_rejected, or 'fields' with `fields` below")
+    fields: dict = opt({}, "explicit field mapping: question, a, b, label (and id, subset)")
+    label_map: dict = opt({}, "label values to A/B/tie, e.g. {'0': 'A', '1': 'B'}")
+    split: str = opt("train", "split of a HF dataset")
+    limit: int | None = opt(None, "use the first N pairs")
+    skip_invalid: bool = opt(False, "write bad rows to a rejects file instead of stopping")
+
+
+@dataclass
+class PromptConfig:
+    template: str = opt("en", "built-in template (en, zh) or a YAML file with user/hint/system")
+
+
+@dataclass
+class SamplingConfig:
+    n_repeats: int = opt(8, "repeated judgments per pair and order (paper: 8)")
+    hint_samples: int = opt(1, "hint-driven judgments per pair, order and hint (true, reversed)")
+    temperature: float = opt(1.2, "sampling temperature (paper: 1.2)")
+    top_p: float = opt(0.95, "nucleus sampling (paper: 0.95)")
+    repetition_penalty: float = opt(1.2, "repetition penalty (paper: 1.2)")
+    max_new_tokens: int = opt(512, "longest judgment in tokens")
+    batch_size: int = opt(8, "prompts per generate call (each expands to its samples)")
+    both_orders: bool = opt(True, "judge every pair in both answer orders")
+    hints: bool = opt(True, "add hint-driven samples (Con-J); off for the no-hint ablation")
+    seed: int = opt(0, "sampling seed")
+
+
+@dataclass
+class FilterConfig:
+    max_pairs: int = opt(3, "k: (positive, negative) pairs per pair and order from the repeated samples")
+    unknown_pair: bool = opt(True, "add one (positive, malformed) pair when both exist")
+    hint_pair: bool = opt(True, "add one (true-hint positive, reversed-hint negative) pair")
+    max_rationale_chars: int = opt(2000, "cap over-long rationales to this many characters")
+    seed: int = opt(0, "seed for choosing among candidates")
+
+
+@dataclass
+class TrainConfig:
+    alpha: float = opt(1.0, "weight of the SFT term on positive judgments (loss = DPO + alpha*SFT)")
+    beta: float = opt(0.1, "DPO beta")
+    learning_rate: float = opt(5e-5, "learning rate")
+    epochs: float = opt(1.0, "passes over the pairs")
+    max_steps: int = opt(-1, "stop after this many steps (-1: use epochs)")
+    batch_size: int = opt(1, "pairs per device step")
+    grad_accum: int = opt(8, "gradient accumulation steps")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    lora_dropout: float = opt(0.05, "LoRA dropout")
+    target_modules: list = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "modules that get LoRA"
+    )
+    gradient_checkpointing: bool | None = opt(None, "default: on with CUDA")
+    optim: str = opt("auto", "auto: paged_adamw_8bit with 4-bit on CUDA, adamw_torch otherwise")
+    warmup_ratio: float = opt(0.1, "learning-rate warm-up")
+    logging_steps: int = opt(1, "log every N steps")
+    save_steps: int = opt(50, "checkpoint every N steps (resumable)")
+    seed: int = opt(0, "training seed")
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = opt(True, "export to GGUF at the end of `conj-lite run`")
+    outtype: str = opt("f16", "converter output type: f16, bf16, f32 or q8_0")
+    quant_types: list = opt(["q8_0", "q4_k_m"], "quantized files made from the converted one")
+    llama_cpp_dir: str | None = opt(None, "a llama.cpp checkout to take the converter from")
+    verify: int = opt(0, "judge N pairs with the HF model and each GGUF and compare")
+    ollama_modelfile: bool = opt(False, "also write an Ollama Modelfile")
+
+
+@dataclass
+class Recipe:
+    name: str = opt("recipe", "a short name")
+    description: str = opt("", "what this recipe is for")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "preference data"})
+    prompts: PromptConfig = field(default_factory=PromptConfig, metadata={"help": "judge prompt"})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "stage S1"})
+    filtering: FilterConfig = field(default_factory=FilterConfig, metadata={"help": "stage S2"})
+    training: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "stage S3"})
+    export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "stage S4"})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, annotation, where: str):
+    """Check (and gently convert) a YAML value against a field's annotation."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        hint = args[0]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a mapping, got {value!r}")
+        return _build(hint, value, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise InputError(f"{where}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise InputError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise InputError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise InputError(f"{where}: expected a string, got {value!r}")
+    if hint is list or typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise InputError(f"{where}: expected a list, got {value!r}")
+        return value
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, raw: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise InputError(f"{where or 'top level'}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`sampling.n_repeats=4` -> (['sampling', 'n_repeats'], 4). Values are YAML."""
+    if "=" not in text:
+        raise InputError(f"override {text!r}: expected section.key=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(f"override {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict, source: str = "recipe", overrides: list[str] = ()) -> Recipe:
+    raw = apply_overrides(dict(raw or {}), list(overrides))
+    try:
+        return _build(Recipe, raw, "")
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe YAML (None: all defaults) and apply overrides."""
+    if path is None:
+        return recipe_from_dict({}, "defaults", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text("utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise InputError(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a recipe is a mapping of sections")
+    return recipe_from_dict(raw, str(path), overrides)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), "utf-8")

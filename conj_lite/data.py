@@ -1,0 +1,648 @@
+"""Load pairwise preference data into one record shape, `PreferencePair`.
+
+Sources: `.json` (a list of objects, or an object with the list under "data", "rows"
+or "examples"), `.jsonl`, `.parquet`, `.csv` (UTF-8, first line = header), a directory
+written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or else a
+Hugging Face dataset name.
+
+Column layouts ("presets"), detected from the first row's keys when preset="auto":
+  canonical        question, answer_a, answer_b, label (A / B / tie)
+  llmbar           input, output_1, output_2, label (1 / 2)
+  chosen_rejected  prompt (optional), chosen, rejected: text or chat messages
+Any other layout: fields={"question": ..., "a": ..., "b": ..., "label": ...} (plus
+optional "id", "subset", "source") and, for labels such as 0/1, a label_map.
+
+Every bad row raises `InputError` starting with `path:LINE:` (JSONL and CSV, 1-based
+file lines) or `path: row N:` (JSON, Parquet, datasets; rows count from 0 like the id
+suffix). With skip_invalid=True bad rows go to a rejects file instead.
+
+The pure part (normalize_label, detect_preset, record_from_row) never touches files.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from conj_lite.errors import InputError
+
+LABELS = ("A", "B", "tie")
+
+# Presets that are a plain renaming of columns. Roles: question, a, b, label.
+PRESET_FIELDS = {
+    "canonical": {"question": "question", "a": "answer_a", "b": "answer_b", "label": "label"},
+    "llmbar": {"question": "input", "a": "output_1", "b": "output_2", "label": "label"},
+}
+CHOSEN_REJECTED = "chosen_rejected"
+PRESETS = (*PRESET_FIELDS, CHOSEN_REJECTED)
+REQUIRED_ROLES = ("question", "a", "b", "label")
+OPTIONAL_ROLES = ("id", "subset", "source")
+ID_KEYS = ("id", "pair_id")
+
+# The default label mapping. Keys are compared lower-case with spaces removed.
+# 1/2 follow "output_1"/"output_2" (LLMBar); [[A]]/[[B]]/[[C]] are MT-Bench judge
+# verdicts ([[C]] = tie); model_a/model_b/tie (bothbad) are Chatbot Arena winners.
+# 0 is deliberately absent: 0/1 means A/B in some datasets and tie/A in others.
+DEFAULT_LABEL_MAP = {
+    "1": "A", "2": "B",
+    "a": "A", "b": "B",
+    "[[a]]": "A", "[[b]]": "B", "[[c]]": "tie",
+    "a>b": "A", "b<a": "A", "b>a": "B", "a<b": "B", "a=b": "tie", "b=a": "tie",
+    "model_a": "A", "model_b": "B",
+    "tie": "tie", "equal": "tie", "draw": "tie", "tie(bothbad)": "tie",
+}
+AMBIGUOUS_LABELS = ("0", "-1", "true", "false")
+
+# chosen/rejected data has the better answer in a fixed column; a judge trained on it
+# as-is would learn "A is always better". The slot comes from a hash of the pair id, so
+# it is the same on every run and machine. Changing the seed reshuffles every pair.
+SLOT_SEED = "conj-lite-slot-v1"
+
+HH_HUMAN = "\n\nHuman:"
+HH_ASSISTANT = "\n\nAssistant:"
+JSON_LIST_KEYS = ("data", "rows", "examples")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One question, two answers, and which answer people preferred."""
+
+    id: str
+    question: str
+    answer_a: str
+    answer_b: str
+    label: str  # "A" | "B" | "tie"; "A" = answer_a is better
+    source: str | None = None
+    subset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.label not in LABELS:
+            raise ValueError(f"label must be one of {LABELS}, got {self.label!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadResult:
+    pairs: list[PreferencePair]  # ties included
+    n_rejected: int
+    rejects_path: Path | None  # set only when rows were rejected and written there
+    preset: str | None = None  # the preset used ("fields" for an explicit mapping)
+
+    @property
+    def n_ties(self) -> int:
+        return sum(pair.label == "tie" for pair in self.pairs)
+
+    def trainable(self) -> list[PreferencePair]:
+        """The pairs with a winner; ties teach a pairwise judge nothing to prefer."""
+        return [pair for pair in self.pairs if pair.label != "tie"]
+
+
+# ---------------------------------------------------------------------------
+# Pure core: labels, presets, one row -> one record
+# ---------------------------------------------------------------------------
+
+
+def _label_key(value: object) -> str:
+    """Comparable text of a label: 2.0 -> "2", " A > B " -> "a>b"."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # Parquet/pandas turn int columns with nulls into floats
+    return "".join(str(value).split()).lower()
+
+
+def normalize_label(value: object, label_map: dict | None = None) -> str:
+    """"A", "B" or "tie" for a label as datasets write it.
+
+    Without label_map, DEFAULT_LABEL_MAP applies. A label_map replaces it entirely, so a
+    forgotten value is an error rather than a silent default."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise InputError("the label is empty")
+    key = _label_key(value)
+    if label_map is not None:
+        table = {_label_key(k): v for k, v in label_map.items()}
+        if key not in table:
+            raise InputError(f"label {value!r} is not in label_map (its keys: {sorted(map(str, label_map))})")
+        if table[key] not in LABELS:
+            raise InputError(f"label_map maps {value!r} to {table[key]!r}; targets must be 'A', 'B' or 'tie'")
+        return table[key]
+    if key in DEFAULT_LABEL_MAP:
+        return DEFAULT_LABEL_MAP[key]
+    if key in AMBIGUOUS_LABELS:
+        raise InputError(
+            f"label {value!r} is ambiguous (0/1 labels mean A/B in some datasets, tie/A in others); "
+            "pass a label map, e.g. label_map={'0': 'A', '1': 'B'} or {'0': 'tie', '1': 'A', '2': 'B'}"
+        )
+    raise InputError(
+        f"unknown label {value!r}; expected 1/2, A/B, [[A]]/[[B]], A>B/B>A/A=B, tie/equal/draw, "
+        "or pass a label map (label_map=) for other values"
+    )
+
+
+def detect_preset(keys: Iterable[str]) -> str | None:
+    """The preset whose columns are all among `keys`, or None."""
+    keys = set(keys)
+    for name, fields in PRESET_FIELDS.items():
+        if set(fields.values()) <= keys:
+            return name
+    if {"chosen", "rejected"} <= keys:
+        return CHOSEN_REJECTED
+    return None
+
+
+def chosen_slot(pair_id: str, seed: str = SLOT_SEED) -> str:
+    """"A" or "B": where the chosen answer goes, about half the pairs each."""
+    digest = hashlib.sha256(f"{seed}:{pair_id}".encode("utf-8")).digest()
+    return "A" if digest[0] % 2 == 0 else "B"
+
+
+def record_from_row(
+    row: dict,
+    preset: str = "canonical",
+    *,
+    default_id: str,
+    fields: dict | None = None,
+    label_map: dict | None = None,
+) -> PreferencePair:
+    """One PreferencePair from one row, under a preset or an explicit `fields` mapping.
+
+    Raises InputError (without a file location; the loader adds it)."""
+    if fields is None and preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    if fields is None and preset == CHOSEN_REJECTED:
+        return _chosen_rejected_record(row, default_id)
+    return _mapped_record(row, fields or PRESET_FIELDS[preset], default_id, label_map)
+
+
+def _mapped_record(row: dict, fields: dict, default_id: str, label_map: dict | None) -> PreferencePair:
+    _require_keys(row, [fields[role] for role in REQUIRED_ROLES])
+    return PreferencePair(
+        id=_row_id(row, fields.get("id"), default_id),
+        question=_text(row[fields["question"]], fields["question"]),
+        answer_a=_text(row[fields["a"]], fields["a"]),
+        answer_b=_text(row[fields["b"]], fields["b"]),
+        label=normalize_label(row[fields["label"]], label_map),
+        source=_optional_text(row.get(fields.get("source", "source"))),
+        subset=_optional_text(row.get(fields.get("subset", "subset"))),
+    )
+
+
+def _chosen_rejected_record(row: dict, default_id: str) -> PreferencePair:
+    _require_keys(row, ["chosen", "rejected"])
+    if row.get("prompt") is None:
+        # HH-style: the prompt is the conversation before chosen's last assistant turn.
+        question, chosen = _split_conversation(row["chosen"], "chosen")
+        _, rejected = _split_conversation(row["rejected"], "rejected")
+    else:
+        question = _prompt_text(row["prompt"])
+        chosen = _final_answer(row["chosen"], "chosen")
+        rejected = _final_answer(row["rejected"], "rejected")
+    pair_id = _row_id(row, None, default_id)
+    slot = chosen_slot(pair_id)
+    answer_a, answer_b = (chosen, rejected) if slot == "A" else (rejected, chosen)
+    return PreferencePair(
+        id=pair_id,
+        question=question,
+        answer_a=answer_a,
+        answer_b=answer_b,
+        label=slot,
+        source=_optional_text(row.get("source")),
+        subset=_optional_text(row.get("subset")),
+    )
+
+
+def _require_keys(row: dict, keys: list[str]) -> None:
+    missing = [key for key in keys if key not in row]
+    if missing:
+        raise InputError(
+            f"missing field {', '.join(map(repr, missing))}; expected {', '.join(keys)}; "
+            f"keys found: {', '.join(sorted(map(str, row))) or '(none)'}"
+        )
+
+
+def _text(value: object, name: str) -> str:
+    if value is None:
+        raise InputError(f"field {name!r} is empty (null)")
+    if not isinstance(value, str):
+        raise InputError(f"field {name!r} must be text, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError(f"field {name!r} is empty or only whitespace")
+    return value
+
+
+def _optional_text(value: object) -> str | None:
+    if value is None or not str(value).strip():
+        return None
+    return str(value)
+
+
+def _row_id(row: dict, id_field: str | None, default_id: str) -> str:
+    """The row's own id if it has one, else the position-based default."""
+    for key in (id_field,) if id_field else ID_KEYS:
+        value = row.get(key)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    return default_id
+
+
+def _messages(value: object, name: str) -> list[dict]:
+    is_chat = isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    if not is_chat or not value:
+        raise InputError(f"field {name!r} must be text or a list of chat messages {{'role': ..., 'content': ...}}")
+    return value
+
+
+def _last_content(messages: list[dict], role: str, name: str) -> str:
+    for message in reversed(messages):
+        if message["role"] == role:
+            return _text(message["content"], f"{name} ({role} message)")
+    raise InputError(f"field {name!r} has no {role} message; roles found: {[m['role'] for m in messages]}")
+
+
+def _final_answer(value: object, name: str) -> str:
+    """An answer: plain text, or the content of the final assistant message."""
+    if isinstance(value, str):
+        return _text(value, name)
+    messages = _messages(value, name)
+    if messages[-1]["role"] != "assistant":
+        raise InputError(f"field {name!r} must end with an assistant message, ends with {messages[-1]['role']!r}")
+    return _text(messages[-1]["content"], f"{name} (assistant message)")
+
+
+def _prompt_text(value: object) -> str:
+    """The question: plain text, or the last user message of a chat prompt."""
+    if isinstance(value, str):
+        return _text(value, "prompt")
+    return _last_content(_messages(value, "prompt"), "user", "prompt")
+
+
+def _split_conversation(value: object, name: str) -> tuple[str, str]:
+    """(question, answer) from a whole conversation: chat messages or an HH transcript."""
+    if isinstance(value, str):
+        return _split_hh_transcript(value, name)
+    answer = _final_answer(value, name)
+    return _last_content(value[:-1], "user", name), answer
+
+
+def _split_hh_transcript(text: str, name: str) -> tuple[str, str]:
+    """Anthropic HH text: "\\n\\nHuman: q\\n\\nAssistant: a ..." -> (last q, last a)."""
+    head, marker, answer = ("\n\n" + text.lstrip()).rpartition(HH_ASSISTANT)
+    if not marker or HH_HUMAN not in head:
+        raise InputError(
+            f"field {name!r} is text but there is no 'prompt' column; expected chat messages or an "
+            "HH-style transcript ('Human: ... Assistant: ...'), or add a prompt column"
+        )
+    question = head.rpartition(HH_HUMAN)[2]
+    return _text(question.strip(), f"{name} (last Human turn)"), _text(answer.strip(), f"{name} (last Assistant turn)")
+
+
+# ---------------------------------------------------------------------------
+# Edge: reading files and datasets into raw rows
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One row as read, before it becomes a PreferencePair."""
+
+    where: str  # message prefix: "path:LINE" or "path: row N"
+    number: int  # the line or row number in `where` (the rejects file's "line")
+    default_id: str  # f"{stem}-{index}", the id when the row has none
+    row: dict | None  # None when the row could not be read
+    raw: object  # the original text or value, for the rejects file
+    problem: str | None = None  # why the row could not be read
+
+
+def _decode_line(data: bytes, line_number: int) -> str:
+    # utf-8-sig on the first line drops the byte-order mark that Windows tools add.
+    return data.decode("utf-8-sig" if line_number == 1 else "utf-8")
+
+
+def _utf8_problem(data: bytes, exc: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 (byte {data[exc.start]:#04x} at column {exc.start + 1}); save the file as UTF-8"
+
+
+def _read_jsonl(path: Path) -> Iterator[RawRow]:
+    index = 0
+    with path.open("rb") as handle:
+        for line_number, data in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                text = _decode_line(data, line_number).rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raw = data.decode("utf-8", "backslashreplace").rstrip("\r\n")
+                yield RawRow(where, line_number, f"{path.stem}-{index}", None, raw, _utf8_problem(data, exc))
+                index += 1
+                continue
+            if not text.strip():
+                continue  # blank lines (a trailing one, say) are not rows
+            row, problem = _parse_json_object(text)
+            yield RawRow(where, line_number, f"{path.stem}-{index}", row, text, problem)
+            index += 1
+
+
+def _parse_json_object(text: str) -> tuple[dict | None, str | None]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
+    if not isinstance(value, dict):
+        return None, f"expected a JSON object, got {type(value).__name__}"
+    return value, None
+
+
+def _read_json(path: Path) -> Iterator[RawRow]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{path}:{line}: {_utf8_problem(data, exc)}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    yield from _object_rows(_json_list(path, value), str(path), path.stem)
+
+
+def _json_list(path: Path, value: object) -> list:
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        for key in JSON_LIST_KEYS:
+            if isinstance(value.get(key), list):
+                return value[key]
+        found = f"an object with keys {sorted(value)}"
+    else:
+        found = type(value).__name__
+    raise InputError(
+        f"{path}: expected a JSON list of objects, or an object with the list under "
+        f"{', '.join(map(repr, JSON_LIST_KEYS))}; found {found}"
+    )
+
+
+def _object_rows(rows: Iterable, name: str, stem: str) -> Iterator[RawRow]:
+    for index, row in enumerate(rows):
+        problem = None if isinstance(row, dict) else f"expected an object, got {type(row).__name__}"
+        yield RawRow(f"{name}: row {index}", index, f"{stem}-{index}", row if problem is None else None, row, problem)
+
+
+def _read_csv(path: Path) -> Iterator[RawRow]:
+    bad_lines: set[int] = set()
+
+    def decoded_lines() -> Iterator[str]:
+        # Decode line by line so that one bad byte costs one row, not the file.
+        with path.open("rb") as handle:
+            for line_number, data in enumerate(handle, start=1):
+                try:
+                    yield _decode_line(data, line_number)
+                except UnicodeDecodeError:
+                    bad_lines.add(line_number)
+                    yield data.decode("utf-8", "replace")
+
+    reader = csv.reader(decoded_lines())
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        raise InputError(f"{path}:1: not a valid CSV header ({exc})") from None
+    if header is None:
+        raise InputError(f"{path}: the file is empty; expected a header line with column names")
+    if 1 in bad_lines:
+        raise InputError(f"{path}:1: the header is not valid UTF-8; save the file as UTF-8")
+    index = 0
+    while True:
+        first_line = reader.line_num + 1  # a quoted field may span several lines
+        try:
+            values = next(reader, None)
+        except csv.Error as exc:
+            raise InputError(f"{path}:{first_line}: not valid CSV ({exc})") from None
+        if values is None:
+            return
+        if not values:
+            continue  # a blank line
+        row, problem = _csv_row(header, values)
+        if bad_lines & set(range(first_line, reader.line_num + 1)):
+            problem = "not valid UTF-8; save the file as UTF-8"
+        yield RawRow(f"{path}:{first_line}", first_line, f"{path.stem}-{index}", row, row or values, problem)
+        index += 1
+
+
+def _csv_row(header: list[str], values: list[str]) -> tuple[dict | None, str | None]:
+    if len(values) != len(header):
+        return None, f"{len(values)} fields but the header has {len(header)} ({', '.join(header)})"
+    return dict(zip(header, values)), None
+
+
+def _read_parquet(path: Path) -> Iterator[RawRow]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+    yield from _object_rows(table.to_pylist(), str(path), path.stem)
+
+
+def _import_datasets(name: str):
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"{name}: loading this needs the 'datasets' package (pip install datasets)") from None
+    return datasets
+
+
+def _pick_split(dataset, split: str, name: str):
+    """(dataset, is_dict): the `split` of a DatasetDict, or a plain Dataset as it is."""
+    if not hasattr(dataset, "keys"):
+        return dataset, False
+    if split not in dataset:
+        raise InputError(f"{name}: no split {split!r}; splits found: {', '.join(dataset.keys())}")
+    return dataset[split], True
+
+
+def _read_dataset_dir(path: Path, split: str) -> Iterator[RawRow]:
+    datasets = _import_datasets(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise InputError(
+            f"{path}: a directory, but not one written by datasets' save_to_disk "
+            "(no dataset_info.json or dataset_dict.json); pass a data file instead"
+        ) from None
+    dataset, is_dict = _pick_split(loaded, split, str(path))
+    # Ids carry the split of a DatasetDict so that train and test ids never collide.
+    stem = f"{path.name}-{split}" if is_dict else path.name
+    yield from _object_rows(dataset, str(path), stem)
+
+
+def _read_hub(name: str, split: str) -> Iterator[RawRow]:
+    datasets = _import_datasets(name)
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # the hub fails in many ways (offline, not found, bad split)
+        raise InputError(
+            f"{name}: not a local file or directory, and loading it as a Hugging Face dataset "
+            f"(split {split!r}) failed: {type(exc).__name__}: {exc}. If you are offline or the "
+            "name is wrong, pass a local .json/.jsonl/.parquet/.csv file or save_to_disk directory"
+        ) from None
+    yield from _object_rows(dataset, f"{name}[{split}]", f"{name.split('/')[-1]}-{split}")
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def _looks_like_path(text: str) -> bool:
+    """Whether a missing `source` was meant as a file (so: "no such file", not a hub lookup)."""
+    return (
+        Path(text).suffix.lower() in READERS
+        or text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1  # hub names are "name" or "owner/name"
+    )
+
+
+def _open_rows(source: str | Path, split: str) -> Iterator[RawRow]:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _read_dataset_dir(path, split)
+    if path.is_file():
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            raise InputError(
+                f"{path}: unsupported file type {path.suffix!r}; expected "
+                f"{', '.join(READERS)} or a save_to_disk directory"
+            )
+        return reader(path)
+    if isinstance(source, Path) or _looks_like_path(str(source)):
+        raise InputError(f"{source}: no such file or directory")
+    return _read_hub(str(source), split)
+
+
+def default_rejects_path(source: str | Path) -> Path:
+    """Where rejected rows go by default: next to the data, never the working dir."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.with_suffix(".rejects.jsonl")
+    if path.is_dir():
+        return path.parent / f"{path.name}.rejects.jsonl"
+    raise InputError(
+        f"{source}: with skip_invalid=True, pass rejects_path= for a Hugging Face dataset "
+        "(there is no local file to put the rejects next to)"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
+
+def _check_options(preset: str, fields: dict | None, label_map: dict | None, limit: int | None) -> None:
+    if preset != "auto" and preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; known: auto, {', '.join(PRESETS)}")
+    if fields is not None:
+        if preset != "auto":
+            raise InputError("pass either preset= or fields=, not both")
+        missing = [role for role in REQUIRED_ROLES if role not in fields]
+        unknown = sorted(set(fields) - set(REQUIRED_ROLES) - set(OPTIONAL_ROLES))
+        if missing or unknown:
+            raise InputError(
+                f"fields= needs the keys {', '.join(REQUIRED_ROLES)} (optional: {', '.join(OPTIONAL_ROLES)}); "
+                f"missing: {missing or 'none'}; unknown: {unknown or 'none'}"
+            )
+    if label_map is not None:
+        bad = {key: value for key, value in label_map.items() if value not in LABELS}
+        if bad:
+            raise InputError(f"label_map values must be 'A', 'B' or 'tie'; got {bad}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise InputError(f"limit must be a positive integer, got {limit!r}")
+
+
+def _detect_or_raise(raw: RawRow) -> str:
+    preset = detect_preset(raw.row)
+    if preset is None:
+        raise InputError(
+            f"{raw.where}: cannot tell the data layout from the keys {sorted(map(str, raw.row))}; expected "
+            "canonical (question, answer_a, answer_b, label), llmbar (input, output_1, output_2, label) "
+            "or chosen_rejected (chosen, rejected, optional prompt). Pass preset= or fields={...}"
+        )
+    return preset
+
+
+def _write_rejects(rejects: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for reject in rejects:
+            handle.write(json.dumps(reject, ensure_ascii=False, default=str) + "\n")
+    return path
+
+
+def load_pairs(
+    source: str | Path,
+    *,
+    preset: str = "auto",
+    fields: dict | None = None,
+    label_map: dict | None = None,
+    split: str = "train",
+    skip_invalid: bool = False,
+    rejects_path: str | Path | None = None,
+    limit: int | None = None,
+) -> LoadResult:
+    """Read preference pairs from a file, a save_to_disk directory or a hub dataset name.
+
+    The first bad row raises InputError, unless skip_invalid=True: then each bad row is
+    written to `rejects_path` (default: `<data>.rejects.jsonl` next to the data) as
+    {"line", "reason", "raw"} and counted. A source with no valid pair is always an
+    error. Duplicate ids are an error naming both lines. `limit` keeps the first N
+    valid pairs and stops reading there. Ties are kept; see LoadResult.trainable()."""
+    _check_options(preset, fields, label_map, limit)
+    if skip_invalid and rejects_path is None:
+        rejects_path = default_rejects_path(source)
+    # The layout in use: "fields" for an explicit mapping, else a preset name, or None
+    # until the first readable row tells which preset it is.
+    if fields is not None:
+        layout = "fields"
+    else:
+        layout = None if preset == "auto" else preset
+    pairs: list[PreferencePair] = []
+    rejects: list[dict] = []
+    first_seen: dict[str, str] = {}
+    for raw in _open_rows(source, split):
+        if layout is None and raw.row is not None:
+            layout = _detect_or_raise(raw)
+        try:
+            if raw.problem:
+                raise InputError(raw.problem)
+            pair = record_from_row(raw.row, layout, default_id=raw.default_id, fields=fields, label_map=label_map)
+            first = first_seen.setdefault(pair.id, raw.where)
+            if first != raw.where:
+                raise InputError(f"duplicate id {pair.id!r}, first used at {first}")
+        except InputError as exc:
+            if not skip_invalid:
+                raise InputError(f"{raw.where}: {exc}") from None
+            rejects.append({"line": raw.number, "reason": str(exc), "raw": raw.raw})
+            continue
+        pairs.append(pair)
+        if limit is not None and len(pairs) >= limit:
+            break
+    written = _write_rejects(rejects, Path(rejects_path)) if rejects else None
+    if not pairs:
+        detail = f"all {len(rejects)} rows were rejected (reasons in {written})" if rejects else "it has no rows"
+        raise InputError(f"{source}: no valid preference pairs; {detail}")
+    return LoadResult(pairs=pairs, n_rejected=len(rejects), rejects_path=written, preset=layout)
+
+
+def write_pairs_jsonl(pairs: Iterable[PreferencePair], path: str | Path) -> Path:
+    """Write pairs as canonical JSONL, one to_dict() per line; load_pairs reads it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for pair in pairs:
+            handle.write(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n")
+    return path
