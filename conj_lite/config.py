@@ -73,7 +73,7 @@ class SamplingConfig:
     top_p: float = opt(0.95, "nucleus sampling (paper: 0.95)")
     repetition_penalty: float = opt(1.2, "repetition penalty (paper: 1.2)")
     max_new_tokens: int = opt(512, "longest judgment in tokens")
-    batch_size: int = opt(8, "prompts per generate call (each expands to its samples)")
+    batch_size: int = opt(16, "sequences per generate call (prompts x samples); lower it if memory runs out")
     both_orders: bool = opt(True, "judge every pair in both answer orders")
     hints: bool = opt(True, "add hint-driven samples (Con-J); off for the no-hint ablation")
     seed: int = opt(0, "sampling seed")

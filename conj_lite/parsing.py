@@ -7,20 +7,22 @@ brace. `parse_verdict` tries readings from the most to the least structured and 
 first one that finds a judgment decides (`Verdict.method` names it):
 
   json           the whole reply is valid JSON; counting it measures format compliance
-  fenced_json    an object inside a ``` fence
-  embedded_json  a balanced {...} in prose, or a whole reply that only reads after
-                 tolerant repair (trailing commas, Python-dict quoting)
+  fenced_json    objects inside ``` fences (all the judgments found are fenced)
+  embedded_json  balanced {...} objects in prose, or a whole reply that only reads
+                 after tolerant repair (trailing commas, Python-dict quoting)
   key_value      loose `better_answer: 2` / `"更好的回答": 2` pairs, mostly JSON cut off
                  before its closing brace; the rationale may then be a partial string
   bracket        MT-Bench markers [[A]] [[B]] [[1]] [[2]] ([[C]] is a tie)
   none           nothing readable
 
-Conflicts: inside the deciding reading every verdict must agree. A reply that
-contradicts itself (two objects that disagree, [[A]] and [[B]], a verdict and a tie) has
-slot None: it is neither a judgment to trust nor one to train on. Values that are no
-verdict at all (3, 0, "Paris") are skipped when another candidate has one, so a quoted
-{"answer": 42} does not spoil the real judgment. When all candidates agree, the
-rationale comes from the last one (models restate their judgment; the last is final).
+Conflicts: inside the deciding reading every verdict must agree (fenced and embedded
+objects count as one reading). A reply that contradicts itself (two objects that
+disagree, [[A]] and [[B]], a verdict and a tie) has slot None: it is neither a judgment
+to trust nor one to train on. Values that are no verdict at all (3, 0, "Paris") are
+skipped when another candidate has one, so a quoted {"answer": 42} does not spoil the
+real judgment. When all candidates agree, the rationale comes from the last one (models
+restate their judgment; the last is final). Across readings there is no vote: a JSON
+verdict stands even if its rationale quotes a [[A]] marker.
 
 `method` says where a judgment was found even when its verdict is unusable (a tie, 3, a
 contradiction); `ok` says whether there is a verdict. Keys and verdict values are read
@@ -101,16 +103,12 @@ def parse_verdict(
     original = _final_answer(text)
     folded = _fold(original)
 
-    whole = _decode(original)
-    readings = _object_readings([whole], keys) if whole is not _MISSING else []
+    reading = _object_reading(_strict_json(original), keys)
+    if reading is not None:
+        return _decide([reading], "json")
+    readings, all_fenced = _embedded_readings(original, folded, keys)
     if readings:
-        return _decide(readings, "json")
-    spans = _object_spans(folded)
-    fenced = _inside(spans, _fence_ranges(folded))
-    for method, candidates in (("fenced_json", fenced), ("embedded_json", spans)):
-        readings = _object_readings(_decoded_objects(original, folded, candidates), keys)
-        if readings:
-            return _decide(readings, method)
+        return _decide(readings, "fenced_json" if all_fenced else "embedded_json")
     readings = _key_value_readings(original, folded, keys)
     if readings:
         return _decide(readings, "key_value")
@@ -165,6 +163,7 @@ _MISSING = object()
 _TIE = 0  # an explicit tie: a reading that conflicts with 1 and 2 but is no verdict
 _MAX_DEPTH = 4  # objects nested deeper than this are not candidates on their own
 _MAX_CANDIDATES = 200  # bounds the work on degenerate output ("{{{{…")
+_MAX_VERDICT_CHARS = 80  # a verdict value is short; longer ones are neither read nor scanned
 
 _KEY_SEPARATORS = re.compile(r"[\s_\-]+")
 
@@ -278,7 +277,7 @@ class _Reading(NamedTuple):
 
 
 def _decide(readings: list[_Reading], method: str) -> Verdict:
-    """One verdict from the readings of one method; see the module notes on conflicts."""
+    """One verdict from the readings of one method (see the module notes on conflicts)."""
     slots = {reading.slot for reading in readings if reading.slot is not None}
     if len(slots) > 1:
         return Verdict(None, None, method)
@@ -312,14 +311,22 @@ def _lookup(value: object, keys: tuple[str, ...], depth: int = 0) -> object:
     return _MISSING
 
 
-def _object_readings(objects: Iterable[object], keys: _Keys) -> list[_Reading]:
-    """A reading per object that has a verdict key (objects without one are not judgments)."""
-    readings = []
-    for value in objects:
-        verdict = _lookup(value, keys.verdict)
-        if verdict is not _MISSING:
-            readings.append(_Reading(_read_slot(verdict), _as_rationale(_lookup(value, keys.rationale))))
-    return readings
+def _object_reading(value: object, keys: _Keys) -> _Reading | None:
+    """The reading of a decoded object; None when it has no verdict key, as then it is
+    no judgment (e.g. a JSON snippet quoted from one of the answers)."""
+    verdict = _lookup(value, keys.verdict)
+    if verdict is _MISSING:
+        return None
+    return _Reading(_read_slot(verdict), _as_rationale(_lookup(value, keys.rationale)))
+
+
+def _strict_json(text: str) -> object:
+    """The whole reply as JSON (_MISSING when it is not): exactly what the prompt asks
+    for, except that raw newlines inside strings are let through."""
+    try:
+        return json.loads(text, strict=False)
+    except (ValueError, RecursionError):
+        return _MISSING
 
 
 _TRAILING_COMMA = re.compile(r'("(?:\\.|[^"\\])*")|,(\s*[}\]])', re.DOTALL)
@@ -379,22 +386,33 @@ def _fence_ranges(text: str) -> list[tuple[int, int]]:
     return [match.span(1) for match in _FENCE.finditer(text)]
 
 
-def _inside(spans: list[tuple[int, int]], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    return [(s, e) for s, e in spans if any(lo <= s and e <= hi for lo, hi in ranges)]
+def _embedded_readings(original: str, folded: str, keys: _Keys) -> tuple[list[_Reading], bool]:
+    """Readings of all objects in the reply, fenced or not (so a fenced verdict and a
+    different one in prose conflict), and whether all of them lie in ``` fences."""
+    fences = _fence_ranges(folded)
+    readings, all_fenced = [], True
+    for (start, end), value in _decoded_objects(original, folded, _object_spans(folded)):
+        reading = _object_reading(value, keys)
+        if reading is not None:
+            readings.append(reading)
+            all_fenced = all_fenced and any(lo <= start and end <= hi for lo, hi in fences)
+    return readings, all_fenced
 
 
-def _decoded_objects(original: str, folded: str, spans: list[tuple[int, int]]) -> list[object]:
-    """The values of the outermost spans that decode; inside a span that fails to decode
-    its nested objects get their chance."""
+def _decoded_objects(
+    original: str, folded: str, spans: list[tuple[int, int]]
+) -> list[tuple[tuple[int, int], object]]:
+    """(span, value) of the outermost spans that decode; inside a span that fails to
+    decode, its nested objects get their chance."""
     values, covered_until = [], -1
     for start, end in spans[:_MAX_CANDIDATES]:
         if start < covered_until or ":" not in folded[start:end]:
             continue
+        # The original, not the folded text: folding would rewrite the rationale's
+        # punctuation. An object that needs folding (a bare ２) is left to key_value.
         value = _decode(original[start:end])
-        if value is _MISSING and folded[start:end] != original[start:end]:
-            value = _decode(folded[start:end])  # e.g. full-width ｛ ｝ around the object
         if value is not _MISSING:
-            values.append(value)
+            values.append(((start, end), value))
             covered_until = end
     return values
 
@@ -407,15 +425,17 @@ _QUOTE_PAIRS = {'"': '"', "'": "'", "“": "”", "‘": "’", "「": "」", "�
 _VALUE_END = re.compile(r"""\s*(?:\Z|[}\]]|,\s*(?:\Z|["'“‘「『]|[^\s"':,{}]{1,40}\s*[:=]))""")
 _BARE_VERDICT = re.compile(r"[^,}\n;]*")
 _BARE_RATIONALE = re.compile(r"[^\n]*")
+# The unfinished line before a loose verdict key: "Final " of "Final verdict: 2", '{"'.
+_LABEL_TAIL = re.compile(r"(?:^|(?<=[\n.!?。！？]))[^\n.!?。！？]{0,40}\Z")
 _ESCAPE = re.compile(r"\\(.)", re.DOTALL)
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
 
 
-def _string_end(folded: str, start: int, close: str) -> int | None:
-    """Index of the quote that closes a string value starting at `start`; None when the
-    text ends first (generation cut off mid-string)."""
+def _string_end(folded: str, start: int, close: str, stop: int) -> int | None:
+    """Index of the quote that closes a string value starting at `start`; None when
+    `stop` comes first (generation cut off mid-string, or the value is too long)."""
     index = start
-    while index < len(folded):
+    while index < stop:
         char = folded[index]
         if char == "\\":
             index += 2
@@ -426,14 +446,18 @@ def _string_end(folded: str, start: int, close: str) -> int | None:
     return None
 
 
-def _value_span(folded: str, start: int, bare: re.Pattern) -> tuple[int, int, str | None]:
+def _value_span(
+    folded: str, start: int, bare: re.Pattern, limit: int | None = None
+) -> tuple[int, int, str | None]:
     """(start, end, quote) of the value at `start`: a quoted string (maybe unclosed) or
-    a bare token."""
-    if start < len(folded) and folded[start] in _QUOTE_PAIRS:
+    a bare token. With a `limit`, scanning stops a little past it (so a degenerate reply
+    cannot make this quadratic) and an over-long value comes out longer than `limit`."""
+    stop = len(folded) if limit is None else min(len(folded), start + limit + 2)
+    if start < stop and folded[start] in _QUOTE_PAIRS:
         quote = folded[start]
-        end = _string_end(folded, start + 1, _QUOTE_PAIRS[quote])
-        return start + 1, len(folded) if end is None else end, quote
-    return start, bare.match(folded, start).end(), None
+        end = _string_end(folded, start + 1, _QUOTE_PAIRS[quote], stop)
+        return start + 1, stop if end is None else end, quote
+    return start, bare.match(folded, start, stop).end(), None
 
 
 def _unescape(raw: str, quote: str | None) -> str:
@@ -447,7 +471,9 @@ def _unescape(raw: str, quote: str | None) -> str:
     return _ESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), m.group(1)), raw)
 
 
-def _loose_rationale(original: str, folded: str, pattern: re.Pattern) -> tuple[str | None, list[tuple[int, int]]]:
+def _loose_rationale(
+    original: str, folded: str, pattern: re.Pattern
+) -> tuple[str | None, list[tuple[int, int]]]:
     """The last rationale value in loose text, and the spans of its quoted strings (a
     verdict key quoted inside a rationale is not the verdict)."""
     rationale, string_spans, position = None, [], 0
@@ -462,18 +488,28 @@ def _loose_rationale(original: str, folded: str, pattern: re.Pattern) -> tuple[s
 
 
 def _key_value_readings(original: str, folded: str, keys: _Keys) -> list[_Reading]:
-    """Readings from `key: value` pairs anywhere in the text. Unlike a JSON object, a
-    loose key with no verdict value ("Answer: Paris") is not a judgment, so without a
-    readable value this gives nothing and the next method gets its turn."""
+    """Readings from `key: value` pairs anywhere in the text.
+
+    Unlike a JSON object, a loose key without a verdict value ("Answer: Paris") is no
+    judgment, so then this gives nothing and the next method gets its turn; so does a
+    value that is a [[B]] marker ("Final verdict: [[B]]"), which is MT-Bench style.
+    Without a rationale key, the rationale is the prose before the first verdict read."""
     rationale, string_spans = _loose_rationale(original, folded, keys.rationale_pair)
-    slots = []
+    slots, first_key = [], None
     for match in keys.verdict_pair.finditer(folded):
         if any(lo <= match.start() < hi for lo, hi in string_spans):
             continue
-        start, end, _ = _value_span(folded, match.end(), _BARE_VERDICT)
-        slots.append(_read_slot(folded[start:end]))
+        start, end, _ = _value_span(folded, match.end(), _BARE_VERDICT, _MAX_VERDICT_CHARS)
+        if _MARKER.fullmatch(folded[start:end].strip(" \t*")):
+            continue
+        slot = _read_slot(folded[start:end]) if end - start <= _MAX_VERDICT_CHARS else None
+        if slot is not None and first_key is None:
+            first_key = match.start()
+        slots.append(slot)
     if all(slot is None for slot in slots):
         return []
+    if rationale is None:
+        rationale = _LABEL_TAIL.sub("", original[:first_key]).strip() or None
     return [_Reading(slot, rationale) for slot in slots]
 
 

@@ -1,0 +1,176 @@
+"""Loading base models and tokenizers: CPU full precision, CUDA 4-bit QLoRA, unsloth.
+
+The thin edge between recipes and transformers/bitsandbytes/unsloth. unsloth patches
+transformers and trl when imported, so it must be imported before trl, and it refuses
+to import without a GPU: `unsloth_available()` checks both before touching it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelConfig, Recipe
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a model runs, decided once from the recipe and the machine."""
+
+    device: str  # "cuda" or "cpu"
+    dtype: str  # "bf16", "fp16" or "fp32": compute dtype
+    load_in_4bit: bool
+    use_unsloth: bool
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unsloth_available() -> bool:
+    return cuda_available() and importlib.util.find_spec("unsloth") is not None
+
+
+def resolve_runtime(cfg: ModelConfig) -> Runtime:
+    """Pick device, dtype, 4-bit and unsloth from the recipe and the hardware."""
+    import torch
+
+    on_cuda = cuda_available()
+    if cfg.dtype == "auto":
+        if on_cuda:
+            dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"  # T4/P100: fp16
+        else:
+            dtype = "fp32"
+    else:
+        dtype = cfg.dtype
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise InputError(f"model.dtype must be auto, bf16, fp16 or fp32, got {cfg.dtype!r}")
+    load_in_4bit = on_cuda if cfg.load_in_4bit is None else cfg.load_in_4bit
+    if load_in_4bit and not on_cuda:
+        raise InputError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false for CPU runs")
+    if load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError('4-bit QLoRA needs bitsandbytes: pip install "conj-lite[gpu]"')
+    if cfg.use_unsloth not in ("auto", "yes", "no"):
+        raise InputError(f"model.use_unsloth must be auto, yes or no, got {cfg.use_unsloth!r}")
+    use_unsloth = cfg.use_unsloth != "no" and unsloth_available()
+    if cfg.use_unsloth == "yes" and not use_unsloth:
+        raise InputError('model.use_unsloth: yes needs a CUDA GPU and unsloth: pip install "conj-lite[unsloth]"')
+    return Runtime(device="cuda" if on_cuda else "cpu", dtype=dtype, load_in_4bit=load_in_4bit, use_unsloth=use_unsloth)
+
+
+def import_unsloth_first(runtime: Runtime) -> None:
+    """unsloth must patch transformers/trl before trl is imported."""
+    if runtime.use_unsloth:
+        import unsloth  # noqa: F401
+
+
+def resolve_model_path(recipe: Recipe, pairs=(), progress=None) -> str:
+    """The base model's path or hub id; builds the tiny local model for 'tiny'."""
+    name = recipe.model.name_or_path
+    if name != "tiny":
+        return name
+    from .prompts import load_template
+    from .tiny import TinyModelSpec, tiny_model_path
+
+    t = recipe.model.tiny
+    spec = TinyModelSpec(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        warmup_steps=t.warmup_steps,
+        seed=t.seed,
+    )
+    items = [(p.question, p.answer_a, p.answer_b) for p in pairs]
+    return str(tiny_model_path(spec, template=load_template(recipe.prompts.template), extra_items=items, progress=progress))
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot load a tokenizer: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation appends to the right
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"{path}: the tokenizer has no chat template; use an instruct/chat model")
+    return tokenizer
+
+
+def bnb_config(runtime: Runtime):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=runtime.torch_dtype,
+    )
+
+
+def load_causal_lm(path: str, cfg: ModelConfig, runtime: Runtime):
+    """The base model for sampling or training (4-bit on CUDA when asked)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": runtime.torch_dtype, "trust_remote_code": cfg.trust_remote_code}
+    if runtime.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(runtime)
+        kwargs["device_map"] = {"": 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot load a causal language model: {exc}") from None
+    if runtime.device == "cuda" and not runtime.load_in_4bit:
+        model = model.to("cuda")
+    return model
+
+
+def load_for_sampling(path: str, cfg: ModelConfig, runtime: Runtime, adapter: str | Path | None = None):
+    """Model and tokenizer ready for `generate`, optionally with a trained adapter."""
+    if runtime.use_unsloth:
+        import_unsloth_first(runtime)
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(adapter or path),
+            max_seq_length=cfg.max_seq_length,
+            dtype=runtime.torch_dtype,
+            load_in_4bit=runtime.load_in_4bit,
+        )
+        FastLanguageModel.for_inference(model)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    model = load_causal_lm(path, cfg, runtime)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    return model, tokenizer
+
+
+def set_cpu_threads() -> None:
+    """Use every core for torch on CPU (a notebook may have set fewer)."""
+    import torch
+
+    if not cuda_available():
+        torch.set_num_threads(int(os.environ.get("CONJ_LITE_THREADS", os.cpu_count() or 1)))

@@ -1,0 +1,224 @@
+"""Stage S1: sample judgments with batched `generate`, resumably.
+
+For every labelled pair and each answer order the model writes
+  - `n_repeats` judgments to the plain judge prompt        (kind "repeat")
+  - `hint_samples` judgments after the true hint           (kind "hint_true")
+  - `hint_samples` judgments after the reversed hint       (kind "hint_reverse")
+Each judgment is a row of `judgments.jsonl` keyed by (id, order, kind, sample).
+
+Rows are appended a whole batch at a time and fsync'ed. A re-run reads the file,
+cuts a torn last line (the process died mid-write), and generates only the keys that
+are missing, so nothing is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import SamplingConfig
+from .errors import InputError
+from .prompts import JudgeTemplate, build_messages, hint_prefix, ordered_answers, render_prompt, true_slot
+
+KINDS = ("repeat", "hint_true", "hint_reverse")
+
+
+def judgment_key(pair_id: str, order: str, kind: str, sample: int) -> str:
+    return f"{pair_id}|{order}|{kind}|{sample}"
+
+
+def row_key(row: dict) -> str:
+    return judgment_key(row["id"], row["order"], row["kind"], row["sample"])
+
+
+@dataclass
+class Request:
+    """One prompt to sample from, with the sample indices still to produce."""
+
+    pair_id: str
+    order: str
+    kind: str
+    hint_slot: int | None
+    samples: list[int]
+    messages: list[dict] = field(repr=False)
+    prefix: str = ""
+
+    def key(self, sample: int) -> str:
+        return judgment_key(self.pair_id, self.order, self.kind, sample)
+
+
+def plan_requests(pairs, template: JudgeTemplate, cfg: SamplingConfig, done: set[str] = frozenset()) -> list[Request]:
+    """Every prompt of the Con-J sampling plan, minus the judgments already in `done`.
+
+    Ties are skipped: a judgment can only be right or wrong against a label."""
+    orders = ("ab", "ba") if cfg.both_orders else ("ab",)
+    kinds = [("repeat", cfg.n_repeats)]
+    if cfg.hints and cfg.hint_samples > 0:
+        kinds += [("hint_true", cfg.hint_samples), ("hint_reverse", cfg.hint_samples)]
+    requests = []
+    for pair in pairs:
+        if pair.label not in ("A", "B"):
+            continue
+        for order in orders:
+            answer_1, answer_2 = ordered_answers(pair.answer_a, pair.answer_b, order)
+            messages = build_messages(template, pair.question, answer_1, answer_2)
+            right = true_slot(pair.label, order)
+            for kind, n in kinds:
+                slot = {"repeat": None, "hint_true": right, "hint_reverse": 3 - right}[kind]
+                prefix = hint_prefix(template, slot) if slot else ""
+                missing = [i for i in range(n) if judgment_key(pair.id, order, kind, i) not in done]
+                if missing:
+                    requests.append(Request(pair.id, order, kind, slot, missing, messages, prefix))
+    return requests
+
+
+def make_batches(requests: list[Request], lengths: list[int], max_sequences: int) -> list[list[int]]:
+    """Group request indices into generate calls: same sample count, similar prompt
+    length (less padding), at most `max_sequences` sequences per call."""
+    order = sorted(range(len(requests)), key=lambda i: (len(requests[i].samples), lengths[i]))
+    batches, current, current_n = [], [], None
+    for i in order:
+        n = len(requests[i].samples)
+        if current and (n != current_n or (len(current) + 1) * n > max_sequences):
+            batches.append(current)
+            current = []
+        current.append(i)
+        current_n = n
+    if current:
+        batches.append(current)
+    return batches
+
+
+class JudgmentFile:
+    """An append-only JSONL of judgments that survives being killed mid-write."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> list[dict]:
+        """All complete rows; a torn last line is cut off the file."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        rows, offset, good_end = [], 0, 0
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines, 1):
+            end = offset + len(line) + 1
+            is_last = number == len(lines)
+            if line.strip():
+                try:
+                    rows.append(json.loads(line.decode("utf-8")))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    if is_last or not any(x.strip() for x in lines[number:]):
+                        break  # a torn tail: drop it below
+                    raise InputError(f"{self.path}:{number}: not a valid judgment row; fix or remove the line") from None
+            if not is_last:
+                good_end = end
+            offset = end
+        if good_end < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+        return rows
+
+    def append(self, rows: list[dict]) -> None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def generate(model, tokenizer, prompts: list[str], n: int, cfg: SamplingConfig, max_new_tokens: int | None = None):
+    """Sample `n` continuations per prompt in one batched call.
+
+    Returns, per prompt, a list of (text, finish_reason, new_token_count)."""
+    import torch
+
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    eos = tokenizer.eos_token_id
+    with torch.inference_mode():
+        out = model.generate(
+            **enc,
+            do_sample=cfg.temperature > 0,
+            temperature=cfg.temperature if cfg.temperature > 0 else None,
+            top_p=cfg.top_p if cfg.temperature > 0 else None,
+            top_k=None,
+            repetition_penalty=cfg.repetition_penalty,
+            max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+            use_cache=True,
+        )
+    new = out[:, enc["input_ids"].shape[1] :].cpu()
+    results = []
+    for row in new:
+        ids = row.tolist()
+        finish = "length"
+        if eos in ids:
+            ids = ids[: ids.index(eos)]
+            finish = "stop"
+        ids = [t for t in ids if t != tokenizer.pad_token_id]
+        results.append((tokenizer.decode(ids, skip_special_tokens=True).strip(), finish, len(ids)))
+    return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+@dataclass
+class SampleSummary:
+    path: Path
+    total: int
+    generated: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds else 0.0
+
+
+def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: SamplingConfig, out_path, console=None) -> SampleSummary:
+    """Run the whole sampling plan into `out_path`, skipping what is already there."""
+    import torch
+
+    from .filtering import read_judgment
+    from .progress import stage_progress
+
+    store = JudgmentFile(out_path)
+    done = {row_key(r) for r in store.load()}
+    requests = plan_requests(pairs, template, cfg, done)
+    total = len(done) + sum(len(r.samples) for r in requests)
+    prompts = [render_prompt(tokenizer, r.messages, r.prefix) for r in requests]
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    batches = make_batches(requests, lengths, max(1, cfg.batch_size))
+    torch.manual_seed(cfg.seed + len(done))
+    start, generated = time.perf_counter(), 0
+    with stage_progress("sampling", console) as progress:
+        task = progress.add_task("judgments", total=total, completed=len(done), resumed=len(done))
+        for batch in batches:
+            n = len(requests[batch[0]].samples)
+            outputs = generate(model, tokenizer, [prompts[i] for i in batch], n, cfg)
+            rows = []
+            for i, samples in zip(batch, outputs):
+                req = requests[i]
+                for index, (text, finish, n_tokens) in zip(req.samples, samples):
+                    verdict = read_judgment(text, template)
+                    rows.append(
+                        {
+                            "id": req.pair_id,
+                            "order": req.order,
+                            "kind": req.kind,
+                            "sample": index,
+                            "hint_slot": req.hint_slot,
+                            "text": text,
+                            "verdict": verdict.slot,
+                            "finish": finish,
+                            "new_tokens": n_tokens,
+                        }
+                    )
+            store.append(rows)
+            generated += len(rows)
+            progress.update(task, advance=len(rows))
+    return SampleSummary(Path(out_path), total, generated, time.perf_counter() - start)

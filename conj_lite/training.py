@@ -1,0 +1,293 @@
+"""Stage S3: DPO on the contrastive pairs plus alpha * SFT on the positive judgments.
+
+The loss is TRL's own: `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, alpha]`.
+LoRA comes from peft; with an adapter the reference model is the same network with
+the adapter disabled, so no second model sits in memory.
+
+Paths, chosen once from the recipe and the machine (`models.resolve_runtime`):
+  CUDA + unsloth installed   unsloth FastLanguageModel, 4-bit, its gradient checkpointing
+  CUDA                       transformers + bitsandbytes NF4 + peft (QLoRA), 8-bit paged AdamW
+  CPU                        full-precision LoRA (tiny models)
+On cards without bf16 (T4, P100) training runs in fp16 and the trainable LoRA
+weights are kept in fp32: TRL 1.x casts them to bf16 for quantized models, which
+fp16 loss scaling cannot handle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Recipe, save_recipe
+from .errors import InputError
+from .models import Runtime, import_unsloth_first, load_causal_lm, load_tokenizer, resolve_runtime
+
+TRAIN_META = "conj_lite_train.json"
+
+
+def read_pairs_file(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: pairs file not found; run `conj-lite filter` first")
+    rows = []
+    for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+        if missing:
+            raise InputError(f"{path}:{number}: missing {missing}")
+        rows.append(row)
+    return rows
+
+
+def to_preference_rows(pairs: list[dict]) -> list[dict]:
+    """TRL's conversational preference format: the chat template renders prompt and
+    judgment exactly as the sampler and the judge do."""
+    return [
+        {
+            "prompt": p["prompt"],
+            "chosen": [{"role": "assistant", "content": p["chosen"]}],
+            "rejected": [{"role": "assistant", "content": p["rejected"]}],
+        }
+        for p in pairs
+    ]
+
+
+def keep_trainable_fp32(model) -> int:
+    """Undo TRL's bf16 cast of trainable parameters for fp16 training."""
+    import torch
+
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            count += 1
+    return count
+
+
+def lora_config(recipe: Recipe):
+    from peft import LoraConfig
+
+    t = recipe.training
+    return LoraConfig(
+        r=t.lora_r,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        target_modules=list(t.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_for_training(base: str, recipe: Recipe, runtime: Runtime):
+    """(model, tokenizer, peft_config): peft_config is None when the model already has LoRA."""
+    t = recipe.training
+    gradient_checkpointing = runtime.device == "cuda" if t.gradient_checkpointing is None else t.gradient_checkpointing
+    if runtime.use_unsloth:
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=base,
+            max_seq_length=recipe.model.max_seq_length,
+            dtype=runtime.torch_dtype,
+            load_in_4bit=runtime.load_in_4bit,
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=t.lora_r,
+            lora_alpha=t.lora_alpha,
+            lora_dropout=t.lora_dropout,
+            target_modules=list(t.target_modules),
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+            random_state=t.seed,
+        )
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer, None, False  # unsloth handles checkpointing itself
+    tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
+    model = load_causal_lm(base, recipe.model, runtime)
+    if runtime.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return model, tokenizer, lora_config(recipe), gradient_checkpointing
+
+
+def dpo_config(recipe: Recipe, runtime: Runtime, out_dir: Path, gradient_checkpointing: bool):
+    from trl import DPOConfig
+
+    t = recipe.training
+    optim = t.optim
+    if optim == "auto":
+        optim = "paged_adamw_8bit" if runtime.load_in_4bit else "adamw_torch"
+    return DPOConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[1.0, t.alpha],
+        beta=t.beta,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=max(1, t.batch_size),
+        gradient_accumulation_steps=t.grad_accum,
+        gradient_checkpointing=gradient_checkpointing,
+        optim=optim,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type="cosine",
+        bf16=runtime.dtype == "bf16",
+        fp16=runtime.dtype == "fp16",
+        use_cpu=runtime.device == "cpu",
+        max_length=recipe.model.max_seq_length,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        seed=t.seed,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def rich_callback(console=None):
+    """A TrainerCallback that shows a rich progress bar and keeps the log history."""
+    from transformers import TrainerCallback
+
+    from .progress import stage_progress
+
+    class RichProgress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._ctx = stage_progress("training", console, unit="steps")
+            self.progress = self._ctx.__enter__()
+            self.task = self.progress.add_task(
+                "steps", total=state.max_steps, completed=state.global_step, resumed=state.global_step
+            )
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                margin = logs.get("rewards/margins")
+                text = f"loss {logs['loss']:.4f}"
+                if margin is not None:
+                    text += f" margin {margin:.3f} acc {logs.get('rewards/accuracies', 0):.2f}"
+                self.progress.update(self.task, status=text)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._ctx.__exit__(None, None, None)
+
+    return RichProgress()
+
+
+@dataclass
+class TrainSummary:
+    adapter_dir: Path
+    steps: int
+    seconds: float
+    before: dict
+    after: dict
+    path: str  # "unsloth", "qlora", "lora"
+
+    def to_dict(self) -> dict:
+        return {
+            "adapter_dir": str(self.adapter_dir),
+            "steps": self.steps,
+            "seconds": round(self.seconds, 2),
+            "path": self.path,
+            "before": self.before,
+            "after": self.after,
+        }
+
+
+def pair_metrics(trainer, dataset) -> dict:
+    """DPO loss, reward margin and pair accuracy of the current adapter on `dataset`."""
+    metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="pairs")
+    out = {}
+    for name, suffix in (("loss", "loss"), ("margin", "rewards/margins"), ("accuracy", "rewards/accuracies")):
+        # TRL logs its own metrics as eval_*, transformers' loss under the prefix.
+        for key in (f"pairs_{suffix}", f"eval_{suffix}"):
+            if key in metrics:
+                out[name] = round(float(metrics[key]), 5)
+                break
+    return out
+
+
+def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: str | Path, console=None) -> TrainSummary:
+    """Train the LoRA judge adapter into `out_dir/adapter`, resuming from checkpoints."""
+    out_dir = Path(out_dir)
+    runtime = resolve_runtime(recipe.model)
+    import_unsloth_first(runtime)  # before trl
+    import datasets
+    from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import DPOTrainer
+
+    datasets.disable_progress_bars()
+    pairs = read_pairs_file(pairs_path)
+    if not pairs:
+        raise InputError(
+            f"{pairs_path}: no DPO pairs to train on. The base model never produced both a right and a wrong "
+            "judgment for the same example; sample more (sampling.n_repeats), use more data, or check stats.json"
+        )
+    dataset = Dataset.from_list(to_preference_rows(pairs))
+    model, tokenizer, peft_config, gradient_checkpointing = load_for_training(base, recipe, runtime)
+    args = dpo_config(recipe, runtime, out_dir, gradient_checkpointing)
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[rich_callback(console)],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the rich bar reports instead
+    if runtime.dtype == "fp16":
+        keep_trainable_fp32(trainer.model)
+
+    eval_set = dataset.select(range(min(len(dataset), 256)))
+    checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    before = pair_metrics(trainer, eval_set) if checkpoint is None else {}
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+    after = pair_metrics(trainer, eval_set)
+
+    adapter_dir = out_dir / "adapter"
+    staging = out_dir / "adapter.partial"
+    trainer.model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    path = "unsloth" if runtime.use_unsloth else ("qlora" if runtime.load_in_4bit else "lora")
+    summary = TrainSummary(adapter_dir, result.global_step, seconds, before, after, path)
+    history = [
+        {k: v for k, v in entry.items() if k in ("step", "loss", "rewards/margins", "rewards/accuracies", "learning_rate")}
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    meta = {
+        "base_model": base,
+        "load_in_4bit": runtime.load_in_4bit,
+        "dtype": runtime.dtype,
+        "template": recipe.prompts.template,
+        "pairs": len(pairs),
+        "summary": summary.to_dict(),
+        "history": history,
+    }
+    (staging / TRAIN_META).write_text(json.dumps(meta, indent=2))
+    save_recipe(recipe, staging / "recipe.yaml")
+    import shutil
+
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    staging.rename(adapter_dir)
+    summary.adapter_dir = adapter_dir
+    return summary
