@@ -75,8 +75,11 @@ def import_unsloth_first(runtime: Runtime) -> None:
         import unsloth  # noqa: F401
 
 
-def resolve_model_path(recipe: Recipe, pairs=(), progress=None) -> str:
-    """The base model's path or hub id; builds the tiny local model for 'tiny'."""
+def resolve_model_path(recipe: Recipe, progress=None) -> str:
+    """The base model's path or hub id; builds the tiny local model for 'tiny'.
+
+    The tiny model does not depend on the data, so one cached build serves every
+    recipe, test and benchmark with the same shapes."""
     name = recipe.model.name_or_path
     if name != "tiny":
         return name
@@ -94,8 +97,7 @@ def resolve_model_path(recipe: Recipe, pairs=(), progress=None) -> str:
         warmup_steps=t.warmup_steps,
         seed=t.seed,
     )
-    items = [(p.question, p.answer_a, p.answer_b) for p in pairs]
-    return str(tiny_model_path(spec, template=load_template(recipe.prompts.template), extra_items=items, progress=progress))
+    return str(tiny_model_path(spec, template=load_template(recipe.prompts.template), progress=progress))
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

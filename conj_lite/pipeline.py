@@ -99,7 +99,7 @@ class ConjRun:
 
             if self.recipe.model.name_or_path == "tiny":
                 self.console.print("model: tiny local Llama (built once, then cached)")
-            self._base = resolve_model_path(self.recipe, self.data().pairs, progress=self._build_progress())
+            self._base = resolve_model_path(self.recipe, progress=self._build_progress())
         return self._base
 
     def _build_progress(self):
@@ -148,10 +148,11 @@ class ConjRun:
         from .filtering import build_pairs
         from .sampling import JudgmentFile
 
+        pairs = self.data().pairs  # bad data is reported before anything else
         judgments = JudgmentFile(self.out_dir / JUDGMENTS).load()
         if not judgments:
             raise InputError(f"{self.out_dir / JUDGMENTS}: no judgments; run `conj-lite sample` first")
-        result = build_pairs(self.data().pairs, judgments, self.template, self.recipe.filtering)
+        result = build_pairs(pairs, judgments, self.template, self.recipe.filtering)
         pairs_path = self.out_dir / PAIRS
         tmp = pairs_path.with_suffix(".jsonl.partial")
         tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result.pairs), "utf-8")

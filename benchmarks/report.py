@@ -1,0 +1,58 @@
+"""Write one benchmark's section of docs/benchmarks.md (and its raw JSON) in place."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import re
+from importlib import metadata
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+HEADER = "# Benchmarks\n\nMeasured figures, newest run of each benchmark. Raw numbers sit beside this file in `benchmarks/`.\n"
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
+
+
+def versions(*names: str) -> str:
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def write_section(title: str, body: str, raw: dict, raw_name: str) -> Path:
+    """Replace (or add) the `## title` section of docs/benchmarks.md."""
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "benchmarks").mkdir(exist_ok=True)
+    (DOCS / "benchmarks" / raw_name).write_text(json.dumps(raw, indent=2) + "\n")
+    path = DOCS / "benchmarks.md"
+    text = path.read_text() if path.exists() else HEADER
+    section = f"## {title}\n\n{body.strip()}\n\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    path.write_text(text)
+    return path
+
+
+def today() -> str:
+    return dt.date.today().isoformat()

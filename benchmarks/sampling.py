@@ -1,0 +1,160 @@
+"""Batched vs one-at-a-time judgment sampling, side by side on the same model.
+
+    python benchmarks/sampling.py                      # tiny local model on CPU
+    python benchmarks/sampling.py --shape qwen2.5-1.5b # real-shaped random init (GPU)
+
+Both paths sample the same Con-J plan (repeats + hints, both orders) with the same
+settings; "one at a time" calls `generate` once per judgment, "batched" is what
+`conj-lite sample` does (length-sorted batches, num_return_sequences for repeats,
+KV cache, left padding). Reports judgments/s of each and the ratio, and writes them
+to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from report import machine, today, versions, write_section  # noqa: E402
+
+from conj_lite.config import SamplingConfig  # noqa: E402
+from conj_lite.data import load_pairs  # noqa: E402
+from conj_lite.models import load_tokenizer  # noqa: E402
+from conj_lite.prompts import load_template, render_prompt  # noqa: E402
+from conj_lite.sampling import generate, make_batches, plan_requests  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Published shapes (hidden, intermediate, layers, heads, kv heads, vocab, tied).
+SHAPES = {
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True),
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
+}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def real_shaped(shape: str, tokenizer):
+    """A randomly initialised Qwen2-architecture model of a published size."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    h, i, layers, heads, kv, vocab, tied = SHAPES[shape]
+    config = Qwen2Config(
+        hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv, vocab_size=max(vocab, len(tokenizer)), tie_word_embeddings=tied,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return Qwen2ForCausalLM(config).to(dtype).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def run_batched(model, tokenizer, requests, prompts, cfg) -> tuple[int, float]:
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    sync()
+    start = time.perf_counter()
+    count = 0
+    for batch in make_batches(requests, lengths, cfg.batch_size):
+        n = len(requests[batch[0]].samples)
+        out = generate(model, tokenizer, [prompts[i] for i in batch], n, cfg)
+        count += sum(len(x) for x in out)
+    sync()
+    return count, time.perf_counter() - start
+
+
+def run_one_at_a_time(model, tokenizer, requests, prompts, cfg) -> tuple[int, float]:
+    sync()
+    start = time.perf_counter()
+    count = 0
+    for req, prompt in zip(requests, prompts):
+        for _ in req.samples:
+            generate(model, tokenizer, [prompt], 1, cfg)
+            count += 1
+    sync()
+    return count, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["tiny", *SHAPES], default="tiny")
+    parser.add_argument("--pairs", type=int, default=6, help="labelled pairs from data/sample_prefs.jsonl")
+    parser.add_argument("--n-repeats", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each path (median reported)")
+    parser.add_argument("--no-write", action="store_true", help="print only, do not touch docs/")
+    args = parser.parse_args(argv)
+
+    from conj_lite.tiny import tiny_model_path
+
+    torch.manual_seed(0)
+    tiny = tiny_model_path()
+    tokenizer = load_tokenizer(str(tiny))
+    if args.shape == "tiny":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(tiny)).eval()
+    else:
+        model = real_shaped(args.shape, tokenizer)
+    template = load_template("en")
+    pairs = [p for p in load_pairs(REPO / "data" / "sample_prefs.jsonl").pairs if p.label != "tie"][: args.pairs]
+    # Fixed-length judgments: both paths generate exactly max_new_tokens per judgment,
+    # so the comparison measures batching, not when a random model happens to stop.
+    cfg = SamplingConfig(
+        n_repeats=args.n_repeats, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        temperature=1.2, top_p=0.95, repetition_penalty=1.0,
+    )
+    model.generation_config.eos_token_id = None
+    requests = plan_requests(pairs, template, cfg)
+    prompts = [render_prompt(tokenizer, r.messages, r.prefix) for r in requests]
+
+    run_batched(model, tokenizer, requests[:2], prompts[:2], cfg)  # warm-up
+    results = {"batched": [], "one_at_a_time": []}
+    for _ in range(args.repeats):
+        for name, fn in (("batched", run_batched), ("one_at_a_time", run_one_at_a_time)):
+            count, seconds = fn(model, tokenizer, requests, prompts, cfg)
+            results[name].append(count / seconds)
+    batched = statistics.median(results["batched"])
+    single = statistics.median(results["one_at_a_time"])
+    ratio = batched / single
+    judgments = sum(len(r.samples) for r in requests)
+    print(f"{judgments} judgments of {args.max_new_tokens} tokens: batched {batched:.2f}/s, "
+          f"one at a time {single:.2f}/s, ratio {ratio:.1f}x")
+    if args.no_write:
+        return 0
+    n_params = sum(p.numel() for p in model.parameters())
+    device = "GPU" if torch.cuda.is_available() else "CPU"
+    target = "≥ 8× (GPU)" if torch.cuda.is_available() else "≥ 2× (CPU)"
+    command = "python benchmarks/sampling.py" + ("" if args.shape == "tiny" else f" --shape {args.shape}")
+    body = f"""
+Date: {today()}. Machine: {machine()}. Versions: {versions('torch', 'transformers')}.
+Command: `{command}`
+
+Model: {args.shape} ({n_params / 1e6:.1f}M parameters, {device}). Plan: {len(pairs)} labelled pairs × 2 orders ×
+({args.n_repeats} repeats + 1 true hint + 1 reversed hint) = {judgments} judgments of {args.max_new_tokens} new tokens each,
+temperature 1.2, top-p 0.95; batched = up to {args.batch_size} sequences per `generate` call. Median of {args.repeats} runs.
+
+| path | judgments/s |
+|---|---:|
+| one at a time | {single:.2f} |
+| batched (conj-lite sample) | {batched:.2f} |
+| **ratio** | **{ratio:.1f}×** (target {target}) |
+"""
+    raw = {"date": today(), "machine": machine(), "args": vars(args), "judgments": judgments,
+           "batched_per_s": results["batched"], "one_at_a_time_per_s": results["one_at_a_time"], "ratio": ratio}
+    title = "Sampling: batched vs one at a time" + ("" if args.shape == "tiny" else f" ({args.shape}, GPU)")
+    path = write_section(title, body, raw, f"sampling_{args.shape}.json")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
