@@ -27,7 +27,7 @@ from conj_lite.config import SamplingConfig  # noqa: E402
 from conj_lite.data import load_pairs  # noqa: E402
 from conj_lite.models import load_tokenizer  # noqa: E402
 from conj_lite.prompts import load_template, render_prompt  # noqa: E402
-from conj_lite.sampling import generate, make_batches, plan_requests  # noqa: E402
+from conj_lite.sampling import generate, make_batches, plan_requests, split_requests  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         temperature=1.2, top_p=0.95, repetition_penalty=1.0,
     )
     model.generation_config.eos_token_id = None
-    requests = plan_requests(pairs, template, cfg)
+    requests = split_requests(plan_requests(pairs, template, cfg), cfg.batch_size)
     prompts = [render_prompt(tokenizer, r.messages, r.prefix) for r in requests]
 
     run_batched(model, tokenizer, requests[:2], prompts[:2], cfg)  # warm-up

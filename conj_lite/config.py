@@ -44,7 +44,7 @@ class ModelConfig:
     tiny: TinyConfig = field(default_factory=TinyConfig, metadata={"help": "shapes of the tiny local model"})
     load_in_4bit: bool | None = opt(None, "4-bit NF4 QLoRA; default: on when CUDA is available")
     dtype: str = opt("auto", "compute dtype: auto (bf16 if supported, else fp16 on CUDA; fp32 on CPU), bf16, fp16, fp32")
-    use_unsloth: str = opt("auto", "auto (when installed and on CUDA), yes, no")
+    use_unsloth: str | bool = opt("auto", "auto (when installed and on CUDA), yes, no")
     max_seq_length: int = opt(2048, "longest prompt+judgment in tokens")
     trust_remote_code: bool = opt(False, "passed to from_pretrained")
 
@@ -145,8 +145,13 @@ def _coerce(value, annotation, where: str):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
+        for arg in args[1:]:  # an exact match of a later member wins (str | bool given True)
+            if type(value) is arg:
+                return value
         hint = args[0]
     if dataclasses.is_dataclass(hint):
+        if value is None:  # an empty section: all defaults
+            value = {}
         if not isinstance(value, dict):
             raise InputError(f"{where}: expected a mapping, got {value!r}")
         return _build(hint, value, where)
@@ -161,6 +166,11 @@ def _coerce(value, annotation, where: str):
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise InputError(f"{where}: expected a number, got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -194,7 +204,15 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise InputError(f"override {text!r}: expected section.key=value")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+    if not value.strip():
+        return key.strip().split("."), ""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        if value.lstrip()[:1] in "[{":
+            raise InputError(f"override {text!r}: the value is not valid YAML") from None
+        parsed = value  # a plain string YAML can't read, e.g. @file or a: b
+    return key.strip().split("."), parsed
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

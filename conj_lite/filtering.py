@@ -37,7 +37,7 @@ def read_judgment(text: str, template: JudgeTemplate) -> Verdict:
 
 def judgment_status(slot: int | None, label: str, order: str) -> str:
     """positive / negative / unknown for a verdict slot shown in `order`."""
-    if slot not in (1, 2):
+    if slot not in (1, 2) or label not in ("A", "B"):
         return UNKNOWN
     return POSITIVE if slot == true_slot(label, order) else NEGATIVE
 
@@ -115,6 +115,9 @@ def build_pairs(pairs, judgments: list[dict], template: JudgeTemplate, cfg: Filt
         rng.shuffle(neg)
         for chosen, rejected in list(zip(pos, neg))[: cfg.max_pairs]:
             emit("repeat", pair_id, order, chosen, rejected)
+        # Clipping a long malformed judgment can leave a readable verdict behind;
+        # only a rejected text that is still unreadable after clipping is used.
+        unk = [x for x in unk if not read_judgment(clip_text(x.row.get("text", ""), cap + 200), template).ok]
         if cfg.unknown_pair and pos and unk:
             emit("unknown", pair_id, order, pos[-1], unk[0])
         if cfg.hint_pair:

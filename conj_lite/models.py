@@ -61,10 +61,11 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
         raise InputError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false for CPU runs")
     if load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError('4-bit QLoRA needs bitsandbytes: pip install "conj-lite[gpu]"')
-    if cfg.use_unsloth not in ("auto", "yes", "no"):
+    choice = {True: "yes", False: "no"}.get(cfg.use_unsloth, cfg.use_unsloth)  # YAML reads yes/no as booleans
+    if choice not in ("auto", "yes", "no"):
         raise InputError(f"model.use_unsloth must be auto, yes or no, got {cfg.use_unsloth!r}")
-    use_unsloth = cfg.use_unsloth != "no" and unsloth_available()
-    if cfg.use_unsloth == "yes" and not use_unsloth:
+    use_unsloth = choice != "no" and unsloth_available()
+    if choice == "yes" and not use_unsloth:
         raise InputError('model.use_unsloth: yes needs a CUDA GPU and unsloth: pip install "conj-lite[unsloth]"')
     return Runtime(device="cuda" if on_cuda else "cpu", dtype=dtype, load_in_4bit=load_in_4bit, use_unsloth=use_unsloth)
 

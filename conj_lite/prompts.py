@@ -97,6 +97,8 @@ def true_slot(label: str, order: str) -> int | None:
     """The answer number (1 or 2) that holds the human-preferred answer in `order`.
 
     label "A" means answer_a is better. Ties have no true slot."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if label not in ("A", "B"):
         return None
     first = "A" if order == "ab" else "B"
@@ -105,6 +107,8 @@ def true_slot(label: str, order: str) -> int | None:
 
 def slot_to_label(slot: int | None, order: str) -> str | None:
     """Map a verdict slot (1/2) back to the record's labels (A/B)."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if slot not in (1, 2):
         return None
     if order == "ab":

@@ -75,6 +75,16 @@ def plan_requests(pairs, template: JudgeTemplate, cfg: SamplingConfig, done: set
     return requests
 
 
+def split_requests(requests: list[Request], max_sequences: int) -> list[Request]:
+    """Cut requests with more samples than fit one generate call into pieces."""
+    out = []
+    for req in requests:
+        for start in range(0, len(req.samples), max_sequences):
+            out.append(Request(req.pair_id, req.order, req.kind, req.hint_slot,
+                               req.samples[start : start + max_sequences], req.messages, req.prefix))
+    return out
+
+
 def make_batches(requests: list[Request], lengths: list[int], max_sequences: int) -> list[list[int]]:
     """Group request indices into generate calls: same sample count, similar prompt
     length (less padding), at most `max_sequences` sequences per call."""
@@ -115,12 +125,16 @@ class JudgmentFile:
                     if is_last or not any(x.strip() for x in lines[number:]):
                         break  # a torn tail: drop it below
                     raise InputError(f"{self.path}:{number}: not a valid judgment row; fix or remove the line") from None
-            if not is_last:
+                good_end = min(end, len(data))
+            elif not is_last:
                 good_end = end
             offset = end
         if good_end < len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(good_end)
+        elif data and not data.endswith(b"\n"):
+            with open(self.path, "ab") as f:  # a complete last row that lost its newline
+                f.write(b"\n")
         return rows
 
     def append(self, rows: list[dict]) -> None:
@@ -188,7 +202,7 @@ def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: Samp
 
     store = JudgmentFile(out_path)
     done = {row_key(r) for r in store.load()}
-    requests = plan_requests(pairs, template, cfg, done)
+    requests = split_requests(plan_requests(pairs, template, cfg, done), max(1, cfg.batch_size))
     total = len(done) + sum(len(r.samples) for r in requests)
     prompts = [render_prompt(tokenizer, r.messages, r.prefix) for r in requests]
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
