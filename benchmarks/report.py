@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-HEADER = "# Benchmarks\n\nMeasured figures, newest run of each benchmark. Raw numbers sit beside this file in `benchmarks/`.\n"
+HEADER = "# Benchmarks\n\nMeasured figures, newest run of each benchmark. Raw numbers sit beside this file in `docs/benchmarks/`. Ratios are measured side by side in one run; absolute times only mean something on a GPU.\n"
 
 
 def machine() -> str:
