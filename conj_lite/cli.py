@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         _stage_parser(sub, name, help).set_defaults(func=cmd_stage)
     sub.add_parser("recipes", help="list the shipped recipes").set_defaults(func=cmd_recipes)
-    for module in ("export", "judge"):
+    for module in ("export", "judge", "evaluation"):
         try:
             mod = __import__(f"conj_lite.{module}", fromlist=["add_cli"])
         except ImportError:  # optional stages not present in this build
