@@ -8,9 +8,15 @@ Hugging Face dataset name.
 Column layouts ("presets"), detected from the first row's keys when preset="auto":
   canonical        question, answer_a, answer_b, label (A / B / tie)
   llmbar           input, output_1, output_2, label (1 / 2)
-  chosen_rejected  prompt (optional), chosen, rejected: text or chat messages
+  chosen_rejected  prompt (optional), chosen, rejected: text or chat messages; a
+                   `subset` column is kept (RewardBench: prompt, chosen, rejected, subset)
+  annotators       several votes annotator1, annotator2, ... and a majority vote
+                   (PandaLM: instruction, input, response1, response2, annotator1..3
+                   with 0 = tie, 1, 2); no strict majority is a tie
 Any other layout: fields={"question": ..., "a": ..., "b": ..., "label": ...} (plus
-optional "id", "subset", "source") and, for labels such as 0/1, a label_map.
+optional "id", "subset", "source"); a list of columns as "label" is a majority vote.
+Labels such as 0/1/2 need a label_map: a dict, "0=A,1=B,2=tie", or a named one
+("autoj": 0 = A, 1 = B, 2 = tie; "pandalm": 0 = tie, 1 = A, 2 = B).
 
 Every bad row raises `InputError` starting with `path:LINE:` (JSONL and CSV, 1-based
 file lines) or `path: row N:` (JSON, Parquet, datasets; rows count from 0 like the id
@@ -24,6 +30,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -38,7 +46,9 @@ PRESET_FIELDS = {
     "llmbar": {"question": "input", "a": "output_1", "b": "output_2", "label": "label"},
 }
 CHOSEN_REJECTED = "chosen_rejected"
-PRESETS = (*PRESET_FIELDS, CHOSEN_REJECTED)
+ANNOTATORS = "annotators"
+PRESETS = (*PRESET_FIELDS, CHOSEN_REJECTED, ANNOTATORS)
+FIELDS = "fields"  # LoadResult.preset for an explicit mapping; also accepted as preset=
 REQUIRED_ROLES = ("question", "a", "b", "label")
 OPTIONAL_ROLES = ("id", "subset", "source")
 ID_KEYS = ("id", "pair_id")
@@ -56,6 +66,24 @@ DEFAULT_LABEL_MAP = {
     "tie": "tie", "equal": "tie", "draw": "tie", "tie(bothbad)": "tie",
 }
 AMBIGUOUS_LABELS = ("0", "-1", "true", "false")
+
+# Label maps by name, for benchmarks whose labels are bare numbers.
+NAMED_LABEL_MAPS = {
+    "autoj": {"0": "A", "1": "B", "2": "tie"},  # Auto-J pairwise: 0 = first, 1 = second, 2 = tie
+    "pandalm": {"0": "tie", "1": "A", "2": "B"},  # PandaLM annotators: 0 = tie
+}
+# Annotator votes without a label_map: the default table plus PandaLM's 0 = tie, the
+# convention of the one public benchmark with annotator1..3 columns.
+DEFAULT_VOTE_MAP = {**DEFAULT_LABEL_MAP, "0": "tie"}
+
+# The annotators preset: votes in annotator1, annotator2, ... (or annotator_1, ...);
+# question and answers under the first of these column names that the row has.
+ANNOTATOR_COLUMN = re.compile(r"annotator_?(\d+)", re.IGNORECASE)
+ANNOTATOR_QUESTIONS = ("question", "instruction", "prompt", "input")
+ANNOTATOR_ANSWERS = (("answer_a", "answer_b"), ("response1", "response2"), ("response_1", "response_2"),
+                     ("response_a", "response_b"), ("output_1", "output_2"))
+ANNOTATOR_IDS = ("id", "pair_id", "idx", "question_id")
+ANNOTATOR_SUBSETS = ("subset", "category", "motivation_app")
 
 # chosen/rejected data has the better answer in a fixed column; a judge trained on it
 # as-is would learn "A is always better". The slot comes from a hash of the pair id, so
@@ -151,7 +179,73 @@ def detect_preset(keys: Iterable[str]) -> str | None:
             return name
     if {"chosen", "rejected"} <= keys:
         return CHOSEN_REJECTED
+    if annotator_columns(keys) and any(set(pair) <= keys for pair in ANNOTATOR_ANSWERS):
+        return ANNOTATORS
     return None
+
+
+def annotator_columns(keys: Iterable[str]) -> list[str]:
+    """The vote columns among `keys`, in annotator order: annotator1, annotator2, ..."""
+    found = [(int(m.group(1)), key) for key in keys if (m := ANNOTATOR_COLUMN.fullmatch(str(key)))]
+    return [key for _, key in sorted(found)]
+
+
+def parse_label_map(value: object) -> dict | None:
+    """A label map from a dict, a name in NAMED_LABEL_MAPS, or text "0=A,1=B,2=tie"."""
+    if value is None or isinstance(value, dict):
+        return value or None
+    text = str(value).strip()
+    if text.lower() in NAMED_LABEL_MAPS:
+        return dict(NAMED_LABEL_MAPS[text.lower()])
+    table = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, target = item.partition("=")
+        if not sep or not key.strip() or not target.strip():
+            raise InputError(
+                f"label map {text!r}: expected value=label pairs such as '0=A,1=B,2=tie', "
+                f"or one of {', '.join(NAMED_LABEL_MAPS)}"
+            )
+        table[key.strip()] = {"a": "A", "b": "B", "tie": "tie"}.get(target.strip().lower(), target.strip())
+    if not table:
+        raise InputError(f"label map {text!r} is empty")
+    return table
+
+
+def majority_label(votes: list[str]) -> str:
+    """The label more than half of the votes give; "tie" when no label has that many
+    (A, B, tie -> tie; A, A, B -> A; A, B -> tie)."""
+    if not votes:
+        raise InputError("no annotator votes")
+    best = max(LABELS, key=votes.count)
+    return best if votes.count(best) * 2 > len(votes) else "tie"
+
+
+def _is_missing(value: object) -> bool:
+    """None, NaN (pandas and PandaLM's JSON write missing values as NaN) or blank text."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _vote_label(row: dict, columns: list[str], label_map: dict | None) -> str:
+    """The majority vote of the annotator columns that hold a vote."""
+    votes = []
+    for column in columns:
+        value = row.get(column)
+        if _is_missing(value):
+            continue
+        try:
+            if label_map is None and _label_key(value) == "0":
+                votes.append(DEFAULT_VOTE_MAP["0"])
+            else:
+                votes.append(normalize_label(value, label_map))
+        except InputError as exc:
+            raise InputError(f"{column}: {exc}") from None
+    if not votes:
+        raise InputError(f"no annotator vote in {', '.join(columns)} (all empty)")
+    return majority_label(votes)
 
 
 def chosen_slot(pair_id: str, seed: str = SLOT_SEED) -> str:
@@ -175,19 +269,55 @@ def record_from_row(
         raise InputError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     if fields is None and preset == CHOSEN_REJECTED:
         return _chosen_rejected_record(row, default_id)
+    if fields is None and preset == ANNOTATORS:
+        return _annotators_record(row, default_id, label_map)
     return _mapped_record(row, fields or PRESET_FIELDS[preset], default_id, label_map)
 
 
 def _mapped_record(row: dict, fields: dict, default_id: str, label_map: dict | None) -> PreferencePair:
-    _require_keys(row, [fields[role] for role in REQUIRED_ROLES])
+    label_field = fields["label"]
+    votes = list(label_field) if isinstance(label_field, (list, tuple)) else None
+    _require_keys(row, [fields[role] for role in REQUIRED_ROLES if role != "label"] + (votes or [label_field]))
+    if votes is not None:
+        label = _vote_label(row, votes, label_map)
+    else:
+        label = normalize_label(row[label_field], label_map)
     return PreferencePair(
         id=_row_id(row, fields.get("id"), default_id),
         question=_text(row[fields["question"]], fields["question"]),
         answer_a=_text(row[fields["a"]], fields["a"]),
         answer_b=_text(row[fields["b"]], fields["b"]),
-        label=normalize_label(row[fields["label"]], label_map),
+        label=label,
         source=_optional_text(row.get(fields.get("source", "source"))),
         subset=_optional_text(row.get(fields.get("subset", "subset"))),
+    )
+
+
+def _annotators_record(row: dict, default_id: str, label_map: dict | None) -> PreferencePair:
+    columns = annotator_columns(row)
+    answers = next((pair for pair in ANNOTATOR_ANSWERS if set(pair) <= set(row)), None)
+    question_key = next((key for key in ANNOTATOR_QUESTIONS if key in row), None)
+    if not columns or answers is None or question_key is None:
+        raise InputError(
+            "annotators layout: expected vote columns annotator1, annotator2, ..., a question "
+            f"({' / '.join(ANNOTATOR_QUESTIONS)}) and two answers "
+            f"({' / '.join('+'.join(pair) for pair in ANNOTATOR_ANSWERS)}); "
+            f"keys found: {', '.join(sorted(map(str, row)))}"
+        )
+    question = _text(row[question_key], question_key)
+    # PandaLM: the task is the instruction plus its input (NaN when there is none).
+    if question_key == "instruction" and not _is_missing(row.get("input")):
+        question = f"{question}\n\n{_text(row['input'], 'input')}"
+    subset = next((row[key] for key in ANNOTATOR_SUBSETS if not _is_missing(row.get(key))), None)
+    pair_id = next((str(row[key]).strip() for key in ANNOTATOR_IDS if not _is_missing(row.get(key))), default_id)
+    return PreferencePair(
+        id=pair_id,
+        question=question,
+        answer_a=_text(row[answers[0]], answers[0]),
+        answer_b=_text(row[answers[1]], answers[1]),
+        label=_vote_label(row, columns, label_map),
+        source=_optional_text(None if _is_missing(row.get("source")) else row.get("source")),
+        subset=_optional_text(subset),
     )
 
 
@@ -544,10 +674,12 @@ def default_rejects_path(source: str | Path) -> Path:
 
 
 def _check_options(preset: str, fields: dict | None, label_map: dict | None, limit: int | None) -> None:
-    if preset != "auto" and preset not in PRESETS:
+    if preset == FIELDS and fields is None:
+        raise InputError("preset 'fields' needs a field mapping: fields={'question': ..., 'a': ..., 'b': ..., 'label': ...}")
+    if preset not in ("auto", FIELDS) and preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; known: auto, {', '.join(PRESETS)}")
     if fields is not None:
-        if preset != "auto":
+        if preset not in ("auto", FIELDS):
             raise InputError("pass either preset= or fields=, not both")
         missing = [role for role in REQUIRED_ROLES if role not in fields]
         unknown = sorted(set(fields) - set(REQUIRED_ROLES) - set(OPTIONAL_ROLES))
@@ -588,7 +720,7 @@ def load_pairs(
     *,
     preset: str = "auto",
     fields: dict | None = None,
-    label_map: dict | None = None,
+    label_map: dict | str | None = None,
     split: str = "train",
     skip_invalid: bool = False,
     rejects_path: str | Path | None = None,
@@ -600,7 +732,9 @@ def load_pairs(
     written to `rejects_path` (default: `<data>.rejects.jsonl` next to the data) as
     {"line", "reason", "raw"} and counted. A source with no valid pair is always an
     error. Duplicate ids are an error naming both lines. `limit` keeps the first N
-    valid pairs and stops reading there. Ties are kept; see LoadResult.trainable()."""
+    valid pairs and stops reading there. Ties are kept; see LoadResult.trainable().
+    `label_map` is a dict, "0=A,1=B,2=tie" or a name in NAMED_LABEL_MAPS."""
+    label_map = parse_label_map(label_map)
     _check_options(preset, fields, label_map, limit)
     if skip_invalid and rejects_path is None:
         rejects_path = default_rejects_path(source)

@@ -14,12 +14,15 @@ import pytest
 
 from conj_lite.data import (
     DEFAULT_LABEL_MAP,
+    NAMED_LABEL_MAPS,
     LoadResult,
     PreferencePair,
     chosen_slot,
     detect_preset,
     load_pairs,
+    majority_label,
     normalize_label,
+    parse_label_map,
     record_from_row,
     write_pairs_jsonl,
 )
@@ -689,3 +692,126 @@ def test_all_rows_invalid_is_an_error_even_with_skip(tmp_path):
 def test_skip_invalid_for_hub_name_needs_rejects_path():
     message = load_error("someone/prefs", skip_invalid=True)
     assert "pass rejects_path=" in message
+
+
+# ---------------------------------------------------------------------------
+# Judge-benchmark shapes: annotator votes, 0/1/2 labels, RewardBench
+# ---------------------------------------------------------------------------
+
+
+def test_majority_label():
+    assert majority_label(["A", "A", "B"]) == "A"
+    assert majority_label(["B", "tie", "B"]) == "B"
+    assert majority_label(["A", "B", "tie"]) == "tie"  # no majority
+    assert majority_label(["A", "B"]) == "tie"
+    assert majority_label(["tie", "tie", "A"]) == "tie"
+    assert majority_label(["A"]) == "A"
+    with pytest.raises(InputError):
+        majority_label([])
+
+
+def test_pandalm_annotators_json_with_nan_input(tmp_path):
+    # PandaLM's testset-v1.json: votes 0 = tie, 1 = response1, 2 = response2; a missing
+    # input is written as a bare NaN, which Python's json module reads.
+    text = """[
+      {"idx": 0, "motivation_app": "Grammarly", "instruction": "Rewrite the sentence.", "input": "It is raining cats.",
+       "response1": "It rains hard.", "response2": "Cats.", "annotator1": 1, "annotator2": 1, "annotator3": 2},
+      {"idx": 1, "motivation_app": "Google Search", "instruction": "Suggest a query.", "input": NaN,
+       "response1": "how to code", "response2": "best coding language", "annotator1": 0, "annotator2": 1, "annotator3": 2},
+      {"idx": 2, "motivation_app": "Google Search", "instruction": "Suggest a query.", "input": NaN,
+       "response1": "a", "response2": "b", "annotator1": 2, "annotator2": 0, "annotator3": 2},
+      {"idx": 3, "motivation_app": "Wikipedia", "instruction": "Translate.", "input": "Hello",
+       "response1": "Bonjour", "response2": "Hallo", "annotator1": 0, "annotator2": 0, "annotator3": 1}
+    ]"""
+    path = tmp_path / "testset-v1.json"
+    path.write_text(text, encoding="utf-8")
+    result = load_pairs(path)
+    assert result.preset == "annotators"
+    assert [(p.id, p.label, p.subset) for p in result.pairs] == [
+        ("0", "A", "Grammarly"), ("1", "tie", "Google Search"), ("2", "B", "Google Search"), ("3", "tie", "Wikipedia")]
+    assert result.pairs[0].question == "Rewrite the sentence.\n\nIt is raining cats."
+    assert result.pairs[1].question == "Suggest a query."  # NaN input: the instruction alone
+    assert (result.pairs[0].answer_a, result.pairs[0].answer_b) == ("It rains hard.", "Cats.")
+    assert result.n_ties == 2
+
+
+def test_annotators_with_letter_votes_and_a_missing_vote(tmp_path):
+    rows = [
+        {"question": "Q1", "answer_a": "x", "answer_b": "y", "annotator_1": "A", "annotator_2": "B>A", "annotator_3": "A"},
+        {"question": "Q2", "answer_a": "x", "answer_b": "y", "annotator_1": "B", "annotator_2": None, "annotator_3": "B"},
+        {"question": "Q3", "answer_a": "x", "answer_b": "y", "annotator_1": "tie", "annotator_2": "A", "annotator_3": ""},
+    ]
+    result = load_pairs(write_jsonl(tmp_path / "votes.jsonl", rows))
+    assert result.preset == "annotators" and [p.label for p in result.pairs] == ["A", "B", "tie"]
+
+
+def test_annotator_vote_errors_name_the_column(tmp_path):
+    row = {"question": "Q", "answer_a": "x", "answer_b": "y", "annotator1": 1, "annotator2": 7}
+    assert "annotator2: unknown label 7" in load_error(write_jsonl(tmp_path / "v.jsonl", [row]))
+    row = {"question": "Q", "answer_a": "x", "answer_b": "y", "annotator1": None, "annotator2": ""}
+    message = load_error(write_jsonl(tmp_path / "w.jsonl", [row]))
+    assert message.startswith(f"{tmp_path / 'w.jsonl'}:1: no annotator vote in annotator1, annotator2")
+    # the PandaLM convention (0 = tie) is only the default: a label map replaces it
+    row = {"question": "Q", "answer_a": "x", "answer_b": "y", "annotator1": 0, "annotator2": 0}
+    assert load_pairs(write_jsonl(tmp_path / "m.jsonl", [row]), label_map="autoj").pairs[0].label == "A"
+
+
+def test_fields_with_a_list_of_vote_columns(tmp_path):
+    rows = [["1", "Q", "x", "y", "0", "1", "1"], ["2", "Q2", "x", "y", "2", "2", "0"]]
+    path = write_csv(tmp_path / "votes.csv", ["uid", "q", "r1", "r2", "j1", "j2", "j3"], rows)
+    fields = {"question": "q", "a": "r1", "b": "r2", "label": ["j1", "j2", "j3"], "id": "uid"}
+    result = load_pairs(path, fields=fields, label_map={"0": "A", "1": "B", "2": "tie"})
+    assert [(p.id, p.label) for p in result.pairs] == [("1", "B"), ("2", "tie")]
+    assert "missing field 'j3'" in load_error(
+        write_csv(tmp_path / "short.csv", ["q", "r1", "r2", "j1", "j2"], [["Q", "x", "y", "0", "1"]]), fields=fields,
+        label_map="autoj")
+
+
+@pytest.mark.parametrize("label_map", ["autoj", "0=A,1=B,2=tie", "0=a, 1=b, 2=Tie", {"0": "A", "1": "B", "2": "tie"}])
+def test_zero_one_two_labels_with_two_as_tie(tmp_path, label_map):
+    rows = [{"prompt": f"Q{i}", "response 1": "x", "response 2": "y", "label": i % 3} for i in range(6)]
+    fields = {"question": "prompt", "a": "response 1", "b": "response 2", "label": "label"}
+    result = load_pairs(write_jsonl(tmp_path / "autoj.jsonl", rows), fields=fields, label_map=label_map)
+    assert [p.label for p in result.pairs] == ["A", "B", "tie"] * 2
+
+
+def test_named_and_text_label_maps():
+    assert parse_label_map("pandalm") == {"0": "tie", "1": "A", "2": "B"}
+    assert parse_label_map("PandaLM") == NAMED_LABEL_MAPS["pandalm"]
+    assert parse_label_map("yes=A, no=B") == {"yes": "A", "no": "B"}
+    assert parse_label_map(None) is None and parse_label_map({}) is None
+    for bad in ("0:A", "=A", "0="):
+        with pytest.raises(InputError, match="label map"):
+            parse_label_map(bad)
+    with pytest.raises(InputError, match="label_map values must be"):
+        load_pairs(SAMPLE, label_map="0=first")
+
+
+def test_arrow_labels_in_csv(tmp_path):
+    path = write_csv(tmp_path / "arrows.csv", ["question", "answer_a", "answer_b", "label"],
+                     [["Q1", "x", "y", "A>B"], ["Q2", "x", "y", "B>A"], ["Q3", "x", "y", "A=B"]])
+    assert [p.label for p in load_pairs(path).pairs] == ["A", "B", "tie"]
+
+
+def test_rewardbench_rows_keep_subset_and_ids(tmp_path):
+    # RewardBench (allenai/reward-bench, filtered split): prompt, chosen, chosen_model,
+    # rejected, rejected_model, subset, id (an integer).
+    rows = [{"prompt": f"Task {i}", "chosen": f"good {i}", "chosen_model": "m1", "rejected": f"bad {i}",
+             "rejected_model": "m2", "subset": ["alpacaeval-easy", "refusals-dangerous"][i % 2], "id": 30 + i}
+            for i in range(30)]
+    result = load_pairs(write_parquet(tmp_path / "rb.parquet", rows))
+    assert result.preset == "chosen_rejected"
+    assert [p.id for p in result.pairs[:2]] == ["30", "31"]
+    assert Counter(p.subset for p in result.pairs) == {"alpacaeval-easy": 15, "refusals-dangerous": 15}
+    for pair in result.pairs:
+        assert {"A": pair.answer_a, "B": pair.answer_b}[pair.label].startswith("good")
+    assert {p.label for p in result.pairs} == {"A", "B"}
+
+
+def test_preset_fields_is_accepted_with_a_mapping(tmp_path):
+    # ConjRun passes preset="fields" together with data.fields
+    rows = [{"q": "Q", "x": "a", "y": "b", "w": "B"}]
+    fields = {"question": "q", "a": "x", "b": "y", "label": "w"}
+    path = write_jsonl(tmp_path / "f.jsonl", rows)
+    assert load_pairs(path, preset="fields", fields=fields).pairs[0].label == "B"
+    assert "needs a field mapping" in load_error(path, preset="fields")
