@@ -1,0 +1,204 @@
+"""Selective judging: abstain when the judge is not confident enough to meet a risk level.
+
+    conj-lite judge --model judge.gguf --data pairs.jsonl --output out.jsonl \\
+        --risk 0.1 --calibration calibration.jsonl
+
+`--calibration` is a labelled data file (any format `conj_lite.data` reads), judged
+here with the same judge and mode, or a judgments JSONL that already holds `p_a` and
+`label` per pair (the output of `conj-lite judge --data ... --output`, or the
+`judgments/*.jsonl` of `conj-lite eval`), which skips the judging. From it
+`conj_lite.calibration.risk_threshold` picks the confidence threshold that keeps the
+error rate among accepted judgments at most alpha with probability >= 1 - delta; each
+judged record then gets
+
+    "confidence": max(p_a, 1 - p_a),
+    "selective_verdict": "A" | "B" | "abstain",    (A/B from p_a)
+    "risk_threshold": the threshold (null when none could be certified).
+
+The judge command calls, in this order:
+    add_risk_args(parser)                      when building its parser
+    threshold = threshold_from_args(args, judge, console)   None without --risk
+    record = mark_record(record, threshold)    for a single pair, or
+    mark_file(path, threshold, console)        after judge_file wrote --output
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .calibration import DEFAULT_DELTA, RiskThreshold, confidence, predicted_label, risk_threshold, scored
+from .errors import InputError
+
+ABSTAIN = "abstain"
+
+
+def add_risk_args(parser) -> None:
+    """--risk, --calibration, --delta, --calibration-preset on a command's parser."""
+    group = parser.add_argument_group(
+        "selective judging",
+        "abstain below a confidence threshold that keeps the error rate among accepted judgments "
+        "at most --risk (with probability >= 1 - --delta), calibrated on labelled pairs",
+    )
+    group.add_argument("--risk", type=float, metavar="ALPHA",
+                       help="largest acceptable error rate among answered pairs, e.g. 0.1 (needs --calibration)")
+    group.add_argument("--calibration", metavar="FILE",
+                       help="labelled pairs to calibrate the threshold on (any data format), or a judgments "
+                       "JSONL with p_a and label per pair (from `conj-lite judge --output` or `conj-lite eval`)")
+    group.add_argument("--delta", type=float, default=DEFAULT_DELTA,
+                       help=f"allowed chance that the calibration split is unluckily optimistic (default {DEFAULT_DELTA})")
+    group.add_argument("--calibration-preset", default="auto", help="column layout of --calibration (see conj_lite.data)")
+
+
+def check_risk_args(args) -> bool:
+    """Whether selective judging is on; InputError for inconsistent options."""
+    risk, calibration = getattr(args, "risk", None), getattr(args, "calibration", None)
+    if risk is None and calibration is None:
+        return False
+    if risk is None:
+        raise InputError("--calibration needs --risk ALPHA (the largest acceptable error rate, e.g. 0.1)")
+    if calibration is None:
+        raise InputError("--risk needs --calibration FILE: labelled pairs to calibrate the threshold on")
+    if not 0.0 < risk < 1.0:
+        raise InputError(f"--risk must be between 0 and 1 (an error rate such as 0.1), got {risk}")
+    delta = getattr(args, "delta", DEFAULT_DELTA)
+    if not 0.0 < delta < 1.0:
+        raise InputError(f"--delta must be between 0 and 1, got {delta}")
+    return True
+
+
+# ---------------------------------------------------------------- calibration data
+
+
+def read_judged(path: str | Path) -> list[dict] | None:
+    """The rows of a judgments JSONL with p_a and label per row; None when `path` is not one."""
+    path = Path(path)
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
+        return None
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            if not isinstance(row, dict) or "p_a" not in row or "label" not in row:
+                return None
+            rows.append(row)
+    return rows or None
+
+
+def calibration_records(judge, source, *, mode: str | None = None, preset: str = "auto", cache: str | Path | None = None,
+                        console=None) -> list[dict]:
+    """Judged records ({"p_a", "label", ...}) for the calibration split.
+
+    `source` is a judgments JSONL (used as it is), a data file (judged with `judge`,
+    into `cache` when given, so an interrupted run resumes), or a list of
+    PreferencePair records."""
+    mode = mode or getattr(judge, "mode", "rationale")
+    if isinstance(source, (str, Path)):
+        judged = read_judged(source)
+        if judged is not None:
+            modes = {row.get("mode") for row in judged} - {None}
+            if modes and modes != {mode}:
+                raise InputError(f"{source}: calibration judgments were made in mode {sorted(modes)}, "
+                                 f"but this judge runs in mode {mode!r}; calibrate in the same mode")
+            return judged
+    from .judge import judge_file
+
+    if cache is None:
+        import tempfile
+
+        handle, name = tempfile.mkstemp(suffix=".jsonl", prefix="conj-lite-calibration-")
+        os.close(handle)
+        os.unlink(name)
+        cache = name
+    judge_file(judge, source, cache, mode=mode, preset=preset, console=console)
+    return read_judged(cache) or []
+
+
+def threshold_from_records(records: list[dict], alpha: float, delta: float = DEFAULT_DELTA) -> RiskThreshold:
+    confs, correct = scored([r.get("p_a") for r in records], [r.get("label") for r in records])
+    if not confs:
+        raise InputError("the calibration split has no pair labelled A or B with a probability; "
+                         "selective judging needs labelled pairs (ties do not count)")
+    return risk_threshold(confs, correct, alpha, delta)
+
+
+def threshold_from_args(args, judge, console=None) -> RiskThreshold | None:
+    """The risk threshold for `conj-lite judge --risk ALPHA --calibration FILE` (None
+    without --risk). Calibration judgments of a data file are cached next to
+    --output as `<output>.calibration.jsonl`."""
+    if not check_risk_args(args):
+        return None
+    output = getattr(args, "output", None)
+    cache = Path(output).with_suffix(".calibration.jsonl") if output else None
+    records = calibration_records(judge, args.calibration, mode=getattr(args, "mode", None),
+                                  preset=getattr(args, "calibration_preset", "auto"), cache=cache, console=console)
+    threshold = threshold_from_records(records, args.risk, getattr(args, "delta", DEFAULT_DELTA))
+    if console is not None:
+        console.print(describe(threshold), highlight=False)
+    return threshold
+
+
+def describe(threshold: RiskThreshold) -> str:
+    head = f"selective judging: risk <= {threshold.alpha:g} with probability >= {1 - threshold.delta:g}"
+    if threshold.threshold is None:
+        return (f"{head}: no confidence threshold can be certified from {threshold.n_calibration} calibration "
+                "pairs; every pair abstains (use more calibration pairs or a larger --risk)")
+    risk = "n/a" if threshold.risk is None else f"{100 * threshold.risk:.1f}%"
+    return (f"{head}: answer when confidence >= {threshold.threshold:g}; on the {threshold.n_calibration} "
+            f"calibration pairs that answers {100 * threshold.coverage:.1f}% with {risk} errors")
+
+
+# ---------------------------------------------------------------- marking judgments
+
+
+def mark_record(record: dict, threshold: RiskThreshold | None) -> dict:
+    """The record with confidence, selective_verdict (A, B or abstain) and risk_threshold."""
+    if threshold is None:
+        return record
+    p_a = record.get("p_a")
+    out = dict(record)
+    if p_a is None:
+        out.update(confidence=None, selective_verdict=ABSTAIN, risk_threshold=threshold.threshold)
+        return out
+    conf = confidence(p_a)
+    out.update(
+        confidence=round(conf, 6),
+        selective_verdict=predicted_label(p_a) if threshold.accepts(conf) else ABSTAIN,
+        risk_threshold=threshold.threshold,
+    )
+    return out
+
+
+def mark_file(path: str | Path, threshold: RiskThreshold | None, console=None) -> dict | None:
+    """Add the selective fields to every record of a judgments JSONL (rewritten in
+    place, atomically); returns and prints coverage (and the error rate among answered
+    pairs when the records carry labels)."""
+    if threshold is None:
+        return None
+    path = Path(path)
+    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+    marked = [mark_record(row, threshold) for row in rows]
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in marked), "utf-8")
+    tmp.replace(path)
+    answered = [row for row in marked if row["selective_verdict"] != ABSTAIN]
+    labelled = [row for row in answered if row.get("label") in ("A", "B")]
+    summary = {
+        "pairs": len(marked),
+        "answered": len(answered),
+        "coverage": len(answered) / len(marked) if marked else None,
+        "risk": (sum(row["selective_verdict"] != row["label"] for row in labelled) / len(labelled)) if labelled else None,
+        "threshold": threshold.threshold,
+    }
+    if console is not None:
+        risk = "" if summary["risk"] is None else f"; error rate among answered labelled pairs {100 * summary['risk']:.1f}%"
+        cover = 0.0 if summary["coverage"] is None else 100 * summary["coverage"]
+        console.print(f"selective judging: answered {summary['answered']} of {summary['pairs']} pairs "
+                      f"({cover:.1f}%), abstained on the rest{risk}", highlight=False)
+    return summary
