@@ -2,6 +2,7 @@
 
     python benchmarks/sampling.py                      # tiny local model on CPU
     python benchmarks/sampling.py --shape qwen2.5-1.5b # real-shaped random init (GPU)
+    python benchmarks/sampling.py --shape qwen2.5-1.5b --load-in-4bit   # 4-bit NF4, as the GPU recipes sample
 
 Both paths sample the same Con-J plan (repeats + hints, both orders) with the same
 settings; "one at a time" calls `generate` once per judgment, "batched" is what
@@ -57,6 +58,19 @@ def real_shaped(shape: str, tokenizer):
     return Qwen2ForCausalLM(config).to(dtype).to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
+def four_bit(shape: str):
+    """The real-shaped model saved as a checkpoint and loaded in 4-bit NF4 by conj_lite.models
+    (bitsandbytes quantizes at load time, as with a real checkpoint)."""
+    from shapes import random_checkpoint
+
+    from conj_lite.config import ModelConfig
+    from conj_lite.models import load_causal_lm, resolve_runtime
+
+    path = str(random_checkpoint(shape, "bfloat16", device="cuda"))
+    cfg = ModelConfig(name_or_path=path, load_in_4bit=True)
+    return load_causal_lm(path, cfg, resolve_runtime(cfg)).eval()
+
+
 def run_batched(model, tokenizer, requests, prompts, cfg) -> tuple[int, float]:
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
     sync()
@@ -90,8 +104,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each path (median reported)")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="GPU, with --shape: load the model in 4-bit NF4 through conj_lite.models, as the recipes do")
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch docs/")
     args = parser.parse_args(argv)
+    if args.load_in_4bit and (args.shape == "tiny" or not torch.cuda.is_available()):
+        parser.error("--load-in-4bit needs a real --shape and a CUDA GPU (bitsandbytes)")
 
     from conj_lite.tiny import tiny_model_path
 
@@ -102,6 +120,8 @@ def main(argv=None) -> int:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(tiny)).eval()
+    elif args.load_in_4bit:
+        model = four_bit(args.shape)
     else:
         model = real_shaped(args.shape, tokenizer)
     template = load_template("en")
@@ -132,8 +152,13 @@ def main(argv=None) -> int:
         return 0
     n_params = sum(p.numel() for p in model.parameters())
     device = "GPU" if torch.cuda.is_available() else "CPU"
+    if args.load_in_4bit:  # packed 4-bit weights count half: report the published size
+        from shapes import SHAPES as PUBLISHED
+
+        n_params, device = PUBLISHED[args.shape].params(), "GPU, 4-bit NF4 via conj_lite.models"
     target = "≥ 8× (GPU)" if torch.cuda.is_available() else "≥ 2× (CPU)"
     command = "python benchmarks/sampling.py" + ("" if args.shape == "tiny" else f" --shape {args.shape}")
+    command += " --load-in-4bit" if args.load_in_4bit else ""
     body = f"""
 Date: {today()}. Machine: {machine()}. Versions: {versions('torch', 'transformers')}.
 Command: `{command}`
@@ -151,7 +176,8 @@ temperature 1.2, top-p 0.95; batched = up to {args.batch_size} sequences per `ge
     raw = {"date": today(), "machine": machine(), "args": vars(args), "judgments": judgments,
            "batched_per_s": results["batched"], "one_at_a_time_per_s": results["one_at_a_time"], "ratio": ratio}
     title = "Sampling: batched vs one at a time" + ("" if args.shape == "tiny" else f" ({args.shape}, GPU)")
-    path = write_section(title, body, raw, f"sampling_{args.shape}.json")
+    title = title.replace(", GPU)", ", 4-bit, GPU)") if args.load_in_4bit else title
+    path = write_section(title, body, raw, f"sampling_{args.shape}{'_4bit' if args.load_in_4bit else ''}.json")
     print(f"wrote {path}")
     return 0
 

@@ -264,11 +264,25 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     after = pair_metrics(trainer, eval_set)
 
     adapter_dir = out_dir / "adapter"
-    staging = out_dir / "adapter.partial"
-    trainer.model.save_pretrained(str(staging))
-    tokenizer.save_pretrained(str(staging))
     path = "unsloth" if runtime.use_unsloth else ("qlora" if runtime.load_in_4bit else "lora")
     summary = TrainSummary(adapter_dir, result.global_step, seconds, before, after, path)
+    # Under `accelerate launch` every process gets here; only the main one writes.
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out_dir)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out_dir: Path) -> None:
+    """adapter/ with weights, tokenizer, training meta and recipe, written atomically."""
+    import shutil
+
+    adapter_dir = out_dir / "adapter"
+    staging = out_dir / "adapter.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
     history = [
         {k: v for k, v in entry.items() if k in ("step", "loss", "rewards/margins", "rewards/accuracies", "learning_rate")}
         for entry in trainer.state.log_history
@@ -285,9 +299,6 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     }
     (staging / TRAIN_META).write_text(json.dumps(meta, indent=2))
     save_recipe(recipe, staging / "recipe.yaml")
-    import shutil
-
     shutil.rmtree(adapter_dir, ignore_errors=True)
     staging.rename(adapter_dir)
-    summary.adapter_dir = adapter_dir
-    return summary
+
