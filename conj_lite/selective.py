@@ -25,7 +25,6 @@ The judge command calls, in this order:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from .calibration import DEFAULT_DELTA, RiskThreshold, confidence, predicted_label, risk_threshold, scored
@@ -112,10 +111,10 @@ def calibration_records(judge, source, *, mode: str | None = None, preset: str =
     if cache is None:
         import tempfile
 
-        handle, name = tempfile.mkstemp(suffix=".jsonl", prefix="conj-lite-calibration-")
-        os.close(handle)
-        os.unlink(name)
-        cache = name
+        with tempfile.TemporaryDirectory(prefix="conj-lite-calibration-") as work:
+            path = Path(work) / "calibration.jsonl"
+            judge_file(judge, source, path, mode=mode, preset=preset, console=console)
+            return read_judged(path) or []
     judge_file(judge, source, cache, mode=mode, preset=preset, console=console)
     return read_judged(cache) or []
 

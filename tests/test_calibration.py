@@ -159,3 +159,101 @@ def test_selective_result_and_curve():
     assert result.risk == pytest.approx(1 / 3)
     assert selective_result(confs, correct, None).risk is None
     assert risk_coverage_curve(confs, correct) == [(0.9, 0.25, 0.0), (0.8, 0.75, pytest.approx(1 / 3)), (0.6, 1.0, 0.5)]
+
+
+# ---------------------------------------------------------------- selective judging (conj-lite judge --risk)
+
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+from conj_lite.errors import InputError  # noqa: E402
+from conj_lite.judge import OrderJudgment, combine  # noqa: E402
+from conj_lite.selective import (  # noqa: E402
+    ABSTAIN,
+    add_risk_args,
+    calibration_records,
+    check_risk_args,
+    mark_file,
+    mark_record,
+    read_judged,
+    threshold_from_args,
+    threshold_from_records,
+)
+
+
+class ConfidentJudge:
+    """Right, and sure of it, when the question says "easy"; a coin flip otherwise."""
+
+    mode = "verdict"
+
+    def compare(self, question, answer_a, answer_b, mode=None):
+        easy = "easy" in question
+        p1 = 0.95 if "good" in answer_a else 0.05  # P(answer 1 better) in order ab
+        if not easy:
+            p1 = 0.55
+        ab = OrderJudgment("ab", 1 if p1 >= 0.5 else 2, p1, None, None)
+        ba = OrderJudgment("ba", 2 if p1 >= 0.5 else 1, 1 - p1, None, None)
+        return combine(ab, ba, mode or "verdict")
+
+
+def calibration_file(path, n_easy=80, n_hard=40):
+    rows = []
+    for i in range(n_easy + n_hard):
+        q = f"{'easy' if i < n_easy else 'hard'} question {i}"
+        a, b, label = ("good", "bad", "A") if i % 2 == 0 else ("bad", "good", "B")
+        rows.append({"id": f"c{i}", "question": q, "answer_a": a, "answer_b": b, "label": label})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def risk_args(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output")
+    parser.add_argument("--mode", default="verdict")
+    add_risk_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_risk_arguments_are_checked():
+    assert check_risk_args(risk_args([])) is False
+    with pytest.raises(InputError, match="--risk needs --calibration"):
+        check_risk_args(risk_args(["--risk", "0.1"]))
+    with pytest.raises(InputError, match="--calibration needs --risk"):
+        check_risk_args(risk_args(["--calibration", "x.jsonl"]))
+    with pytest.raises(InputError, match="between 0 and 1"):
+        check_risk_args(risk_args(["--risk", "10", "--calibration", "x.jsonl"]))
+
+
+def test_threshold_from_a_labelled_file_then_marking_judgments(tmp_path):
+    calibration = calibration_file(tmp_path / "cal.jsonl")
+    args = risk_args(["--risk", "0.1", "--calibration", str(calibration), "--output", str(tmp_path / "out.jsonl")])
+    threshold = threshold_from_args(args, ConfidentJudge())
+    # the easy pairs (confidence 0.95, all right) are certified; the hard ones (0.55, half wrong) are not
+    assert threshold.threshold is not None and 0.55 < threshold.threshold <= 0.95
+    assert threshold.coverage == pytest.approx(80 / 120) and threshold.risk == 0.0
+    cache = tmp_path / "out.calibration.jsonl"  # calibration judgments are kept and reused
+    assert len(read_judged(cache)) == 120
+    assert threshold_from_args(risk_args(["--risk", "0.1", "--calibration", str(cache)]), None).threshold == \
+        threshold.threshold
+
+    easy = mark_record(ConfidentJudge().compare("easy one", "good", "bad").to_record(), threshold)
+    hard = mark_record(ConfidentJudge().compare("hard one", "good", "bad").to_record(), threshold)
+    assert (easy["selective_verdict"], easy["confidence"]) == ("A", 0.95)
+    assert hard["selective_verdict"] == ABSTAIN and hard["risk_threshold"] == threshold.threshold
+    assert mark_record({"p_a": 0.9}, None) == {"p_a": 0.9}
+
+    out = tmp_path / "judged.jsonl"
+    out.write_text(json.dumps({**easy, "label": "A"}) + "\n" + json.dumps({**hard, "label": "B"}) + "\n")
+    summary = mark_file(out, threshold)
+    assert summary == {"pairs": 2, "answered": 1, "coverage": 0.5, "risk": 0.0, "threshold": threshold.threshold}
+    assert [json.loads(line)["selective_verdict"] for line in out.read_text().splitlines()] == ["A", ABSTAIN]
+
+
+def test_calibration_in_another_mode_is_refused(tmp_path):
+    path = tmp_path / "judged.jsonl"
+    path.write_text(json.dumps({"id": "x", "p_a": 0.9, "label": "A", "mode": "rationale"}) + "\n")
+    with pytest.raises(InputError, match="mode"):
+        calibration_records(ConfidentJudge(), path, mode="verdict")
+    with pytest.raises(InputError, match="no pair labelled A or B"):
+        threshold_from_records([{"p_a": 0.9, "label": "tie"}], 0.1)

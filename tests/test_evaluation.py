@@ -248,3 +248,83 @@ def test_judge_result_records_feed_the_outcomes():
     outcome = PairOutcome.from_record({"id": "x", "label": "B", **result.to_record()})
     assert (outcome.verdict_ab, outcome.verdict_ba, outcome.p_a, outcome.consistent) == ("B", "B", 0.25, True)
     assert outcome.slot1_wins == 1
+
+
+# ---------------------------------------------------------------- end to end on LLMBar with the tiny judge
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_model_dir, tmp_path_factory):
+    # The export tests/test_export.py and tests/test_judge.py use (built once per session).
+    from test_export import export_tiny
+
+    return export_tiny(tiny_model_dir, tmp_path_factory.getbasetemp() / "tiny-export")
+
+
+def check_report_dir(out: Path, names: list[str], n_pairs: int) -> dict:
+    doc = json.loads((out / "report.json").read_text())
+    assert list(doc["judges"]) == names
+    for name in names:
+        m = doc["judges"][name]["metrics"]
+        assert m["n"] == n_pairs and m["n_ties"] == 0
+        for metric in METRIC_ORDER:
+            value = m[metric]
+            assert value is None or (0.0 <= value <= 1.0), (name, metric, value)
+        records = (out / "judgments" / f"{name}.jsonl").read_text().splitlines()
+        assert len(records) == n_pairs
+        assert all(json.loads(r)["verdict"] in ("A", "B", "inconsistent") for r in records)
+    md = (out / "report.md").read_text()
+    assert md.startswith("# Judge evaluation") and all(f" {name} " in md for name in names)
+    if pytest.importorskip("matplotlib"):
+        for plot in ("accuracy_by_subset", "reliability"):
+            assert (out / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
+    return doc
+
+
+@pytest.mark.slow
+def test_cli_eval_llmbar_natural_with_the_tiny_hf_judge(tiny_model_dir, llmbar_natural, tmp_path, capsys):
+    from conj_lite.cli import main
+
+    out = tmp_path / "eval"
+    code = main(["eval", "--judge", f"tiny={tiny_model_dir}", "--data", str(llmbar_natural), "--out", str(out),
+                 "--limit", "8", "--mode", "verdict", "--probes", "--risk", "0.3", "--bootstrap", "200",
+                 "--threads", "2"])
+    assert code == 0
+    doc = check_report_dir(out, ["tiny"], 8)
+    report = doc["judges"]["tiny"]
+    assert report["probes"]["pairs"] == 8 and set(report["probes"]["injection"]) == {"overall", "ignore", "json", "system"}
+    assert report["selective"]["alpha"] == 0.3 and report["selective"]["test"]["n"] == 4
+    assert not list((out / "judgments").glob("*.partial.jsonl"))
+    assert "accuracy" in capsys.readouterr().err  # the rich table
+
+
+@pytest.mark.slow
+def test_gguf_and_hf_judges_side_by_side_in_rationale_mode(exported, llmbar_natural, tmp_path):
+    from conj_lite.data import load_pairs
+
+    pairs = load_pairs(llmbar_natural, limit=3).pairs
+    reports = {}
+    for name, spec in (("hf", exported.merged_dir), ("q4", exported.gguf_paths["q4_k_m"])):
+        judge = open_judge(str(spec), mode="rationale", max_new_tokens=24, n_threads=2, warn=None)
+        try:
+            reports[name] = evaluate(judge, pairs, mode="rationale", bootstrap=100, probes=name == "q4", risk=0.3,
+                                     calibration=pairs, name=name)
+        finally:
+            judge.close()
+    assert reports["q4"].metrics["unparseable_rate"] == 0.0  # the grammar holds GGUF output to the format
+    assert reports["q4"].probes["verbosity"]["eligible"] >= 0 and reports["q4"].selective["test"]["n"] == 3
+    write_report(reports, tmp_path / "side")
+    check_report_dir(tmp_path / "side", ["hf", "q4"], 3)
+
+
+def test_cli_eval_bad_input_exits_2(tmp_path, capsys):
+    from conj_lite.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer_a": "a", "answer_b": "b", "label": "A"}) + "\n")
+    assert main(["eval", "--judge", str(tmp_path / "nope.gguf"), "--data", str(data), "--out", str(tmp_path)]) == 2
+    assert main(["eval", "--data", str(data), "--out", str(tmp_path)]) == 2  # no judge
+    assert main(["eval", "--judge", "tiny", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)]) == 2
+    assert main(["eval", "--judge", "tiny", "--data", str(data), "--out", str(tmp_path), "--calibration", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.gguf" in err and "--judge" in err and "missing.jsonl" in err and "--risk" in err
