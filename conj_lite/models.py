@@ -38,6 +38,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def local_rank() -> int:
+    """This process's GPU under `accelerate launch` / torchrun (0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def unsloth_available() -> bool:
     return cuda_available() and importlib.util.find_spec("unsloth") is not None
 
@@ -64,7 +69,10 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
     choice = {True: "yes", False: "no"}.get(cfg.use_unsloth, cfg.use_unsloth)  # YAML reads yes/no as booleans
     if choice not in ("auto", "yes", "no"):
         raise InputError(f"model.use_unsloth must be auto, yes or no, got {cfg.use_unsloth!r}")
-    use_unsloth = choice != "no" and unsloth_available()
+    multi_process = int(os.environ.get("WORLD_SIZE", 1)) > 1  # unsloth is single-GPU
+    if choice == "yes" and multi_process:
+        raise InputError("model.use_unsloth: yes does not run under multi-process data parallel; set it to no")
+    use_unsloth = choice != "no" and not multi_process and unsloth_available()
     if choice == "yes" and not use_unsloth:
         raise InputError('model.use_unsloth: yes needs a CUDA GPU and unsloth: pip install "conj-lite[unsloth]"')
     return Runtime(device="cuda" if on_cuda else "cpu", dtype=dtype, load_in_4bit=load_in_4bit, use_unsloth=use_unsloth)
@@ -134,13 +142,13 @@ def load_causal_lm(path: str, cfg: ModelConfig, runtime: Runtime):
     kwargs = {"dtype": runtime.torch_dtype, "trust_remote_code": cfg.trust_remote_code}
     if runtime.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(runtime)
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": local_rank()}  # each data-parallel process on its own GPU
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot load a causal language model: {exc}") from None
     if runtime.device == "cuda" and not runtime.load_in_4bit:
-        model = model.to("cuda")
+        model = model.to(f"cuda:{local_rank()}")
     return model
 
 
