@@ -328,3 +328,48 @@ def test_cli_eval_bad_input_exits_2(tmp_path, capsys):
     assert main(["eval", "--judge", "tiny", "--data", str(data), "--out", str(tmp_path), "--calibration", "x"]) == 2
     err = capsys.readouterr().err
     assert "nope.gguf" in err and "--judge" in err and "missing.jsonl" in err and "--risk" in err
+
+
+def write_shape(tmp_path: Path, shape: str) -> tuple[Path, list[str]]:
+    """A small file in one of the judge-benchmark shapes, and the extra CLI options it needs."""
+    if shape == "pandalm":
+        rows = [{"idx": i, "motivation_app": ["Grammarly", "Wikipedia"][i % 2], "instruction": f"Task {i}.",
+                 "input": float("nan") if i % 2 else "Some input.", "response1": "Yes, it is.", "response2": "No.",
+                 "annotator1": i % 3, "annotator2": (i + 1) % 3, "annotator3": 1} for i in range(6)]
+        path = tmp_path / "testset-v1.json"
+        path.write_text(json.dumps(rows))  # json writes NaN, as PandaLM's file has
+        return path, []
+    if shape == "autoj":
+        path = tmp_path / "pairwise.jsonl"
+        path.write_text("".join(json.dumps({"prompt": f"Q{i}", "response 1": "a", "response 2": "b", "label": i % 3,
+                                            "scenario": "chat"}) + "\n" for i in range(6)))
+        return path, ["--fields", "question=prompt,a=response 1,b=response 2,label=label,subset=scenario",
+                      "--label-map", "autoj"]
+    if shape == "arrows":
+        path = tmp_path / "arrows.csv"
+        path.write_text("question,answer_a,answer_b,label\n" + "".join(f"Q{i},x,y,{['A>B', 'B>A'][i % 2]}\n"
+                                                                     for i in range(6)))
+        return path, []
+    rows = [{"prompt": f"Task {i}", "chosen": "good", "rejected": "bad", "subset": ["easy", "hard"][i % 2], "id": i}
+            for i in range(6)]
+    path = tmp_path / "rewardbench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["pandalm", "autoj", "arrows", "rewardbench"])
+def test_cli_eval_reads_every_benchmark_shape(shape, tiny_model_dir, tmp_path):
+    from conj_lite.cli import main
+
+    data, extra = write_shape(tmp_path, shape)
+    out = tmp_path / "out"
+    assert main(["eval", "--judge", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--mode", "verdict",
+                 "--ties", "as-class", "--bootstrap", "50", "--threads", "2", *extra]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    (report,) = doc["judges"].values()
+    assert report["metrics"]["n"] == 6 and report["ties"] == "as-class"
+    ties = {"pandalm": 2, "autoj": 2, "arrows": 0, "rewardbench": 0}[shape]
+    assert report["metrics"]["n_ties"] == ties
+    if shape in ("pandalm", "rewardbench"):
+        assert len(report["by_subset"]) == 2
