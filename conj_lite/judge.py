@@ -93,7 +93,7 @@ def closing_grammar(template: JudgeTemplate) -> str:
     return f"root ::= {_gbnf_literal(middle)} [12] \"}}\"\n"
 
 
-def read_judgment(template: JudgeTemplate, text: str) -> tuple[str | None, int | None, str | None]:
+def split_canonical_judgment(template: JudgeTemplate, text: str) -> tuple[str | None, int | None, str | None]:
     """(rationale, slot, prefix) of a reply in the canonical form, where prefix is the
     reply up to the verdict value. A reply cut off inside the rationale gives (partial
     rationale, None, the reply closed at the verdict position): the model's own text is
@@ -702,7 +702,7 @@ class Judge:
             p1 = self.verdict_p1(prompt, verdict_prefix(self.template, ""))
             return OrderJudgment(order, 1 if p1 >= 0.5 else 2, p1, None, None, True, "verdict")
         text, finished, tokens, p1 = self.backend.generate(self.backend.tokenize(prompt), self.max_new_tokens)
-        rationale, slot, prefix = read_judgment(self.template, text)
+        rationale, slot, prefix = split_canonical_judgment(self.template, text)
         method = "grammar" if self.backend.name == "gguf" else "json"
         if slot is None and self.backend.name == "hf":
             from .parsing import VERDICT_KEYS, RATIONALE_KEYS, parse_verdict

@@ -21,7 +21,7 @@ from conj_lite.judge import (
     judgment_grammar,
     p_slot1,
     read_gguf_metadata,
-    read_judgment,
+    split_canonical_judgment,
     verdict_prefix,
 )
 from conj_lite.prompts import build_messages, judge_verdict_json, load_template, render_prompt
@@ -44,16 +44,16 @@ def test_verdict_prefix_is_the_training_target_up_to_the_verdict(name):
 def test_read_judgment_canonical_cut_off_and_other_text():
     template = load_template("en")
     text = judge_verdict_json(template, 'It says "12", the \\ sum.', 2)
-    rationale, slot, prefix = read_judgment(template, text)
+    rationale, slot, prefix = split_canonical_judgment(template, text)
     assert (rationale, slot) == ('It says "12", the \\ sum.', 2) and prefix + "2}" == text
     # Cut off by max_new_tokens inside the rationale (even inside an escape): the verdict
     # is then read right after the model's own text, closed at the verdict position.
     cut = '{"rationale": "Answer 1 is \\"right'
-    assert read_judgment(template, cut) == ('Answer 1 is "right', None, cut + '", "better_answer": ')
-    assert read_judgment(template, '{"rationale": "Answer 1 \\u00e') == (
+    assert split_canonical_judgment(template, cut) == ('Answer 1 is "right', None, cut + '", "better_answer": ')
+    assert split_canonical_judgment(template, '{"rationale": "Answer 1 \\u00e') == (
         "Answer 1 ", None, '{"rationale": "Answer 1 ", "better_answer": ')
-    assert read_judgment(template, "Answer 1 is better.") == (None, None, None)
-    assert read_judgment(template, '{"rationale": "x", "better_answer": 3}')[1] is None
+    assert split_canonical_judgment(template, "Answer 1 is better.") == (None, None, None)
+    assert split_canonical_judgment(template, '{"rationale": "x", "better_answer": 3}')[1] is None
 
 
 def test_judgment_grammar_uses_the_template_keys():
@@ -170,7 +170,7 @@ def test_verdict_read_while_generating_matches_reading_it_afterwards(gguf_judges
             # two readings see the same context (a greedy model can write "while"+"rationale"
             # where the tokenizer would cut "whi"+"l"+"era"+"tionale").
             if len(judge.backend.tokenize(prompt + o.text)) - len(judge.backend.tokenize(prompt)) == o.tokens:
-                _, _, prefix = read_judgment(judge.template, o.text)
+                _, _, prefix = split_canonical_judgment(judge.template, o.text)
                 assert o.p1 == pytest.approx(judge.verdict_p1(prompt, prefix), abs=0.01)
                 compared += 1
     assert compared >= 2
