@@ -734,14 +734,10 @@ def _write_plots(reports: dict[str, EvalReport], plot_dir: Path) -> tuple[dict[s
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xlim(0.5, 1.0)
     ax.set_ylim(0.0, 1.0)
-    ax.set_xlabel("confidence max(P(A), P(B))")
-    ax.set_ylabel("accuracy of argmax")
-    ax.set_title("Reliability diagram")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    files["reliability"] = plot_dir / "reliability.png"
-    fig.savefig(files["reliability"], dpi=110)
-    plt.close(fig)
+    files["reliability"] = _save_plot(
+        plt, fig, ax, plot_dir / "reliability.png", "Reliability diagram",
+        "confidence max(P(A), P(B))", "accuracy of argmax",
+    )
 
     curves = {n: r.selective["curve"] for n, r in reports.items() if r.selective and r.selective.get("curve")}
     if curves:
@@ -752,14 +748,10 @@ def _write_plots(reports: dict[str, EvalReport], plot_dir: Path) -> tuple[dict[s
             ax.axhline(s["alpha"], color="gray", linestyle=":", linewidth=1)
             if s["test"]["coverage"]:
                 ax.plot([s["test"]["coverage"]], [s["test"]["risk"] or 0.0], marker="*", markersize=12)
-        ax.set_xlabel("coverage (share answered)")
-        ax.set_ylabel("error rate among answered")
-        ax.set_title("Risk-coverage (test pairs)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        files["risk_coverage"] = plot_dir / "risk_coverage.png"
-        fig.savefig(files["risk_coverage"], dpi=110)
-        plt.close(fig)
+        files["risk_coverage"] = _save_plot(
+            plt, fig, ax, plot_dir / "risk_coverage.png", "Risk-coverage (test pairs)",
+            "coverage (share answered)", "error rate among answered",
+        )
     return files, ""
 
 
@@ -919,3 +911,15 @@ def cmd_eval(args) -> int:
     print_report(reports, console)
     console.print(f"eval: report in {paths['report.md']} and {paths['report.json']}", highlight=False)
     return 0
+
+
+def _save_plot(plt, fig, ax, path, title: str, xlabel: str, ylabel: str):
+    """Label, legend, write and close one figure; returns its path."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
