@@ -52,9 +52,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = opt("data/sample_prefs.jsonl", "a JSON/JSONL/Parquet/CSV file, a save_to_disk directory or a HF dataset name")
-    preset: str = opt("auto", "auto, canonical, llmbar, chosen_rejected, or 'fields' with `fields` below")
+    preset: str = opt("auto", "auto, canonical, llmbar, chosen_rejected, annotators, or 'fields' with `fields` below")
     fields: dict = opt({}, "explicit field mapping: question, a, b, label (and id, subset)")
-    label_map: dict = opt({}, "label values to A/B/tie, e.g. {'0': 'A', '1': 'B'}")
+    label_map: dict | str = opt({}, "label values to A/B/tie: a mapping {'0': 'A', '1': 'B'}, text '0=A,1=B,2=tie', "
+                                "or a named map (autoj, pandalm)")
     split: str = opt("train", "split of a HF dataset")
     limit: int | None = opt(None, "use the first N pairs")
     skip_invalid: bool = opt(False, "write bad rows to a rejects file instead of stopping")

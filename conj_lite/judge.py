@@ -845,6 +845,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--extra-bufts", action="store_true",
                    help="gguf: let llama.cpp repack weights into its extra CPU buffers (faster on some CPUs, "
                    "segfaults with quantized files on AMX CPUs)")
+    from .selective import add_risk_args
+
+    add_risk_args(p)
     p.set_defaults(func=cmd_judge)
 
 
@@ -872,11 +875,16 @@ def cmd_judge(args) -> int:
         raise InputError("give --question, --answer-a and --answer-b (or --data FILE)")
     if args.data and not args.output:
         raise InputError("--data needs --output FILE.jsonl for the judgments")
+    from . import selective
+
+    selective.check_risk_args(args)  # bad options fail before a model loads
     judge = open_judge(args)
     try:
+        threshold = selective.threshold_from_args(args, judge, console)
         if args.data:
             summary = judge_file(judge, args.data, args.output, mode=args.mode, preset=args.preset,
                                  limit=args.limit, console=console, model_name=str(args.model))
+            selective.mark_file(summary.path, threshold, console)
             acc = "n/a" if summary.accuracy is None else f"{100 * summary.accuracy:.1f}%"
             cons = "n/a" if summary.consistency is None else f"{100 * summary.consistency:.1f}%"
             console.print(
@@ -886,7 +894,7 @@ def cmd_judge(args) -> int:
             )
             return 0
         result = judge.compare(args.question, args.answer_a, args.answer_b, mode=args.mode)
-        record = result.to_record()
+        record = selective.mark_record(result.to_record(), threshold)
         if args.output:
             from .sampling import JudgmentFile
 
@@ -897,6 +905,9 @@ def cmd_judge(args) -> int:
             f"(order ab: {ab.label}, order ba: {ba.label})",
             highlight=False,
         )
+        if threshold is not None:
+            console.print(f"selective verdict: {record['selective_verdict']} (confidence {record['confidence']}, "
+                          f"threshold {threshold.threshold})", highlight=False)
         for o in (ab, ba):
             if o.rationale:
                 console.print(f"  {o.order}: {o.rationale}", highlight=False)

@@ -1,5 +1,6 @@
 """The recipe schema: defaults, every shipped recipe, overrides, and clear errors."""
 
+import json
 import dataclasses
 from pathlib import Path
 
@@ -303,3 +304,18 @@ def test_defaults_round_trip(tmp_path):
     assert load_recipe(path) == Recipe()
     saved = yaml.safe_load(path.read_text("utf-8"))
     assert list(saved) == [f.name for f in dataclasses.fields(Recipe)]
+
+
+def test_label_map_is_a_mapping_text_or_a_named_map(tmp_path, sample_data):
+    from conj_lite.pipeline import ConjRun
+
+    assert load_recipe(None, ["data.label_map=autoj"]).data.label_map == "autoj"
+    assert load_recipe(None, ["data.label_map=0=A,1=B"]).data.label_map == "0=A,1=B"
+    with pytest.raises(InputError, match="data.label_map"):
+        load_recipe(None, ["data.label_map=[1, 2]"])
+    # A named map reaches the loader: Auto-J style 0/1/2 labels.
+    rows = [{"question": "q", "answer_a": "x", "answer_b": "y", "label": str(i % 3)} for i in range(6)]
+    path = tmp_path / "autoj.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = ConjRun.from_recipe(None, tmp_path / "run", [f"data.path={path}", "data.label_map=autoj"])
+    assert [p.label for p in run.data().pairs] == ["A", "B", "tie"] * 2

@@ -332,3 +332,41 @@ def test_cli_judge(exported, tmp_path, capsys):
     assert main(["judge", "--model", gguf, "--data", str(data)]) == 2  # --output missing
     assert main(["judge", "--model", gguf, "--question", "q", "--answer-a", "a", "--answer-b", "b",
                  "--ctx", "100"]) == 2
+
+
+@pytest.mark.slow
+def test_cli_judge_with_risk_abstains_below_the_calibrated_threshold(exported, sample_data, tmp_path, capsys):
+    from conj_lite.cli import main
+    from conj_lite.selective import ABSTAIN
+
+    gguf = str(exported.gguf_paths["q8_0"])
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"question": QUESTION, "answer_a": GOOD, "answer_b": BAD, "label": "A"},
+            {"question": QUESTION, "answer_a": BAD, "answer_b": GOOD, "label": "B"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    assert main(["judge", "--model", gguf, "--data", str(data), "--output", str(out), "--mode", "verdict",
+                 "--risk", "0.3", "--calibration", str(sample_data), "--threads", "2"]) == 0
+    cache = tmp_path / "out.calibration.jsonl"  # the calibration split, judged once and kept
+    assert len(cache.read_text().splitlines()) == 40
+    judged = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(judged) == 2
+    for row in judged:
+        assert row["selective_verdict"] in ("A", "B", ABSTAIN)
+        assert row["confidence"] == pytest.approx(max(row["p_a"], 1 - row["p_a"]), abs=1e-5)
+        threshold = row["risk_threshold"]
+        accepted = threshold is not None and row["confidence"] >= threshold
+        assert (row["selective_verdict"] != ABSTAIN) == accepted
+
+    # The HF backend, one pair, calibrated from the judged file above.
+    capsys.readouterr()
+    assert main(["judge", "--model", str(exported.merged_dir), "--question", QUESTION, "--answer-a", GOOD,
+                 "--answer-b", BAD, "--mode", "verdict", "--risk", "0.3", "--calibration", str(cache),
+                 "--threads", "2"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["selective_verdict"] in ("A", "B", ABSTAIN) and "risk_threshold" in record
+    # Bad options fail before any model is loaded.
+    assert main(["judge", "--model", gguf, "--question", "q", "--answer-a", "a", "--answer-b", "b",
+                 "--risk", "0.1"]) == 2
+    assert main(["judge", "--model", gguf, "--question", "q", "--answer-a", "a", "--answer-b", "b",
+                 "--risk", "1.5", "--calibration", str(cache)]) == 2
