@@ -1,9 +1,9 @@
 """The `conj-lite` command: a thin shell over `conj_lite.pipeline`.
 
-    conj-lite run recipes/tiny-cpu.yaml --out runs/tiny [section.key=value ...]
-    conj-lite sample|filter|train --recipe R --out DIR [section.key=value ...]
+    conj-lite run recipes/tiny-cpu.yaml --out runs/tiny [--variant NAME] [section.key=value ...]
+    conj-lite sample|filter|train --recipe R --out DIR [--round N] [section.key=value ...]
     conj-lite export ... / conj-lite judge ...      (see --help of each)
-    conj-lite recipes                                (the shipped recipes)
+    conj-lite recipes                                (the shipped recipes and the variants)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def _stage_parser(sub, name: str, help: str, recipe_positional: bool = False):
     else:
         p.add_argument("--recipe", help="recipe YAML (default: all defaults)")
     p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--variant", help="a named variant applied before the overrides (see `conj-lite recipes`)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides, e.g. sampling.n_repeats=4")
     return p
 
@@ -48,21 +49,35 @@ def cmd_recipes(args) -> int:
 
         raw = yaml.safe_load(path.read_text("utf-8")) or {}
         table.add_row(str(path), str(raw.get("description", "")))
-    get_console().print(table)
+    console = get_console()
+    console.print(table)
+    from .variants import VARIANTS
+
+    variants = Table(title="variants (conj-lite run RECIPE --variant NAME)")
+    for column in ("variant", "overrides", "what it does"):
+        variants.add_column(column)
+    for v in VARIANTS.values():
+        variants.add_row(v.name, " ".join(v.overrides) or "-", v.summary)
+    console.print(variants)
     return 0
 
 
 def cmd_stage(args) -> int:
     from .pipeline import ConjRun
 
+    from .variants import variant_overrides
+
     recipe = getattr(args, "recipe", None)
-    run = ConjRun.from_recipe(recipe, args.out, args.overrides)
+    run = ConjRun.from_recipe(recipe, args.out, [*variant_overrides(args.variant), *args.overrides])
+    n = getattr(args, "round", 1)
+    if n < 1 or n > max(run.recipe.rounds, 1):
+        raise InputError(f"--round {n}: this recipe has rounds 1..{max(run.recipe.rounds, 1)}")
     if args.command == "sample":
-        run.sample()
+        run.sample(n)
     elif args.command == "filter":
-        run.filter()
+        run.filter(n)
     elif args.command == "train":
-        run.train()
+        run.train(n)
     elif args.command == "run":
         run.run_all(export=False if args.no_export else None)
     return 0
@@ -83,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("filter", "S2: label judgments and build DPO pairs into pairs.jsonl and stats.json"),
         ("train", "S3: train the LoRA adapter with DPO + alpha*SFT into adapter/"),
     ):
-        _stage_parser(sub, name, help).set_defaults(func=cmd_stage)
-    sub.add_parser("recipes", help="list the shipped recipes").set_defaults(func=cmd_recipes)
+        stage = _stage_parser(sub, name, help)
+        stage.add_argument("--round", type=int, default=1, help="which round of an iterative recipe (default 1)")
+        stage.set_defaults(func=cmd_stage)
+    sub.add_parser("recipes", help="list the shipped recipes and the variants").set_defaults(func=cmd_recipes)
     for module in ("export", "judge", "evaluation"):
         try:
             mod = __import__(f"conj_lite.{module}", fromlist=["add_cli"])

@@ -85,12 +85,18 @@ class FilterConfig:
     max_pairs: int = opt(3, "k: (positive, negative) pairs per pair and order from the repeated samples")
     unknown_pair: bool = opt(True, "add one (positive, malformed) pair when both exist")
     hint_pair: bool = opt(True, "add one (true-hint positive, reversed-hint negative) pair")
+    rationale: bool = opt(True, "keep the rationale in training targets; false: verdict-only judgments (ablation)")
     max_rationale_chars: int = opt(2000, "cap over-long rationales to this many characters")
     seed: int = opt(0, "seed for choosing among candidates")
 
 
+OBJECTIVES = ("dpo+sft", "dpo", "sft")
+
+
 @dataclass
 class TrainConfig:
+    objective: str = opt("dpo+sft", "dpo+sft (Con-J: DPO + alpha*SFT), dpo (no SFT term), "
+                         "sft (no DPO: SFT on the chosen judgments only)")
     alpha: float = opt(1.0, "weight of the SFT term on positive judgments (loss = DPO + alpha*SFT)")
     beta: float = opt(0.1, "DPO beta")
     learning_rate: float = opt(5e-5, "learning rate")
@@ -112,6 +118,28 @@ class TrainConfig:
     seed: int = opt(0, "training seed")
 
 
+WARMUP_SOURCES = ("none", "positives")
+
+
+@dataclass
+class WarmupConfig:
+    """RISE stage 1: SFT on correct judgments before the DPO stage (off by default)."""
+
+    source: str = opt("none", "none; positives (the base model's own correct judgments, sampled and filtered "
+                      "first); or a JSONL file of judgments: question, answer_a, answer_b, judgment "
+                      "(or prompt + completion rows)")
+    swap_positions: bool = opt(True, "add every warm-up judgment in the swapped answer order too "
+                               "(verdict and answer numbers in the rationale swapped)")
+    epochs: float = opt(1.0, "passes over the warm-up judgments")
+    max_steps: int = opt(-1, "stop after this many steps (-1: use epochs)")
+    learning_rate: float | None = opt(None, "default: training.learning_rate")
+    max_examples: int | None = opt(None, "use at most N warm-up judgments")
+
+    @property
+    def enabled(self) -> bool:
+        return self.source != "none"
+
+
 @dataclass
 class ExportConfig:
     enabled: bool = opt(True, "export to GGUF at the end of `conj-lite run`")
@@ -126,11 +154,14 @@ class ExportConfig:
 class Recipe:
     name: str = opt("recipe", "a short name")
     description: str = opt("", "what this recipe is for")
+    rounds: int = opt(1, "Con-J rounds: 0 = the untrained judge (nothing sampled or trained); N > 1 = iterative: "
+                      "each round samples from, and trains on, the previous round's adapter")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "preference data"})
     prompts: PromptConfig = field(default_factory=PromptConfig, metadata={"help": "judge prompt"})
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "stage S1"})
     filtering: FilterConfig = field(default_factory=FilterConfig, metadata={"help": "stage S2"})
+    warmup: WarmupConfig = field(default_factory=WarmupConfig, metadata={"help": "RISE SFT warm-up before S1"})
     training: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "stage S3"})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "stage S4"})
 
@@ -228,10 +259,25 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """Values the types alone do not pin down."""
+    if recipe.rounds < 0:
+        raise InputError(f"rounds: expected 0 or more, got {recipe.rounds}")
+    if recipe.training.objective not in OBJECTIVES:
+        raise InputError(f"training.objective: expected one of {list(OBJECTIVES)}, got {recipe.training.objective!r}")
+    source = recipe.warmup.source
+    if source not in WARMUP_SOURCES and not source.endswith((".jsonl", ".json")):
+        raise InputError(f"warmup.source: expected none, positives or a .jsonl file of judgments, got {source!r}")
+    if recipe.warmup.max_examples is not None and recipe.warmup.max_examples < 1:
+        raise InputError(f"warmup.max_examples: expected 1 or more, got {recipe.warmup.max_examples}")
+
+
 def recipe_from_dict(raw: dict, source: str = "recipe", overrides: list[str] = ()) -> Recipe:
     raw = apply_overrides(dict(raw or {}), list(overrides))
     try:
-        return _build(Recipe, raw, "")
+        recipe = _build(Recipe, raw, "")
+        check_recipe(recipe)
+        return recipe
     except InputError as exc:
         raise InputError(f"{source}: {exc}") from None
 

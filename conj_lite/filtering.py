@@ -8,6 +8,9 @@ can be read. Per pair and order, as in the Con-J reference:
   unknown  one (positive, unknown) pair when both exist
   hint     one (true-hint positive, reversed-hint negative) pair
 
+With `rationale: false` (the verdict-only ablation) every target is the verdict alone,
+and the (positive, unknown) pair is left out.
+
 Every DPO pair's prompt is the plain judge prompt, without the hint, in the same
 order: the model learns to reach the right verdict without being told.
 """
@@ -42,10 +45,13 @@ def judgment_status(slot: int | None, label: str, order: str) -> str:
     return POSITIVE if slot == true_slot(label, order) else NEGATIVE
 
 
-def clean_judgment(verdict: Verdict, template: JudgeTemplate, max_chars: int) -> str:
-    """A readable judgment as a training target: the template's JSON with a capped rationale."""
-    rationale = cap_rationale(verdict.rationale or "", max_chars)
-    return format_judgment(rationale, verdict.slot, rationale_key=template.rationale_key, verdict_key=template.verdict_key)
+def clean_judgment(verdict: Verdict, template: JudgeTemplate, max_chars: int, rationale: bool = True) -> str:
+    """A readable judgment as a training target: the template's JSON with a capped
+    rationale, or the verdict alone (`rationale=False`, the verdict-only ablation)."""
+    if not rationale:
+        return format_judgment(None, verdict.slot, verdict_key=template.verdict_key)
+    text = cap_rationale(verdict.rationale or "", max_chars)
+    return format_judgment(text, verdict.slot, rationale_key=template.rationale_key, verdict_key=template.verdict_key)
 
 
 def clip_text(text: str, max_chars: int) -> str:
@@ -91,7 +97,7 @@ def build_pairs(pairs, judgments: list[dict], template: JudgeTemplate, cfg: Filt
         rejected_text = (
             clip_text(rejected.row.get("text", ""), cap + 200)
             if rejected.status == UNKNOWN
-            else clean_judgment(rejected.verdict, template, cap)
+            else clean_judgment(rejected.verdict, template, cap, cfg.rationale)
         )
         out.append(
             {
@@ -99,7 +105,7 @@ def build_pairs(pairs, judgments: list[dict], template: JudgeTemplate, cfg: Filt
                 "order": order,
                 "kind": kind,
                 "prompt": build_messages(template, pair.question, answer_1, answer_2),
-                "chosen": clean_judgment(chosen.verdict, template, cap),
+                "chosen": clean_judgment(chosen.verdict, template, cap, cfg.rationale),
                 "rejected": rejected_text,
                 "chosen_key": [chosen.row["kind"], chosen.row["sample"]],
                 "rejected_key": [rejected.row["kind"], rejected.row["sample"]],
@@ -118,7 +124,8 @@ def build_pairs(pairs, judgments: list[dict], template: JudgeTemplate, cfg: Filt
         # Clipping a long malformed judgment can leave a readable verdict behind;
         # only a rejected text that is still unreadable after clipping is used.
         unk = [x for x in unk if not read_judgment(clip_text(x.row.get("text", ""), cap + 200), template).ok]
-        if cfg.unknown_pair and pos and unk:
+        # A malformed text is no verdict-only judgment: the ablation trains on verdicts alone.
+        if cfg.unknown_pair and cfg.rationale and pos and unk:
             emit("unknown", pair_id, order, pos[-1], unk[0])
         if cfg.hint_pair:
             hint_pos = [x for x in kinds.get("hint_true", []) if x.status == POSITIVE]

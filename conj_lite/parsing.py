@@ -119,14 +119,17 @@ def parse_verdict(
 
 
 def format_judgment(
-    rationale: str, slot: int, *, rationale_key: str = "rationale", verdict_key: str = "better_answer"
+    rationale: str | None, slot: int, *, rationale_key: str = "rationale", verdict_key: str = "better_answer"
 ) -> str:
     """The canonical judgment: one line of JSON spaced like the prompt's example (and
-    `prompts.judge_verdict_json`), non-ASCII kept as is."""
-    if not isinstance(rationale, str):
-        raise TypeError(f"rationale must be a str, got {type(rationale).__name__}")
+    `prompts.judge_verdict_json`), non-ASCII kept as is. `rationale=None` gives a
+    verdict-only judgment."""
+    if rationale is not None and not isinstance(rationale, str):
+        raise TypeError(f"rationale must be a str or None, got {type(rationale).__name__}")
     if isinstance(slot, bool) or not isinstance(slot, int) or slot not in (1, 2):
         raise ValueError(f"slot must be 1 or 2, got {slot!r}")
+    if rationale is None:
+        return json.dumps({verdict_key: slot}, ensure_ascii=False)
     return json.dumps({rationale_key: rationale, verdict_key: slot}, ensure_ascii=False)
 
 

@@ -7,6 +7,10 @@
 Everything lands in `out_dir`: judgments.jsonl, pairs.jsonl, stats.json, adapter/,
 (merged/, gguf/). A stage whose outputs are complete is skipped, and sampling and
 training resume where they stopped.
+
+The variants are switches of the same path (see conj_lite.variants): a RISE warm-up
+works in `warmup/` before round 1; with `rounds: N` round k > 1 works in `round-k/`
+and samples from and continues round k-1's adapter; `rounds.json` sums them up.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ JUDGMENTS = "judgments.jsonl"
 PAIRS = "pairs.jsonl"
 STATS = "stats.json"
 ADAPTER = "adapter"
+WARMUP = "warmup"
+ROUNDS = "rounds.json"
+SAMPLED_FROM = "sampled_from.json"
 
 
 def resolve_data_path(path: str, recipe_file: str | Path | None) -> str:
@@ -118,110 +125,259 @@ class ConjRun:
 
         return report
 
+    # ------------------------------------------------------------------ layout
+
+    def round_dir(self, round: int = 1) -> Path:
+        """Round 1 works in out_dir itself (the layout of a one-round run), round N in out_dir/round-N."""
+        if round < 1:
+            raise ValueError(f"rounds count from 1, got {round}")
+        return self.out_dir if round == 1 else self.out_dir / f"round-{round}"
+
+    def policy(self, round: int = 1) -> Path | None:
+        """The adapter that round `round` samples from and continues training: the
+        previous round's, the warm-up's for round 1, or None (the base model)."""
+        if round > 1:
+            return self.round_dir(round - 1) / ADAPTER
+        if self.recipe.warmup.enabled:
+            return self.out_dir / WARMUP / ADAPTER
+        return None
+
+    def final_adapter(self) -> Path | None:
+        """The judge this recipe trains (None for the untrained judge, `rounds: 0`)."""
+        if self.recipe.rounds >= 1:
+            return self.round_dir(self.recipe.rounds) / ADAPTER
+        return self.policy(1)
+
     # ------------------------------------------------------------------ stages
 
-    def sample(self):
-        """S1: judgments.jsonl (resumable)."""
+    def sample(self, round: int = 1):
+        """S1: judgments.jsonl of a round (resumable), from the round's policy."""
+        return self._sample(self.round_dir(round), self.policy(round), f"round {round}")
+
+    def _sample(self, work: Path, adapter: Path | None, label: str):
         from .sampling import JudgmentFile, plan_requests, row_key
 
-        path = self.out_dir / JUDGMENTS
+        work.mkdir(parents=True, exist_ok=True)
+        path = work / JUDGMENTS
         pairs = self.data().pairs
         done = {row_key(r) for r in JudgmentFile(path).load()}
         if not plan_requests(pairs, self.template, self.recipe.sampling, done):
-            self.console.print(f"sample: {len(done)} judgments already in {path}, skipping")
+            self.console.print(f"sample ({label}): {len(done)} judgments already in {path}, skipping")
             return None
+        if adapter is not None and not (adapter / "adapter_config.json").is_file():
+            raise InputError(f"{adapter}: the adapter to sample from is missing; train the previous stage first")
         from .models import load_for_sampling, resolve_runtime, set_cpu_threads
         from .sampling import sample_judgments
 
         set_cpu_threads()
         runtime = resolve_runtime(self.recipe.model)
-        model, tokenizer = load_for_sampling(self.base_model(), self.recipe.model, runtime)
+        base = self.base_model()
+        (work / SAMPLED_FROM).write_text(json.dumps({"model": base, "adapter": adapter and str(adapter)}, indent=2))
+        model, tokenizer = load_for_sampling(base, self.recipe.model, runtime, adapter=adapter)
+        source = f"{base} + {adapter}" if adapter else base
+        self.console.print(f"sample ({label}): from {source}", highlight=False)
         summary = sample_judgments(model, tokenizer, pairs, self.template, self.recipe.sampling, path, self.console)
         self.console.print(
-            f"sample: {summary.generated} new judgments in {summary.seconds:.1f}s "
+            f"sample ({label}): {summary.generated} new judgments in {summary.seconds:.1f}s "
             f"({summary.per_second:.2f}/s), {summary.total} in {path}"
         )
         return summary
 
-    def filter(self):
-        """S2: pairs.jsonl + stats.json from the judgments."""
+    def filter(self, round: int = 1):
+        """S2: pairs.jsonl + stats.json of a round from its judgments (and sft.jsonl for
+        the SFT-only objective)."""
+        return self._filter(self.round_dir(round), f"round {round}")
+
+    def _filter(self, work: Path, label: str):
         from .filtering import build_pairs
         from .sampling import JudgmentFile
+        from .warmup import SFT_FILE, sft_from_pairs, write_sft_file
 
         pairs = self.data().pairs  # bad data is reported before anything else
-        judgments = JudgmentFile(self.out_dir / JUDGMENTS).load()
+        judgments = JudgmentFile(work / JUDGMENTS).load()
         if not judgments:
-            raise InputError(f"{self.out_dir / JUDGMENTS}: no judgments; run `conj-lite sample` first")
+            raise InputError(f"{work / JUDGMENTS}: no judgments; run `conj-lite sample` first")
         result = build_pairs(pairs, judgments, self.template, self.recipe.filtering)
-        pairs_path = self.out_dir / PAIRS
-        tmp = pairs_path.with_suffix(".jsonl.partial")
-        tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result.pairs), "utf-8")
-        tmp.replace(pairs_path)
-        (self.out_dir / STATS).write_text(json.dumps(result.stats, indent=2))
-        print_stats(result.stats, self.console)
+        _write_jsonl(work / PAIRS, result.pairs)
+        if self.recipe.training.objective == "sft":
+            write_sft_file(sft_from_pairs(result.pairs), work / SFT_FILE)
+        (work / STATS).write_text(json.dumps(result.stats, indent=2))
+        print_stats(result.stats, self.console, f"Con-J filtering ({label})")
         return result
 
-    def filter_is_current(self) -> bool:
-        stats, judgments = self.out_dir / STATS, self.out_dir / JUDGMENTS
+    def filter_is_current(self, round: int = 1) -> bool:
+        work = self.round_dir(round)
+        stats, judgments = work / STATS, work / JUDGMENTS
         return (
             stats.is_file()
-            and (self.out_dir / PAIRS).is_file()
+            and (work / PAIRS).is_file()
             and judgments.is_file()
             and stats.stat().st_mtime >= judgments.stat().st_mtime
         )
 
-    def train(self):
-        """S3: adapter/ (resumes from checkpoints)."""
+    def train(self, round: int = 1):
+        """S3: a round's adapter/ (resumes from checkpoints), continuing from its policy."""
+        from .warmup import SFT_FILE
+
+        work = self.round_dir(round)
+        data = work / (SFT_FILE if self.recipe.training.objective == "sft" else PAIRS)
+        return self._train(work, data, self.recipe, self.policy(round), f"round {round}")
+
+    def _train(self, work: Path, data: Path, recipe: Recipe, init_adapter: Path | None, label: str):
         from .models import set_cpu_threads
         from .training import TRAIN_META, train_adapter
 
-        if (self.out_dir / ADAPTER / TRAIN_META).is_file():
-            self.console.print(f"train: adapter already in {self.out_dir / ADAPTER}, skipping")
+        if (work / ADAPTER / TRAIN_META).is_file():
+            self.console.print(f"train ({label}): adapter already in {work / ADAPTER}, skipping")
             return None
         set_cpu_threads()
-        summary = train_adapter(self.recipe, self.base_model(), self.out_dir / PAIRS, self.out_dir, self.console)
+        summary = train_adapter(recipe, self.base_model(), data, work, self.console, init_adapter=init_adapter)
         b, a = summary.before, summary.after
+        if summary.objective == "sft":
+            measures = (f"SFT loss {b.get('loss', float('nan')):.4f} -> {a.get('loss', float('nan')):.4f}, "
+                        f"token accuracy {b.get('token_accuracy', float('nan')):.2f} -> "
+                        f"{a.get('token_accuracy', float('nan')):.2f}")
+        else:
+            measures = (f"reward margin {b.get('margin', float('nan')):.4f} -> {a.get('margin', float('nan')):.4f}, "
+                        f"pair accuracy {b.get('accuracy', float('nan')):.2f} -> {a.get('accuracy', float('nan')):.2f}")
         self.console.print(
-            f"train: {summary.steps} steps in {summary.seconds:.1f}s ({summary.path}); "
-            f"reward margin {b.get('margin', float('nan')):.4f} -> {a.get('margin', float('nan')):.4f}, "
-            f"pair accuracy {b.get('accuracy', float('nan')):.2f} -> {a.get('accuracy', float('nan')):.2f}; "
-            f"adapter in {summary.adapter_dir}"
+            f"train ({label}, {summary.objective}): {summary.steps} steps in {summary.seconds:.1f}s "
+            f"({summary.path}); {measures}; adapter in {summary.adapter_dir}",
+            highlight=False,
         )
         return summary
 
+    def warmup(self):
+        """RISE stage 1: warmup/sft.jsonl of correct judgments (both orders), then an
+        SFT-only adapter in warmup/adapter that round 1 samples from and continues."""
+        from dataclasses import replace
+
+        from .training import TRAIN_META
+        from .warmup import SFT_FILE, read_warmup_file, warmup_from_judgments, warmup_stats, write_sft_file
+
+        w, f = self.recipe.warmup, self.recipe.filtering
+        work = self.out_dir / WARMUP
+        if (work / ADAPTER / TRAIN_META).is_file():
+            self.console.print(f"warm-up: adapter already in {work / ADAPTER}, skipping")
+            return None
+        work.mkdir(parents=True, exist_ok=True)
+        options = dict(max_chars=f.max_rationale_chars, rationale=f.rationale, swap_positions=w.swap_positions,
+                       max_examples=w.max_examples, seed=f.seed)
+        if w.source == "positives":
+            self._sample(work, None, "warm-up")
+            result = self._filter(work, "warm-up")
+            examples = warmup_from_judgments(self.data().pairs, result.labelled, self.template, **options)
+        else:
+            examples = read_warmup_file(resolve_data_path(w.source, self.recipe_file), self.template, **options)
+        write_sft_file(examples, work / SFT_FILE)
+        stats = warmup_stats(examples)
+        (work / "warmup.json").write_text(json.dumps(stats, indent=2))
+        self.console.print(
+            f"warm-up: {stats['examples']} correct judgments ({stats['verdict_1']} for answer 1, "
+            f"{stats['verdict_2']} for answer 2) in {work / SFT_FILE}",
+            highlight=False,
+        )
+        t = self.recipe.training
+        recipe = replace(self.recipe, training=replace(
+            t, objective="sft", epochs=w.epochs, max_steps=w.max_steps,
+            learning_rate=t.learning_rate if w.learning_rate is None else w.learning_rate))
+        return self._train(work, work / SFT_FILE, recipe, None, "warm-up")
+
     def export(self):
-        """S4: merged/ and gguf/ (see conj_lite.export)."""
+        """S4: merged/ and gguf/ of the final adapter (see conj_lite.export); with
+        `rounds: 0` and no warm-up, of the untrained base model."""
         from . import export as export_mod
 
         e = self.recipe.export
+        source = self.final_adapter() or self.base_model()
         return export_mod.export_gguf(
-            self.out_dir / ADAPTER,
+            source,
             self.out_dir,
             outtype=e.outtype,
             quant_types=tuple(e.quant_types),
             llama_cpp_dir=e.llama_cpp_dir,
             verify=e.verify,
             ollama_modelfile=e.ollama_modelfile,
+            template=self.recipe.prompts.template,
             console=self.console,
         )
 
     def run_all(self, export: bool | None = None):
-        """All stages in order, skipping the complete ones."""
-        self.sample()
-        if self.filter_is_current():
-            self.console.print(f"filter: {self.out_dir / PAIRS} is up to date, skipping")
-        else:
-            self.filter()
-        self.train()
-        if self.recipe.export.enabled if export is None else export:
+        """All stages in order, skipping the complete ones: the warm-up (RISE), then
+        `rounds` rounds of sample -> filter -> train, then export."""
+        r = self.recipe
+        if r.rounds == 0 and not r.warmup.enabled:
+            self.console.print("rounds: 0, the untrained judge: nothing to sample or train")
+        if r.warmup.enabled:
+            self.warmup()
+        for n in range(1, r.rounds + 1):
+            self.sample(n)
+            if self.filter_is_current(n):
+                self.console.print(f"filter (round {n}): {self.round_dir(n) / PAIRS} is up to date, skipping")
+            else:
+                self.filter(n)
+            self.train(n)
+        if r.rounds > 1 or r.warmup.enabled:
+            print_rounds(self.round_summaries(), self.console)
+        if r.export.enabled if export is None else export:
             return self.export()
         return None
 
+    def round_summaries(self) -> list[dict]:
+        """Per stage (warm-up, round 1..N): where it sampled from, its filtering stats and
+        its training summary, as far as they exist; also written to rounds.json."""
+        from .training import TRAIN_META
 
-def print_stats(stats: dict, console) -> None:
+        stages = [("warm-up", self.out_dir / WARMUP)] if self.recipe.warmup.enabled else []
+        stages += [(f"round {n}", self.round_dir(n)) for n in range(1, self.recipe.rounds + 1)]
+        out = []
+        for name, work in stages:
+            entry = {"stage": name, "dir": str(work)}
+            for key, path in (("sampled_from", work / SAMPLED_FROM), ("stats", work / STATS),
+                              ("warmup", work / "warmup.json"), ("train", work / ADAPTER / TRAIN_META)):
+                if path.is_file():
+                    value = json.loads(path.read_text("utf-8"))
+                    entry[key] = value.get("summary", value) if key == "train" else value
+            out.append(entry)
+        (self.out_dir / ROUNDS).write_text(json.dumps(out, indent=2))
+        return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), "utf-8")
+    tmp.replace(path)
+
+
+def print_rounds(summaries: list[dict], console) -> None:
     from rich.table import Table
 
-    table = Table(title="Con-J filtering", show_header=True, header_style="bold")
+    table = Table(title="Con-J stages", show_header=True, header_style="bold")
+    for name in ("stage", "sampled from", "agreement", "unknown", "train examples", "steps", "after"):
+        table.add_column(name, justify="left" if name in ("stage", "sampled from") else "right")
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    previous = None
+    for entry in summaries:
+        stats, train = entry.get("stats", {}), entry.get("train") or {}
+        sampled = entry.get("sampled_from")
+        source = "-" if sampled is None else (previous if sampled.get("adapter") else "base model")
+        previous = entry["stage"]
+        after = train.get("after", {})
+        measure = (f"margin {after['margin']:.3f}" if "margin" in after
+                   else f"loss {after['loss']:.3f}" if "loss" in after else "-")
+        examples = entry.get("warmup", {}).get("examples", stats.get("dpo_pairs", "-"))
+        table.add_row(entry["stage"], source, pct(stats.get("base_agreement")), pct(stats.get("unknown_rate")),
+                      str(examples), str(train.get("steps", "-")), measure)
+    console.print(table)
+
+
+def print_stats(stats: dict, console, title: str = "Con-J filtering") -> None:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("measure")
     table.add_column("value", justify="right")
 

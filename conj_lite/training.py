@@ -4,6 +4,14 @@ The loss is TRL's own: `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, alpha]`
 LoRA comes from peft; with an adapter the reference model is the same network with
 the adapter disabled, so no second model sits in memory.
 
+`training.objective` switches the loss for the ablations and the RISE warm-up:
+  dpo+sft   Con-J (the default)
+  dpo       DPO alone (`loss_type=["sigmoid"]`)
+  sft       TRL's SFTTrainer on prompt -> judgment rows, no DPO term
+`init_adapter` continues from a trained adapter (RISE stage 2, iterative rounds); TRL
+then keeps a frozen copy of it as the DPO reference, so each round is regularised
+towards the previous one, not towards the base model.
+
 Paths, chosen once from the recipe and the machine (`models.resolve_runtime`):
   CUDA + unsloth installed   unsloth FastLanguageModel, 4-bit, its gradient checkpointing
   CUDA                       transformers + bitsandbytes NF4 + peft (QLoRA), 8-bit paged AdamW
@@ -27,10 +35,15 @@ from .models import Runtime, import_unsloth_first, load_causal_lm, load_tokenize
 TRAIN_META = "conj_lite_train.json"
 
 
-def read_pairs_file(path: str | Path) -> list[dict]:
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+SFT_FIELDS = ("prompt", "completion")
+
+
+def read_pairs_file(path: str | Path, required: tuple[str, ...] = PAIR_FIELDS) -> list[dict]:
+    """Training rows from a JSONL file, each with the `required` fields."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: pairs file not found; run `conj-lite filter` first")
+        raise InputError(f"{path}: training file not found; run `conj-lite filter` first")
     rows = []
     for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
         if not line.strip():
@@ -39,7 +52,7 @@ def read_pairs_file(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+        missing = [k for k in required if k not in row]
         if missing:
             raise InputError(f"{path}:{number}: missing {missing}")
         rows.append(row)
@@ -57,6 +70,11 @@ def to_preference_rows(pairs: list[dict]) -> list[dict]:
         }
         for p in pairs
     ]
+
+
+def to_sft_rows(rows: list[dict]) -> list[dict]:
+    """TRL's conversational prompt-completion format (the loss is on the completion)."""
+    return [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows]
 
 
 def keep_trainable_fp32(model) -> int:
@@ -85,19 +103,26 @@ def lora_config(recipe: Recipe):
     )
 
 
-def load_for_training(base: str, recipe: Recipe, runtime: Runtime):
-    """(model, tokenizer, peft_config): peft_config is None when the model already has LoRA."""
+def load_for_training(base: str, recipe: Recipe, runtime: Runtime, init_adapter: str | Path | None = None):
+    """(model, tokenizer, peft_config, gradient_checkpointing): peft_config is None when
+    the model already has its LoRA (unsloth, or a trained adapter to continue from)."""
     t = recipe.training
     gradient_checkpointing = runtime.device == "cuda" if t.gradient_checkpointing is None else t.gradient_checkpointing
     if runtime.use_unsloth:
         from unsloth import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=base,
+            model_name=str(init_adapter or base),  # an adapter dir loads its base with the adapter trainable
             max_seq_length=recipe.model.max_seq_length,
             dtype=runtime.torch_dtype,
             load_in_4bit=runtime.load_in_4bit,
         )
+        if init_adapter is not None:
+            FastLanguageModel.for_training(model)
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            return model, tokenizer, None, False
         model = FastLanguageModel.get_peft_model(
             model,
             r=t.lora_r,
@@ -117,21 +142,49 @@ def load_for_training(base: str, recipe: Recipe, runtime: Runtime):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        check_adapter_dir(init_adapter)
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        return model, tokenizer, None, gradient_checkpointing
     return model, tokenizer, lora_config(recipe), gradient_checkpointing
 
 
-def dpo_config(recipe: Recipe, runtime: Runtime, out_dir: Path, gradient_checkpointing: bool):
-    from trl import DPOConfig
+def check_adapter_dir(path: str | Path) -> None:
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise InputError(f"{path}: not a LoRA adapter directory (no adapter_config.json) to continue training from")
 
+
+def loss_terms(objective: str, alpha: float) -> tuple[list[str], list[float]]:
+    """TRL's DPO `loss_type` and `loss_weights` for an objective."""
+    if objective == "dpo+sft":
+        return ["sigmoid", "sft"], [1.0, alpha]
+    if objective == "dpo":
+        return ["sigmoid"], [1.0]
+    raise ValueError(f"objective {objective!r} is not trained with DPOTrainer")
+
+
+def trainer_config(recipe: Recipe, runtime: Runtime, out_dir: Path, gradient_checkpointing: bool):
+    """DPOConfig for the DPO objectives, SFTConfig for `sft`; the same schedule for both."""
     t = recipe.training
     optim = t.optim
     if optim == "auto":
         optim = "paged_adamw_8bit" if runtime.load_in_4bit else "adamw_torch"
-    return DPOConfig(
+    if t.objective == "sft":
+        from trl import SFTConfig
+
+        specific = dict(completion_only_loss=True, packing=False)
+        config_class = SFTConfig
+    else:
+        from trl import DPOConfig
+
+        loss_type, loss_weights = loss_terms(t.objective, t.alpha)
+        specific = dict(loss_type=loss_type, loss_weights=loss_weights, beta=t.beta)
+        config_class = DPOConfig
+    return config_class(
         output_dir=str(out_dir / "checkpoints"),
-        loss_type=["sigmoid", "sft"],
-        loss_weights=[1.0, t.alpha],
-        beta=t.beta,
+        **specific,
         learning_rate=t.learning_rate,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -196,6 +249,8 @@ class TrainSummary:
     before: dict
     after: dict
     path: str  # "unsloth", "qlora", "lora"
+    objective: str = "dpo+sft"
+    init_adapter: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -203,16 +258,25 @@ class TrainSummary:
             "steps": self.steps,
             "seconds": round(self.seconds, 2),
             "path": self.path,
+            "objective": self.objective,
+            "init_adapter": self.init_adapter,
             "before": self.before,
             "after": self.after,
         }
 
 
-def pair_metrics(trainer, dataset) -> dict:
-    """DPO loss, reward margin and pair accuracy of the current adapter on `dataset`."""
+METRIC_NAMES = {
+    "dpo": (("loss", "loss"), ("margin", "rewards/margins"), ("accuracy", "rewards/accuracies")),
+    "sft": (("loss", "loss"), ("token_accuracy", "mean_token_accuracy")),
+}
+
+
+def pair_metrics(trainer, dataset, objective: str = "dpo+sft") -> dict:
+    """On `dataset`, with the current adapter: DPO loss, reward margin and pair accuracy
+    (DPO objectives), or SFT loss and token accuracy (`sft`)."""
     metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="pairs")
     out = {}
-    for name, suffix in (("loss", "loss"), ("margin", "rewards/margins"), ("accuracy", "rewards/accuracies")):
+    for name, suffix in METRIC_NAMES["sft" if objective == "sft" else "dpo"]:
         # TRL logs its own metrics as eval_*, transformers' loss under the prefix.
         for key in (f"pairs_{suffix}", f"eval_{suffix}"):
             if key in metrics:
@@ -221,27 +285,38 @@ def pair_metrics(trainer, dataset) -> dict:
     return out
 
 
-def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: str | Path, console=None) -> TrainSummary:
-    """Train the LoRA judge adapter into `out_dir/adapter`, resuming from checkpoints."""
+def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: str | Path, console=None, *,
+                  init_adapter: str | Path | None = None) -> TrainSummary:
+    """Train the LoRA judge adapter into `out_dir/adapter`, resuming from checkpoints.
+
+    `pairs_path` holds DPO pairs (prompt, chosen, rejected), or for `objective: sft`
+    prompt -> completion rows. `init_adapter` continues from a trained adapter."""
     out_dir = Path(out_dir)
+    objective = recipe.training.objective
     runtime = resolve_runtime(recipe.model)
     import_unsloth_first(runtime)  # before trl
     import datasets
     from datasets import Dataset
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import DPOTrainer
 
     datasets.disable_progress_bars()
-    pairs = read_pairs_file(pairs_path)
+    sft = objective == "sft"
+    pairs = read_pairs_file(pairs_path, SFT_FIELDS if sft else PAIR_FIELDS)
     if not pairs:
+        if sft:
+            raise InputError(f"{pairs_path}: no judgments to fine-tune on (no positive judgments were found)")
         raise InputError(
             f"{pairs_path}: no DPO pairs to train on. The base model never produced both a right and a wrong "
             "judgment for the same example; sample more (sampling.n_repeats), use more data, or check stats.json"
         )
-    dataset = Dataset.from_list(to_preference_rows(pairs))
-    model, tokenizer, peft_config, gradient_checkpointing = load_for_training(base, recipe, runtime)
-    args = dpo_config(recipe, runtime, out_dir, gradient_checkpointing)
-    trainer = DPOTrainer(
+    dataset = Dataset.from_list(to_sft_rows(pairs) if sft else to_preference_rows(pairs))
+    model, tokenizer, peft_config, gradient_checkpointing = load_for_training(base, recipe, runtime, init_adapter)
+    args = trainer_config(recipe, runtime, out_dir, gradient_checkpointing)
+    if sft:
+        from trl import SFTTrainer as trainer_class
+    else:
+        from trl import DPOTrainer as trainer_class
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -257,15 +332,16 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
 
     eval_set = dataset.select(range(min(len(dataset), 256)))
     checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-    before = pair_metrics(trainer, eval_set) if checkpoint is None else {}
+    before = pair_metrics(trainer, eval_set, objective) if checkpoint is None else {}
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
-    after = pair_metrics(trainer, eval_set)
+    after = pair_metrics(trainer, eval_set, objective)
 
     adapter_dir = out_dir / "adapter"
     path = "unsloth" if runtime.use_unsloth else ("qlora" if runtime.load_in_4bit else "lora")
-    summary = TrainSummary(adapter_dir, result.global_step, seconds, before, after, path)
+    summary = TrainSummary(adapter_dir, result.global_step, seconds, before, after, path, objective,
+                           None if init_adapter is None else str(init_adapter))
     # Under `accelerate launch` every process gets here; only the main one writes.
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
@@ -281,10 +357,12 @@ def write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out
     adapter_dir = out_dir / "adapter"
     staging = out_dir / "adapter.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.save_pretrained(str(staging))
+    # Only the trained adapter: TRL's frozen "ref" copy (when continuing) is not the judge.
+    trainer.model.save_pretrained(str(staging), selected_adapters=["default"])
     tokenizer.save_pretrained(str(staging))
     history = [
-        {k: v for k, v in entry.items() if k in ("step", "loss", "rewards/margins", "rewards/accuracies", "learning_rate")}
+        {k: v for k, v in entry.items()
+         if k in ("step", "loss", "rewards/margins", "rewards/accuracies", "mean_token_accuracy", "learning_rate")}
         for entry in trainer.state.log_history
         if "loss" in entry
     ]
@@ -293,6 +371,8 @@ def write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out
         "load_in_4bit": runtime.load_in_4bit,
         "dtype": runtime.dtype,
         "template": recipe.prompts.template,
+        "objective": recipe.training.objective,
+        "init_adapter": summary.init_adapter,
         "pairs": len(pairs),
         "summary": summary.to_dict(),
         "history": history,

@@ -47,11 +47,11 @@ from pathlib import Path
 from accelerate import PartialState
 from conj_lite.config import load_recipe
 from conj_lite.models import resolve_runtime
-from conj_lite.training import dpo_config
+from conj_lite.training import trainer_config
 
 recipe = load_recipe(sys.argv[1])
 runtime = resolve_runtime(recipe.model)
-args = dpo_config(recipe, runtime, Path(sys.argv[2]), gradient_checkpointing=False)
+args = trainer_config(recipe, runtime, Path(sys.argv[2]), gradient_checkpointing=False)
 state = PartialState()
 probe = {"rank": args.process_index, "world_size": args.world_size, "parallel_mode": str(args.parallel_mode),
          "distributed_type": str(state.distributed_type), "device": str(args.device), "runtime": runtime.device}

@@ -1,0 +1,184 @@
+"""RISE stage 1: the SFT warm-up set of correct judgments, in both answer orders.
+
+RISE ("Improve LLM-as-a-Judge Ability as a General Ability") first fine-tunes the
+judge on correct judgments, then runs preference optimisation on pairs sampled from
+the warmed-up model. Here the correct judgments come from
+
+  positives  the base model's own positive judgments (plain and true-hint samples,
+             the hint itself left out of the prompt, as in Con-J's pairs), or
+  a file     judgments the user brings: rows with question, answer_a, answer_b and a
+             judgment text (judging answer_a as answer 1), or ready rows with a
+             prompt and a completion (or chosen) text.
+
+Position swapping: every judgment is also added with the answers in the other order,
+its verdict flipped and the answer numbers in its rationale exchanged ("answer 1 is
+wrong" becomes "answer 2 is wrong"), so the warm-up set holds as many verdicts for
+answer 1 as for answer 2 and cannot teach a position preference.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from .errors import InputError
+from .filtering import POSITIVE, Labelled, clean_judgment, read_judgment
+from .parsing import Verdict
+from .prompts import JudgeTemplate, build_messages, ordered_answers
+
+SFT_FILE = "sft.jsonl"
+WARMUP_KINDS = ("repeat", "hint_true")  # a reversed-hint judgment is never right
+
+
+def slot_word(template: JudgeTemplate) -> str:
+    """The word that names an answer slot, read off the hint: "answer" in
+    "answer {k} is better", "回答" in "回答{k}更好"."""
+    before = template.hint.split("{k}", 1)[0].rstrip()
+    match = re.search(r"(\w+)$", before)
+    return match.group(1) if match else "answer"
+
+
+def swap_slots(text: str, template: JudgeTemplate) -> str:
+    """Exchange the answer numbers in `text`: "Answer 1" <-> "Answer 2" (any case)."""
+    pattern = re.compile(rf"({re.escape(slot_word(template))})(\s*)([12])(?!\d)", re.IGNORECASE)
+    return pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}{3 - int(m.group(3))}", text)
+
+
+def other_order(order: str) -> str:
+    return "ba" if order == "ab" else "ab"
+
+
+def example(pair_id: str, order: str, question: str, answer_1: str, answer_2: str, completion: str, slot: int,
+            source: str, template: JudgeTemplate) -> dict:
+    return {
+        "id": pair_id,
+        "order": order,
+        "source": source,
+        "slot": slot,
+        "prompt": build_messages(template, question, answer_1, answer_2),
+        "completion": completion,
+    }
+
+
+def judged_examples(pair_id: str, question: str, answer_a: str, answer_b: str, order: str, verdict: Verdict,
+                    template: JudgeTemplate, *, max_chars: int, rationale: bool, swap_positions: bool,
+                    source: str) -> list[dict]:
+    """The warm-up example of one correct judgment shown in `order`, and its swap."""
+    answer_1, answer_2 = ordered_answers(answer_a, answer_b, order)
+    out = [example(pair_id, order, question, answer_1, answer_2, clean_judgment(verdict, template, max_chars, rationale),
+                   verdict.slot, source, template)]
+    if swap_positions:
+        swapped = Verdict(3 - verdict.slot, swap_slots(verdict.rationale or "", template), verdict.method)
+        out.append(example(pair_id, other_order(order), question, answer_2, answer_1,
+                           clean_judgment(swapped, template, max_chars, rationale), swapped.slot, "swapped", template))
+    return out
+
+
+def dedupe_and_cap(groups: list[list[dict]], max_examples: int | None, seed: int) -> list[dict]:
+    """Flatten groups (a judgment and its swap), dropping repeated (prompt, completion)
+    examples; with `max_examples`, keep that many groups chosen at random with `seed`."""
+    if max_examples is not None and len(groups) > max_examples:
+        groups = list(groups)
+        random.Random(seed).shuffle(groups)
+        groups = groups[:max_examples]
+    seen, out = set(), []
+    for group in groups:
+        for ex in group:
+            key = (json.dumps(ex["prompt"], ensure_ascii=False), ex["completion"])
+            if key not in seen:
+                seen.add(key)
+                out.append(ex)
+    return out
+
+
+def warmup_from_judgments(pairs, labelled: list[Labelled], template: JudgeTemplate, *, max_chars: int = 2000,
+                          rationale: bool = True, swap_positions: bool = True, max_examples: int | None = None,
+                          seed: int = 0) -> list[dict]:
+    """Warm-up examples from the base model's positive judgments (see the module doc)."""
+    by_id = {p.id: p for p in pairs}
+    groups = []
+    for item in labelled:
+        if item.status != POSITIVE or item.row["kind"] not in WARMUP_KINDS:
+            continue
+        pair = by_id[item.row["id"]]
+        groups.append(judged_examples(pair.id, pair.question, pair.answer_a, pair.answer_b, item.row["order"],
+                                      item.verdict, template, max_chars=max_chars, rationale=rationale,
+                                      swap_positions=swap_positions, source=item.row["kind"]))
+    return dedupe_and_cap(groups, max_examples, seed)
+
+
+def read_warmup_file(path: str | Path, template: JudgeTemplate, *, max_chars: int = 2000, rationale: bool = True,
+                     swap_positions: bool = True, max_examples: int | None = None, seed: int = 0) -> list[dict]:
+    """Warm-up examples from a user's JSONL of judgments (see the module doc)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: warm-up judgments file not found (warmup.source)")
+    groups = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: invalid JSON: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{where}: expected a JSON object")
+            groups.append(file_row_examples(row, where, template, max_chars=max_chars, rationale=rationale,
+                                            swap_positions=swap_positions))
+    if not groups:
+        raise InputError(f"{path}: no warm-up judgments in the file")
+    return dedupe_and_cap(groups, max_examples, seed)
+
+
+def file_row_examples(row: dict, where: str, template: JudgeTemplate, *, max_chars: int, rationale: bool,
+                      swap_positions: bool) -> list[dict]:
+    if "judgment" in row:
+        missing = [k for k in ("question", "answer_a", "answer_b") if not isinstance(row.get(k), str)]
+        if missing:
+            raise InputError(f"{where}: a judgment row needs text fields question, answer_a, answer_b; missing {missing}")
+        verdict = read_judgment(str(row["judgment"]), template)
+        if not verdict.ok:
+            raise InputError(f"{where}: no verdict (1 or 2) can be read from the judgment {str(row['judgment'])[:80]!r}")
+        pair_id = str(row.get("id", where))
+        return judged_examples(pair_id, row["question"], row["answer_a"], row["answer_b"], "ab", verdict, template,
+                               max_chars=max_chars, rationale=rationale, swap_positions=swap_positions,
+                               source="file judgment")
+    completion = row.get("completion", row.get("chosen"))
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        completion = completion[-1].get("content")  # a list of chat turns, as in a TRL dataset
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(completion, str) or not isinstance(prompt, list) or not prompt:
+        raise InputError(f"{where}: expected question/answer_a/answer_b/judgment, or prompt and completion (or chosen)")
+    verdict = read_judgment(completion, template)
+    return [{"id": str(row.get("id", where)), "order": None, "source": "file", "slot": verdict.slot,
+             "prompt": prompt, "completion": completion}]
+
+
+def sft_from_pairs(dpo_pairs: list[dict]) -> list[dict]:
+    """The no-DPO ablation's data: every DPO pair's prompt and chosen judgment (the
+    same targets as Con-J's SFT term, without the DPO term)."""
+    return [{"id": p["id"], "order": p["order"], "source": p["kind"], "prompt": p["prompt"],
+             "completion": p["chosen"]} for p in dpo_pairs]
+
+
+def write_sft_file(examples: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples), "utf-8")
+    tmp.replace(path)
+    return path
+
+
+def warmup_stats(examples: list[dict]) -> dict:
+    slots = [ex.get("slot") for ex in examples]
+    sources: dict[str, int] = {}
+    for ex in examples:
+        sources[ex["source"]] = sources.get(ex["source"], 0) + 1
+    return {"examples": len(examples), "verdict_1": slots.count(1), "verdict_2": slots.count(2),
+            "by_source": dict(sorted(sources.items()))}
