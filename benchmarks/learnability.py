@@ -1,6 +1,6 @@
 """Learnability: one Con-J round on a synthetic task teaches the tiny judge a rule.
 
-    python benchmarks/learnability.py                 # conj, swapped and no_hint variants
+    python benchmarks/learnability.py                 # conj and the controls swapped, hint_lost
     python benchmarks/learnability.py --variants conj --no-write
 
 A synthetic pairwise task with a decidable right answer (the question states a fact;
@@ -8,8 +8,9 @@ the right answer restates it, the wrong one contradicts it), a base judge that w
 the format and follows hints but judges at chance (it always picks answer 1), one Con-J
 round through the real pipeline (sample -> filter -> train), and `conj-lite eval`'s
 metrics before and after on held-out pairs (see conj_lite/synthetic.py). Two ablations
-show the check can fail: "swapped" trains on chosen/rejected swapped, "no_hint" loses
-the hint during sampling. Writes the "Learnability" section of docs/benchmarks.md and
+show the check can fail: "swapped" trains on chosen/rejected swapped, "hint_lost" loses
+the hint during sampling. (benchmarks/variants.py runs the recipe variants through the
+same check.) Writes the "Learnability" section of docs/benchmarks.md and
 docs/benchmarks/learnability.json; tests/test_learnability.py asserts the threshold
 that separates the variants.
 """
@@ -29,6 +30,7 @@ from report import machine, today, versions, write_section  # noqa: E402
 from conj_lite.synthetic import (  # noqa: E402
     AFTER_MIN,
     GAIN_MIN,
+    CONTROLS,
     RECIPE_OVERRIDES,
     VARIANTS,
     learnability_check,
@@ -39,7 +41,7 @@ from conj_lite.synthetic import (  # noqa: E402
 DESCRIPTIONS = {
     "conj": "Con-J as shipped",
     "swapped": "chosen and rejected swapped before training",
-    "no_hint": "hint lost during sampling (the reference release's bug)",
+    "hint_lost": "hint lost during sampling (the reference release's bug)",
 }
 
 
@@ -54,7 +56,7 @@ def ci(m: dict, name: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=["conj", *CONTROLS], choices=VARIANTS)
     parser.add_argument("--n-train", type=int, default=160)
     parser.add_argument("--n-test", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         pairs = f"{r['stats']['dpo_pairs']} ({kinds['repeat']} repeat, {kinds['unknown']} unknown, {kinds['hint']} hint)"
         rows.append(f"| {variant}: {DESCRIPTIONS[variant]} | {pairs} | {ci(a, 'accuracy')} | "
                     f"**{100 * r['gain']:+.1f}** | {pct(a['consistency'])} | {pct(a['position_bias'])} | "
-                    f"{r['seconds'].get('sample', 0):.0f} + {r['seconds'].get('train', 0):.0f} |")
+                    f"{r['seconds']['run'] - r['seconds']['train']:.0f} + {r['seconds']['train']:.0f} |")
     stats = first["stats"]
     hint = stats["hint_follow_rate"]
     conj = results.get("conj")
@@ -128,7 +130,7 @@ hint + 1 reversed hint per pair and order at temperature 1.0; DPO + SFT with LoR
 lr {training['learning_rate']}, {training['epochs']} epochs, batch {training['batch_size']}), then `evaluate` on
 the held-out pairs in rationale mode (the merged model; 95% bootstrap CI over pairs).
 
-| variant | DPO pairs | accuracy after | gain (points) | consistency | position bias | seconds (sample + train) |
+| variant | DPO pairs | accuracy after | gain (points) | consistency | position bias | seconds (sample etc. + train) |
 |---|---:|---:|---:|---:|---:|---:|
 | base judge (before) | – | {ci(b, 'accuracy')} | – | {pct(b['consistency'])} | {pct(b['position_bias'])} | – |
 {chr(10).join(rows)}
@@ -136,7 +138,7 @@ the held-out pairs in rationale mode (the merged model; 95% bootstrap CI over pa
 {verdict}
 
 Reading it: the base judge's repeated samples almost never disagree, so nearly all contrastive pairs come from
-hint-driven sampling; without the hint (no_hint) there is next to nothing to train on, and with the pairs
+hint-driven sampling; without the hint (hint_lost) there is next to nothing to train on, and with the pairs
 swapped the judge learns the opposite rule. The cue is deliberately one a 2-layer model can pick up: the check
 measures whether the loop carries the labels into the judge, not the judge's reasoning. The harder "wrong
 value" version of the task (`wrong="value"`: "Mira has 4 lamps." for "How many lamps does Mira have?") needs a

@@ -30,9 +30,11 @@ The check (`learnability_check`):
      on a synthetic training set;
   3. `conj_lite.evaluation.evaluate` before and after on held-out pairs (no held-out
      question occurs in training).
-Variants prove the check can fail: "swapped" trains with chosen and rejected swapped,
-"no_hint" loses the hint (the reference release's chat-template bug: the hint never
-reaches the model).
+Two controls prove the check can fail: "swapped" trains with chosen and rejected
+swapped, "hint_lost" loses the hint (the reference release's chat-template bug: the
+hint never reaches the model). Every named variant of `conj_lite.variants` (RISE,
+iterative rounds, the Con-J ablations) runs through the same check for
+benchmarks/variants.py.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .data import PreferencePair
+from .variants import VARIANTS as NAMED_VARIANTS
+from .variants import variant_overrides
 
 NAMES = ("Mira", "Tom", "Ana", "Leo", "Sara", "Ivan", "Nia", "Omar", "Kai", "Eva", "Ben", "Lin", "Raj", "Zoe",
          "Max", "Ida", "Yuki", "Paul", "Rosa", "Amir", "Lena", "Hugo", "Tara", "Finn")
@@ -264,7 +268,8 @@ def base_judge(spec: BaseJudgeSpec = BaseJudgeSpec(), *, wrong: str = "negation"
 
 # ---------------------------------------------------------------- the check
 
-VARIANTS = ("conj", "swapped", "no_hint")
+CONTROLS = ("swapped", "hint_lost")
+VARIANTS = (*NAMED_VARIANTS, *CONTROLS)
 # What the check must show (tests/test_learnability.py): the issue's +15 points, and an
 # accuracy after training that neither ablation reaches (they end near 50% or below).
 GAIN_MIN = 0.15
@@ -357,33 +362,37 @@ def learnability_check(out_dir: str | Path, *, variant: str = "conj", n_train: i
         before = judge_report(base, "before")
     seconds["eval_before"] = time.perf_counter() - start
 
+    named = "conj" if variant in CONTROLS else variant
     run = ConjRun.from_recipe(None, out / "run", [
         f"model.name_or_path={base}", f"data.path={out / 'train.jsonl'}", f"prompts.template={template_file}",
-        f"training.seed={seed}", f"sampling.seed={seed}", *RECIPE_OVERRIDES, *overrides,
+        f"training.seed={seed}", f"sampling.seed={seed}", *RECIPE_OVERRIDES, *variant_overrides(named), *overrides,
     ], console=console)
     start = time.perf_counter()
-    with hint_lost() if variant == "no_hint" else contextlib.nullcontext():
-        run.sample()
-    seconds["sample"] = time.perf_counter() - start
-    filtered = run.filter()
-    if variant == "swapped":
-        swap_pairs_file(out / "run" / "pairs.jsonl")
-    start = time.perf_counter()
-    trained = True
     try:
-        summary = run.train()
-    except InputError as exc:  # no DPO pairs at all: nothing to learn from
-        if "no DPO pairs" not in str(exc):
+        with hint_lost() if variant == "hint_lost" else contextlib.nullcontext():
+            if variant == "swapped":
+                run.sample()
+                run.filter()
+                swap_pairs_file(out / "run" / "pairs.jsonl")
+                run.train()
+            else:
+                run.run_all(export=False)
+    except InputError as exc:  # nothing to train on: the judge stays as it was
+        if "no DPO pairs" not in str(exc) and "no judgments to fine-tune" not in str(exc):
             raise
-        trained, summary = False, None
-    seconds["train"] = time.perf_counter() - start
+    seconds["run"] = time.perf_counter() - start
+    stages = run.round_summaries()
+    trained_stages = [st for st in stages if st.get("train")]
+    seconds["train"] = sum(st["train"]["seconds"] for st in trained_stages)
+    last_stats = next((st["stats"] for st in reversed(stages) if st.get("stats")), {})
     start = time.perf_counter()
+    trained = bool(trained_stages)
     if trained:
         # The merged model judges like the adapter on its base, several times faster.
         from .export import merge_adapter
 
-        merged = merge_adapter(out / "run" / "adapter", out / "run" / "merged", dtype="float32",
-                               template=str(template_file)).merged_dir
+        adapter = Path(trained_stages[-1]["dir"]) / "adapter"
+        merged = merge_adapter(adapter, out / "run" / "merged", dtype="float32", template=str(template_file)).merged_dir
         after = judge_report(merged, "after")
     else:
         after = before
@@ -400,10 +409,11 @@ def learnability_check(out_dir: str | Path, *, variant: str = "conj", n_train: i
         "before": before.metrics,
         "after": after.metrics,
         "gain": after.metrics["accuracy"] - before.metrics["accuracy"],
-        "stats": filtered.stats,
-        "train": None if summary is None else summary.to_dict(),
+        "stats": last_stats,
+        "stages": stages,
+        "train": trained_stages[-1]["train"] if trained else None,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "overrides": list(RECIPE_OVERRIDES) + list(overrides),
+        "overrides": [*RECIPE_OVERRIDES, *variant_overrides(named), *overrides],
     }
     (out / "learnability.json").write_text(json.dumps(result, indent=2) + "\n")
     result["before_report"], result["after_report"] = before, after

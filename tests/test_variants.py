@@ -1,0 +1,308 @@
+"""The recipe variants: each one really does what it says.
+
+Unit tests for the pure parts (variant overrides, the warm-up set, position
+swapping, loss terms), then each variant run through `ConjRun` on the tiny model for
+a few steps, checking what it produced: the warm-up's loss is SFT-only, round 2
+samples from the round-1 adapter, the no-hint ablation has no hint judgments, the
+verdict-only targets hold no rationale, and so on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conj_lite.config import load_recipe
+from conj_lite.data import PreferencePair
+from conj_lite.errors import InputError
+from conj_lite.filtering import build_pairs, read_judgment
+from conj_lite.config import FilterConfig
+from conj_lite.parsing import format_judgment
+from conj_lite.prompts import load_template
+from conj_lite.training import loss_terms
+from conj_lite.variants import VARIANTS, variant_overrides
+from conj_lite.warmup import (
+    read_warmup_file,
+    slot_word,
+    swap_slots,
+    warmup_from_judgments,
+    warmup_stats,
+)
+
+EN = load_template("en")
+ZH = load_template("zh")
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_every_variant_is_a_valid_recipe_and_unknown_names_fail():
+    for name in VARIANTS:
+        load_recipe(None, list(variant_overrides(name)))
+    assert variant_overrides(None) == ()
+    assert load_recipe(None, list(variant_overrides("rise"))).warmup.enabled
+    assert load_recipe(None, list(variant_overrides("iterative"))).rounds == 2
+    with pytest.raises(InputError, match="--variant 'dpo-only'"):
+        variant_overrides("dpo-only")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("rounds=-1", "rounds"),
+    ("training.objective=kto", "training.objective"),
+    ("warmup.source=judgments.csv", "warmup.source"),
+    ("warmup.max_examples=0", "warmup.max_examples"),
+])
+def test_bad_variant_switches_are_input_errors(override, match):
+    with pytest.raises(InputError, match=match):
+        load_recipe(None, [override])
+
+
+def test_loss_terms():
+    assert loss_terms("dpo+sft", 0.5) == (["sigmoid", "sft"], [1.0, 0.5])
+    assert loss_terms("dpo", 0.5) == (["sigmoid"], [1.0])
+    with pytest.raises(ValueError):
+        loss_terms("sft", 1.0)
+
+
+def test_swap_slots_exchanges_answer_numbers_in_any_case():
+    assert slot_word(EN) == "answer" and slot_word(ZH) == "回答"
+    text = "Answer 1 is wrong; answer 2 restates the fact. ANSWER 1 also rambles. Answer 12 is not a slot."
+    assert swap_slots(text, EN) == (
+        "Answer 2 is wrong; answer 1 restates the fact. ANSWER 2 also rambles. Answer 12 is not a slot.")
+    assert swap_slots(swap_slots(text, EN), EN) == text
+    assert swap_slots("回答1更准确，回答2有误。", ZH) == "回答2更准确，回答1有误。"
+
+
+def test_verdict_only_format():
+    assert format_judgment(None, 2) == '{"better_answer": 2}'
+    assert format_judgment(None, 1, verdict_key="更好的回答") == '{"更好的回答": 1}'
+    assert read_judgment(format_judgment(None, 2), EN).slot == 2
+
+
+PAIRS = [
+    PreferencePair("p1", "Is 2 even?", "Yes, 2 is even.", "No, 2 is odd.", "A"),
+    PreferencePair("p2", "Is 3 even?", "Yes, 3 is even.", "No, 3 is odd.", "B"),
+]
+
+
+def judgment_rows():
+    def row(pid, order, kind, sample, slot, why):
+        return {"id": pid, "order": order, "kind": kind, "sample": sample,
+                "text": format_judgment(why, slot), **({"hint_slot": slot} if kind != "repeat" else {})}
+
+    return [
+        row("p1", "ab", "repeat", 0, 1, "Answer 1 states the fact."),   # positive
+        row("p1", "ab", "repeat", 1, 2, "Answer 2 is shorter."),        # negative
+        row("p1", "ba", "repeat", 0, 1, "Answer 1 sounds sure."),       # negative (p1's A is answer 2 in ba)
+        row("p1", "ba", "hint_true", 0, 2, "Answer 2 is right."),  # positive
+        row("p1", "ba", "hint_reverse", 0, 1, "Answer 1 is first."),   # negative, never a warm-up example
+        row("p2", "ab", "repeat", 0, 2, "Answer 2 is right: 3 is odd."),  # positive
+    ]
+
+
+def test_warmup_from_positives_balances_positions():
+    result = build_pairs(PAIRS, judgment_rows(), EN, FilterConfig())
+    examples = warmup_from_judgments(PAIRS, result.labelled, EN)
+    stats = warmup_stats(examples)
+    # 3 positive judgments (2 repeat, 1 true hint), each also in the swapped order
+    assert stats == {"examples": 6, "verdict_1": 3, "verdict_2": 3,
+                     "by_source": {"hint_true": 1, "repeat": 2, "swapped": 3}}
+    first = next(e for e in examples if e["id"] == "p1" and e["source"] == "repeat")
+    swapped = next(e for e in examples if e["id"] == "p1" and e["source"] == "swapped" and e["order"] == "ba"
+                   and "states" in e["completion"])
+    assert json.loads(first["completion"]) == {"rationale": "Answer 1 states the fact.", "better_answer": 1}
+    assert json.loads(swapped["completion"]) == {"rationale": "Answer 2 states the fact.", "better_answer": 2}
+    # the swapped prompt shows the answers the other way round, without any hint
+    assert swapped["prompt"][-1]["content"].index("No, 2 is odd.") < swapped["prompt"][-1]["content"].index(
+        "Yes, 2 is even.")
+    assert all("Hint" not in m["content"] for e in examples for m in e["prompt"])
+    # every example is a right judgment of what its prompt shows
+    for e in examples:
+        pair = next(p for p in PAIRS if p.id == e["id"])
+        right_text = pair.answer_a if pair.label == "A" else pair.answer_b
+        user = e["prompt"][-1]["content"]
+        shown_first = user.index(right_text) < user.index(pair.answer_b if pair.label == "A" else pair.answer_a)
+        assert read_judgment(e["completion"], EN).slot == (1 if shown_first else 2)
+    assert len(warmup_from_judgments(PAIRS, result.labelled, EN, swap_positions=False)) == 3
+    # a judgment equal to another one's swapped copy (same prompt, same text) adds nothing, nor does its swap
+    duplicate = [*judgment_rows(), {"id": "p1", "order": "ba", "kind": "hint_true", "sample": 1, "hint_slot": 2,
+                                    "text": format_judgment("Answer 2 states the fact.", 2)}]
+    again = build_pairs(PAIRS, duplicate, EN, FilterConfig())
+    assert len(warmup_from_judgments(PAIRS, again.labelled, EN)) == 6
+    capped = warmup_from_judgments(PAIRS, result.labelled, EN, max_examples=1)
+    assert len(capped) == 2 and {e["slot"] for e in capped} == {1, 2}  # a judgment and its swap
+    verdicts = warmup_from_judgments(PAIRS, result.labelled, EN, rationale=False)
+    assert {e["completion"] for e in verdicts} == {'{"better_answer": 1}', '{"better_answer": 2}'}
+
+
+def test_read_warmup_file_shapes_and_errors(tmp_path):
+    path = tmp_path / "judged.jsonl"
+    rows = [
+        {"question": "Is 2 even?", "answer_a": "Yes.", "answer_b": "No.",
+         "judgment": '{"rationale": "Answer 1 is right.", "better_answer": 1}'},
+        {"prompt": "Which is better, x or y?", "completion": '{"rationale": "x", "better_answer": 1}'},
+        {"prompt": [{"role": "user", "content": "u"}], "chosen": [{"role": "assistant", "content": "Answer 2."}]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    examples = read_warmup_file(path, EN)
+    assert [e["source"] for e in examples] == ["file judgment", "swapped", "file", "file"]
+    assert json.loads(examples[1]["completion"]) == {"rationale": "Answer 2 is right.", "better_answer": 2}
+    assert examples[2]["prompt"] == [{"role": "user", "content": "Which is better, x or y?"}]
+    assert examples[3]["completion"] == "Answer 2."
+
+    bad = tmp_path / "bad.jsonl"
+    for text, match in [
+        ("{not json\n", "bad.jsonl:1: invalid JSON"),
+        (json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "judgment": "x"}) + "\n", "bad.jsonl:2: .*answer_a"),
+        (json.dumps({**rows[0], "judgment": "both are fine"}) + "\n", "bad.jsonl:1: no verdict"),
+        (json.dumps({"text": "t"}) + "\n", "bad.jsonl:1: expected"),
+        ("\n", "no warm-up judgments"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(InputError, match=match):
+            read_warmup_file(bad, EN)
+    with pytest.raises(InputError, match="not found"):
+        read_warmup_file(tmp_path / "missing.jsonl", EN)
+
+
+# ---------------------------------------------------------------- each variant on the tiny model
+
+FAST = ["data.limit=6", "sampling.n_repeats=2", "sampling.max_new_tokens=32", "export.enabled=false",
+        "training.max_steps=2", "warmup.max_steps=2", "training.save_steps=100"]
+
+
+def run_variant(tmp_path_factory, repo_root, name, *extra):
+    from conj_lite.pipeline import ConjRun
+
+    run = ConjRun.from_recipe(repo_root / "recipes" / "tiny-cpu.yaml", tmp_path_factory.mktemp(name),
+                              [*variant_overrides(name), *FAST, *extra])
+    run.run_all()
+    return run
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+def train_meta(adapter: Path) -> dict:
+    return json.loads((adapter / "conj_lite_train.json").read_text())
+
+
+def lora_weights(adapter: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def conj_run(tmp_path_factory, repo_root, tiny_model_dir):
+    return run_variant(tmp_path_factory, repo_root, "conj")
+
+
+@pytest.mark.slow
+def test_rise_warms_up_with_sft_only_then_continues_from_it(tmp_path_factory, repo_root, tiny_model_dir):
+    run = run_variant(tmp_path_factory, repo_root, "rise")
+    out = run.out_dir
+    warm = train_meta(out / "warmup" / "adapter")
+    assert warm["objective"] == "sft" and warm["init_adapter"] is None
+    assert warm["history"] and all("rewards/margins" not in h for h in warm["history"])  # no DPO term
+    assert "token_accuracy" in warm["summary"]["after"]
+    sft = read_jsonl(out / "warmup" / "sft.jsonl")
+    assert sft and sum(e["slot"] == 1 for e in sft) == sum(e["slot"] == 2 for e in sft)  # positions swapped
+    positives = sum(1 for e in sft if e["source"] != "swapped")
+    assert positives == sum(1 for e in sft if e["source"] == "swapped")
+    # stage 2 samples from the warmed-up model and continues its adapter with DPO + SFT
+    assert json.loads((out / "sampled_from.json").read_text())["adapter"] == str(out / "warmup" / "adapter")
+    stage2 = train_meta(out / "adapter")
+    assert stage2["objective"] == "dpo+sft" and stage2["init_adapter"] == str(out / "warmup" / "adapter")
+    assert "rewards/margins" in stage2["history"][0]
+    assert [s["stage"] for s in json.loads((out / "rounds.json").read_text())] == ["warm-up", "round 1"]
+
+
+@pytest.mark.slow
+def test_rise_warmup_from_a_users_judgment_file(tmp_path_factory, repo_root, tiny_model_dir, tmp_path):
+    path = tmp_path / "judged.jsonl"
+    path.write_text(json.dumps({"question": "Is 2 even?", "answer_a": "Yes.", "answer_b": "No.",
+                                "judgment": '{"rationale": "Answer 1 is right.", "better_answer": 1}'}) + "\n")
+    run = run_variant(tmp_path_factory, repo_root, "conj", f"warmup.source={path}")
+    out = run.out_dir
+    assert not (out / "warmup" / "judgments.jsonl").exists()  # nothing sampled for the warm-up
+    assert len(read_jsonl(out / "warmup" / "sft.jsonl")) == 2
+    assert train_meta(out / "adapter")["init_adapter"] == str(out / "warmup" / "adapter")
+
+
+@pytest.mark.slow
+def test_iterative_round_2_samples_from_the_round_1_adapter(tmp_path_factory, repo_root, tiny_model_dir, conj_run):
+    run = run_variant(tmp_path_factory, repo_root, "iterative")
+    out, round1, round2 = run.out_dir, run.out_dir / "adapter", run.out_dir / "round-2" / "adapter"
+    assert run.final_adapter() == round2
+    assert json.loads((out / "round-2" / "sampled_from.json").read_text())["adapter"] == str(round1)
+    assert train_meta(round2)["init_adapter"] == str(round1)
+    # Sampling is deterministic (same seed, prompts and plan): round 1 samples exactly
+    # like the one-round Con-J run, so any round-2 text that differs was written by
+    # another model (two training steps move only a few samples).
+    first = {(r["id"], r["order"], r["kind"], r["sample"]): r["text"] for r in read_jsonl(out / "judgments.jsonl")}
+    conj = {(r["id"], r["order"], r["kind"], r["sample"]): r["text"]
+            for r in read_jsonl(conj_run.out_dir / "judgments.jsonl")}
+    second = {(r["id"], r["order"], r["kind"], r["sample"]): r["text"]
+              for r in read_jsonl(out / "round-2" / "judgments.jsonl")}
+    assert first == conj and first.keys() == second.keys()
+    assert any(first[k] != second[k] for k in first)
+    # round 2 continued round 1's LoRA weights instead of starting from zero
+    w1, w2 = lora_weights(round1), lora_weights(round2)
+    assert w1.keys() == w2.keys()
+    moved = max(float((w2[k] - w1[k]).abs().max()) for k in w1)
+    assert 0 < moved < max(float(w1[k].abs().max()) for k in w1 if "lora_B" in k)
+    stages = json.loads((out / "rounds.json").read_text())
+    assert [s["stage"] for s in stages] == ["round 1", "round 2"] and all("stats" in s for s in stages)
+
+
+@pytest.mark.slow
+def test_no_hint_ablation_samples_no_hint_judgments(tmp_path_factory, repo_root, tiny_model_dir, conj_run):
+    run = run_variant(tmp_path_factory, repo_root, "no_hint", "sampling.n_repeats=4")
+    kinds = {r["kind"] for r in read_jsonl(run.out_dir / "judgments.jsonl")}
+    assert kinds == {"repeat"}
+    assert {r["kind"] for r in read_jsonl(conj_run.out_dir / "judgments.jsonl")} == {
+        "repeat", "hint_true", "hint_reverse"}
+    assert all(p["kind"] != "hint" for p in read_jsonl(run.out_dir / "pairs.jsonl"))
+
+
+@pytest.mark.slow
+def test_no_dpo_ablation_is_sft_on_the_chosen_judgments(tmp_path_factory, repo_root, tiny_model_dir):
+    run = run_variant(tmp_path_factory, repo_root, "no_dpo")
+    pairs = read_jsonl(run.out_dir / "pairs.jsonl")
+    sft = read_jsonl(run.out_dir / "sft.jsonl")
+    assert [(e["prompt"], e["completion"]) for e in sft] == [(p["prompt"], p["chosen"]) for p in pairs]
+    meta = train_meta(run.out_dir / "adapter")
+    assert meta["objective"] == "sft" and all("rewards/margins" not in h for h in meta["history"])
+
+
+@pytest.mark.slow
+def test_no_sft_ablation_trains_on_the_dpo_term_alone(tmp_path_factory, repo_root, tiny_model_dir, conj_run):
+    import math
+
+    run = run_variant(tmp_path_factory, repo_root, "no_sft")
+    before = train_meta(run.out_dir / "adapter")["summary"]["before"]
+    conj_before = train_meta(conj_run.out_dir / "adapter")["summary"]["before"]
+    # Before training the policy is its reference: the DPO loss is log 2 exactly, and
+    # only Con-J adds the SFT term (the chosen judgments' NLL) on top.
+    assert before["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert conj_before["loss"] > math.log(2) + 0.1
+
+
+@pytest.mark.slow
+def test_verdict_only_targets_hold_no_rationale(tmp_path_factory, repo_root, tiny_model_dir):
+    run = run_variant(tmp_path_factory, repo_root, "verdict_only")
+    pairs = read_jsonl(run.out_dir / "pairs.jsonl")
+    assert pairs and {p["kind"] for p in pairs} <= {"repeat", "hint"}
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            assert list(json.loads(p[side])) == ["better_answer"], p[side]
+
+
+@pytest.mark.slow
+def test_untrained_judge_samples_and_trains_nothing(tmp_path_factory, repo_root, tiny_model_dir):
+    run = run_variant(tmp_path_factory, repo_root, "untrained")
+    assert run.final_adapter() is None
+    assert not (run.out_dir / "judgments.jsonl").exists() and not (run.out_dir / "adapter").exists()
