@@ -302,7 +302,12 @@ def test_verdict_only_targets_hold_no_rationale(tmp_path_factory, repo_root, tin
 
 
 @pytest.mark.slow
-def test_untrained_judge_samples_and_trains_nothing(tmp_path_factory, repo_root, tiny_model_dir):
-    run = run_variant(tmp_path_factory, repo_root, "untrained")
+def test_untrained_judge_samples_and_trains_nothing_and_exports_the_base(tmp_path_factory, repo_root,
+                                                                         tiny_model_dir):
+    from conj_lite.judge import read_gguf_metadata
+
+    run = run_variant(tmp_path_factory, repo_root, "untrained", "export.enabled=true", "export.quant_types=[]")
     assert run.final_adapter() is None
     assert not (run.out_dir / "judgments.jsonl").exists() and not (run.out_dir / "adapter").exists()
+    gguf = run.out_dir / "gguf" / "judge-f16.gguf"
+    assert gguf.is_file() and read_gguf_metadata(gguf)
