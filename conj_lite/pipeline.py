@@ -155,13 +155,17 @@ class ConjRun:
         return self._sample(self.round_dir(round), self.policy(round), f"round {round}")
 
     def _sample(self, work: Path, adapter: Path | None, label: str):
-        from .sampling import JudgmentFile, plan_requests, row_key
+        from .sampling import JudgmentFile, load_too_long, plan_requests, row_key
 
         work.mkdir(parents=True, exist_ok=True)
         path = work / JUDGMENTS
         pairs = self.data().pairs
         done = {row_key(r) for r in JudgmentFile(path).load()}
-        if not plan_requests(pairs, self.template, self.recipe.sampling, done):
+        max_prompt_tokens = self.recipe.model.max_seq_length - self.recipe.sampling.max_new_tokens
+        if max_prompt_tokens < 1:
+            raise InputError(f"sampling.max_new_tokens ({self.recipe.sampling.max_new_tokens}) leaves no room for a "
+                             f"prompt in model.max_seq_length ({self.recipe.model.max_seq_length})")
+        if not plan_requests(pairs, self.template, self.recipe.sampling, done, load_too_long(path)):
             self.console.print(f"sample ({label}): {len(done)} judgments already in {path}, skipping")
             return None
         if adapter is not None and not (adapter / "adapter_config.json").is_file():
@@ -176,7 +180,8 @@ class ConjRun:
         model, tokenizer = load_for_sampling(base, self.recipe.model, runtime, adapter=adapter)
         source = f"{base} + {adapter}" if adapter else base
         self.console.print(f"sample ({label}): from {source}", highlight=False)
-        summary = sample_judgments(model, tokenizer, pairs, self.template, self.recipe.sampling, path, self.console)
+        summary = sample_judgments(model, tokenizer, pairs, self.template, self.recipe.sampling, path, self.console,
+                                   max_prompt_tokens=max_prompt_tokens)
         self.console.print(
             f"sample ({label}): {summary.generated} new judgments in {summary.seconds:.1f}s "
             f"({summary.per_second:.2f}/s), {summary.total} in {path}"

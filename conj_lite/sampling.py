@@ -50,8 +50,10 @@ class Request:
         return judgment_key(self.pair_id, self.order, self.kind, sample)
 
 
-def plan_requests(pairs, template: JudgeTemplate, cfg: SamplingConfig, done: set[str] = frozenset()) -> list[Request]:
-    """Every prompt of the Con-J sampling plan, minus the judgments already in `done`.
+def plan_requests(pairs, template: JudgeTemplate, cfg: SamplingConfig, done: set[str] = frozenset(),
+                  skip: set[tuple[str, str]] = frozenset()) -> list[Request]:
+    """Every prompt of the Con-J sampling plan, minus the judgments already in `done`
+    and the (pair id, order) examples in `skip` (prompts too long to train on).
 
     Ties are skipped: a judgment can only be right or wrong against a label."""
     orders = ("ab", "ba") if cfg.both_orders else ("ab",)
@@ -63,6 +65,8 @@ def plan_requests(pairs, template: JudgeTemplate, cfg: SamplingConfig, done: set
         if pair.label not in ("A", "B"):
             continue
         for order in orders:
+            if (pair.id, order) in skip:
+                continue
             answer_1, answer_2 = ordered_answers(pair.answer_a, pair.answer_b, order)
             messages = build_messages(template, pair.question, answer_1, answer_2)
             right = true_slot(pair.label, order)
@@ -181,20 +185,50 @@ def generate(model, tokenizer, prompts: list[str], n: int, cfg: SamplingConfig, 
     return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
+TOO_LONG = "too_long.json"
+
+
+def too_long_path(out_path) -> Path:
+    return Path(out_path).with_name(TOO_LONG)
+
+
+def load_too_long(out_path) -> set[tuple[str, str]]:
+    """The (pair id, order) examples an earlier run left out as too long."""
+    path = too_long_path(out_path)
+    if not path.is_file():
+        return set()
+    return {(row["id"], row["order"]) for row in json.loads(path.read_text("utf-8"))["examples"]}
+
+
+def over_length(requests: list[Request], lengths: list[int], max_prompt_tokens: int | None) -> set[tuple[str, str]]:
+    """(pair id, order) of every request whose prompt leaves no room for a whole
+    judgment: prompt tokens > max_prompt_tokens. One long request removes its example
+    (every kind), so the example's DPO pairs are never built from half of its samples."""
+    if max_prompt_tokens is None:
+        return set()
+    return {(r.pair_id, r.order) for r, n in zip(requests, lengths) if n > max_prompt_tokens}
+
+
 @dataclass
 class SampleSummary:
     path: Path
     total: int
     generated: int
     seconds: float
+    too_long: int = 0
 
     @property
     def per_second(self) -> float:
         return self.generated / self.seconds if self.seconds else 0.0
 
 
-def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: SamplingConfig, out_path, console=None) -> SampleSummary:
-    """Run the whole sampling plan into `out_path`, skipping what is already there."""
+def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: SamplingConfig, out_path, console=None,
+                     max_prompt_tokens: int | None = None) -> SampleSummary:
+    """Run the whole sampling plan into `out_path`, skipping what is already there.
+
+    With `max_prompt_tokens` (model.max_seq_length - sampling.max_new_tokens), examples
+    whose prompt is longer are left out, with a warning, and listed in too_long.json
+    next to `out_path`: training would truncate their judgments away."""
     import torch
 
     from .filtering import read_judgment
@@ -202,10 +236,26 @@ def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: Samp
 
     store = JudgmentFile(out_path)
     done = {row_key(r) for r in store.load()}
-    requests = split_requests(plan_requests(pairs, template, cfg, done), max(1, cfg.batch_size))
-    total = len(done) + sum(len(r.samples) for r in requests)
+    skip = load_too_long(out_path)
+    requests = split_requests(plan_requests(pairs, template, cfg, done, skip), max(1, cfg.batch_size))
     prompts = [render_prompt(tokenizer, r.messages, r.prefix) for r in requests]
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    too_long = over_length(requests, lengths, max_prompt_tokens)
+    if too_long:
+        skip |= too_long
+        rows = [{"id": i, "order": o} for i, o in sorted(skip)]
+        too_long_path(out_path).write_text(json.dumps({"max_prompt_tokens": max_prompt_tokens, "examples": rows},
+                                                      indent=1), "utf-8")
+        if console is not None:
+            console.print(
+                f"[yellow]warning:[/] {len(too_long)} examples (pair x order) have prompts longer than "
+                f"{max_prompt_tokens} tokens (model.max_seq_length - sampling.max_new_tokens) and are left out; "
+                f"listed in {too_long_path(out_path)}. Raise model.max_seq_length to keep them.",
+                highlight=False,
+            )
+        keep = [i for i, r in enumerate(requests) if (r.pair_id, r.order) not in too_long]
+        requests, prompts, lengths = [requests[i] for i in keep], [prompts[i] for i in keep], [lengths[i] for i in keep]
+    total = len(done) + sum(len(r.samples) for r in requests)
     batches = make_batches(requests, lengths, max(1, cfg.batch_size))
     torch.manual_seed(cfg.seed + len(done))
     start, generated = time.perf_counter(), 0
@@ -235,4 +285,4 @@ def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: Samp
             store.append(rows)
             generated += len(rows)
             progress.update(task, advance=len(rows))
-    return SampleSummary(Path(out_path), total, generated, time.perf_counter() - start)
+    return SampleSummary(Path(out_path), total, generated, time.perf_counter() - start, len(too_long))

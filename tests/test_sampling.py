@@ -444,3 +444,38 @@ def test_killed_sampling_resumes_without_loss_or_duplicates(tiny, tiny_model_dir
     assert final[: len(before)] == before  # what survived the kill is kept as it was
     assert all(set(r) == ROW_FIELDS for r in final)
     assert sample_judgments(model, tokenizer, pairs, EN, cfg, out).generated == 0
+
+
+def test_plan_requests_leaves_out_skipped_examples():
+    cfg = SamplingConfig(n_repeats=1, hint_samples=1)
+    skip = {(PAIRS[0].id, "ba")}
+    requests = plan_requests(PAIRS, EN, cfg, skip=skip)
+    assert {(r.pair_id, r.order) for r in requests} == {(r.pair_id, r.order) for r in plan_requests(PAIRS, EN, cfg)} - skip
+
+
+@pytest.mark.slow
+def test_prompts_too_long_to_train_on_are_left_out_and_listed(tiny, sample_pairs, tmp_path):
+    from conj_lite.sampling import load_too_long, sample_judgments
+
+    model, tokenizer = tiny
+    pairs = [p for p in sample_pairs if p.label in ("A", "B")][:4]
+
+    def plain_length(pair, order):
+        messages = build_messages(EN, pair.question, *ordered_answers(pair.answer_a, pair.answer_b, order))
+        return len(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids)
+
+    lengths = sorted(plain_length(p, o) for p in pairs for o in ("ab", "ba"))
+    limit = lengths[len(lengths) // 2]  # about half of the plain prompts fit; hinted ones are a little longer
+    cfg = SamplingConfig(n_repeats=1, max_new_tokens=8, batch_size=8, repetition_penalty=1.0)
+    out = tmp_path / "judgments.jsonl"
+    summary = sample_judgments(model, tokenizer, pairs, EN, cfg, out, max_prompt_tokens=limit)
+    skipped = load_too_long(out)
+    long_plain = {(p.id, o) for p in pairs for o in ("ab", "ba") if plain_length(p, o) > limit}
+    assert long_plain <= skipped and summary.too_long == len(skipped) < 8
+    rows = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+    assert rows and all((r["id"], r["order"]) not in skipped for r in rows)
+    # every example that was kept has all of its kinds (repeat, true hint, reversed hint)
+    assert Counter((r["id"], r["order"]) for r in rows) == {k: 3 for k in {(r["id"], r["order"]) for r in rows}}
+    # a rerun neither samples them nor counts them as missing
+    again = sample_judgments(model, tokenizer, pairs, EN, cfg, out, max_prompt_tokens=limit)
+    assert (again.generated, again.too_long) == (0, 0)
