@@ -311,3 +311,19 @@ def test_untrained_judge_samples_and_trains_nothing_and_exports_the_base(tmp_pat
     assert not (run.out_dir / "judgments.jsonl").exists() and not (run.out_dir / "adapter").exists()
     gguf = run.out_dir / "gguf" / "judge-f16.gguf"
     assert gguf.is_file() and read_gguf_metadata(gguf)
+
+
+def test_cli_variant_and_round_errors(tmp_path, repo_root, capsys):
+    from conj_lite.cli import main
+
+    recipe = str(repo_root / "recipes" / "tiny-cpu.yaml")
+    assert main(["run", recipe, "--out", str(tmp_path / "a"), "--variant", "bogus"]) == 2
+    captured = capsys.readouterr()
+    assert "--variant 'bogus'" in captured.err + captured.out
+    assert main(["train", "--recipe", recipe, "--out", str(tmp_path / "b"), "--round", "2"]) == 2
+    captured = capsys.readouterr()
+    assert "rounds 1..1" in captured.err + captured.out
+    assert main(["train", "--recipe", recipe, "--out", str(tmp_path / "b"), "--round", "3", "rounds=2"]) == 2
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr()
+    assert all(name in out.out + out.err for name in VARIANTS)
