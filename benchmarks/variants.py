@@ -14,6 +14,7 @@ training time, as the mean and the spread over the seeds.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -36,6 +37,13 @@ def spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
         return f"{mean:.{digits}f}"
     sd = statistics.stdev(xs)
     return f"{mean:.{digits}f} ± {sd:.{digits}f} [{min(xs):.{digits}f}–{max(xs):.{digits}f}]"
+
+
+def median_range(values: list[float], digits: int = 0) -> str:
+    """median [min–max]: training times on a shared machine have outliers."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -66,7 +74,12 @@ def main(argv=None) -> int:
     parser.add_argument("--n-test", type=int, default=60)
     parser.add_argument("--work", help="working directory (default: a temporary one)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the docs section from a raw results file")
     args = parser.parse_args(argv)
+    if args.render:
+        raw = json.loads(Path(args.render).read_text())
+        print(f"wrote {write_section(TITLE, render(raw), raw, 'variants.json')}")
+        return 0
 
     import torch
 
@@ -87,44 +100,50 @@ def main(argv=None) -> int:
             runs[variant].append(result)
             print(f"seed {seed} {variant}: accuracy {100 * result['before']['accuracy']:.1f}% -> "
                   f"{100 * result['after']['accuracy']:.1f}%, train {result['seconds']['train']:.1f}s", flush=True)
-    total = time.perf_counter() - start
-    summary = {v: summarise(rs) for v, rs in runs.items()}
-    for v, s in summary.items():
+    raw = {"date": today(), "machine": machine(), "versions": versions("torch", "transformers", "trl", "peft"),
+           "args": vars(args), "seconds": time.perf_counter() - start,
+           "summary": {v: summarise(rs) for v, rs in runs.items()}, "before": befores, "runs": runs}
+    for v, s in raw["summary"].items():
         print(f"{v:13s} accuracy {spread(s['accuracy'])}  consistency {spread(s['consistency'])}  "
-              f"train s {spread(s['train_seconds'], 1.0)}")
-    if args.no_write:
-        return 0
+              f"train s {median_range(s['train_seconds'])}")
+    if not args.no_write:
+        print(f"wrote {write_section(TITLE, render(raw), raw, 'variants.json')}")
+    return 0
 
+
+TITLE = "Recipe variants on the learnability task"
+
+
+def render(raw: dict) -> str:
+    """The docs section from the raw results."""
+    args, befores, summary = raw["args"], raw["before"], raw["summary"]
     rows = [f"| base judge (before training) | {spread([b['accuracy'] for b in befores])} | "
             f"{spread([b['consistency'] for b in befores])} | {spread([b['unparseable_rate'] for b in befores])} | "
             f"{spread([b['position_bias'] for b in befores])} | – | – |"]
     for v, s in summary.items():
         rows.append(f"| `{v}`: {VARIANTS[v].summary} | {spread(s['accuracy'])} | {spread(s['consistency'])} | "
                     f"{spread(s['unparseable_rate'])} | {spread(s['position_bias'])} | "
-                    f"{spread(s['train_seconds'], 1.0, 0)} | {statistics.fmean(s['steps']):.0f} |")
+                    f"{median_range(s['train_seconds'])} | {statistics.fmean(s['steps']):.0f} |")
     training = {k.split("=")[0].split(".")[1]: k.split("=")[1] for k in RECIPE_OVERRIDES if k.startswith("training.")}
-    body = f"""
-Date: {today()}. Machine: {machine()}. Versions: {versions('torch', 'transformers', 'trl', 'peft')}.
-Command: `python benchmarks/variants.py` ({total / 60:.1f} minutes: {len(args.variants)} variants ×
-{len(args.seeds)} seeds {args.seeds}).
+    return f"""
+Date: {raw['date']}. Machine: {raw['machine']}. Versions: {raw.get('versions') or versions('torch', 'transformers', 'trl', 'peft')}.
+Command: `python benchmarks/variants.py` ({raw['seconds'] / 60:.1f} minutes: {len(args['variants'])} variants ×
+{len(args['seeds'])} seeds {args['seeds']}).
 
 Every variant is `conj-lite run --variant NAME` (the overrides in `conj_lite/variants.py`) on the learnability
-task of the section above: the same position-biased base judge (50%, always answer 1), {args.n_train} synthetic
-training pairs and {args.n_test} held-out pairs per seed (the seed also drives sampling and training), the same
+task of the section above: the same position-biased base judge (50%, always answer 1), {args['n_train']} synthetic
+training pairs and {args['n_test']} held-out pairs per seed (the seed also drives sampling and training), the same
 budget per training stage (`synthetic.RECIPE_OVERRIDES`: LoRA r={training['lora_r']}, lr
 {training['learning_rate']}, {training['epochs']} epochs, batch {training['batch_size']}; RISE adds a one-epoch
 SFT warm-up, `iterative` a second round). Held-out figures in percent, as mean ± standard deviation
-[min–max] over the seeds; training time in seconds on 2 CPU cores (summed over a variant's training stages).
+[min–max] over the seeds; training time in seconds on 2 CPU cores, median [min–max] over the seeds, summed
+over a variant's training stages (the machine was shared with test runs part of the time: the maxima are
+inflated, compare medians).
 
 | variant | held-out accuracy | consistency | unparseable | position bias | train s | steps |
 |---|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 """
-    raw = {"date": today(), "machine": machine(), "args": vars(args), "seconds": total, "summary": summary,
-           "before": befores, "runs": runs}
-    path = write_section("Recipe variants on the learnability task", body, raw, "variants.json")
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

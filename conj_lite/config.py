@@ -86,6 +86,8 @@ class FilterConfig:
     unknown_pair: bool = opt(True, "add one (positive, malformed) pair when both exist")
     hint_pair: bool = opt(True, "add one (true-hint positive, reversed-hint negative) pair")
     rationale: bool = opt(True, "keep the rationale in training targets; false: verdict-only judgments (ablation)")
+    well_formed_chosen: bool = opt(True, "use only judgments read from a whole JSON object as chosen targets "
+                                   "(a verdict recovered from broken text still counts in the statistics)")
     max_rationale_chars: int = opt(2000, "cap over-long rationales to this many characters")
     seed: int = opt(0, "seed for choosing among candidates")
 

@@ -12,7 +12,8 @@ With `rationale: false` (the verdict-only ablation) every target is the verdict 
 and the (positive, unknown) pair is left out.
 
 Every DPO pair's prompt is the plain judge prompt, without the hint, in the same
-order: the model learns to reach the right verdict without being told.
+order: the model learns to reach the right verdict without being told. Only a
+well-formed positive (read from a whole JSON object) is used as a chosen judgment.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from .prompts import JudgeTemplate, build_messages, ordered_answers, true_slot
 
 POSITIVE, NEGATIVE, UNKNOWN = "positive", "negative", "unknown"
 PAIR_KINDS = ("repeat", "unknown", "hint")
+# A chosen judgment is a demonstration: it must have been read from a whole JSON
+# object. A verdict recovered from broken text (key_value, bracket) still counts as
+# positive, but its "rationale" may hold fragments of JSON.
+WELL_FORMED = ("json", "fenced_json", "embedded_json")
+
+
+def can_be_chosen(item: "Labelled", cfg: FilterConfig) -> bool:
+    return item.status == POSITIVE and (not cfg.well_formed_chosen or item.verdict.method in WELL_FORMED)
 
 
 def read_judgment(text: str, template: JudgeTemplate) -> Verdict:
@@ -114,7 +123,7 @@ def build_pairs(pairs, judgments: list[dict], template: JudgeTemplate, cfg: Filt
 
     for (pair_id, order), kinds in sorted(groups.items()):
         repeats = sorted(kinds.get("repeat", []), key=lambda x: x.row["sample"])
-        pos = [x for x in repeats if x.status == POSITIVE]
+        pos = [x for x in repeats if can_be_chosen(x, cfg)]
         neg = [x for x in repeats if x.status == NEGATIVE]
         unk = [x for x in repeats if x.status == UNKNOWN]
         rng.shuffle(pos)
@@ -128,7 +137,7 @@ def build_pairs(pairs, judgments: list[dict], template: JudgeTemplate, cfg: Filt
         if cfg.unknown_pair and cfg.rationale and pos and unk:
             emit("unknown", pair_id, order, pos[-1], unk[0])
         if cfg.hint_pair:
-            hint_pos = [x for x in kinds.get("hint_true", []) if x.status == POSITIVE]
+            hint_pos = [x for x in kinds.get("hint_true", []) if can_be_chosen(x, cfg)]
             hint_neg = [x for x in kinds.get("hint_reverse", []) if x.status == NEGATIVE]
             if hint_pos and hint_neg:
                 emit("hint", pair_id, order, hint_pos[0], hint_neg[0])

@@ -4,8 +4,9 @@ RISE ("Improve LLM-as-a-Judge Ability as a General Ability") first fine-tunes th
 judge on correct judgments, then runs preference optimisation on pairs sampled from
 the warmed-up model. Here the correct judgments come from
 
-  positives  the base model's own positive judgments (plain and true-hint samples,
-             the hint itself left out of the prompt, as in Con-J's pairs), or
+  positives  the base model's own well-formed positive judgments (plain and
+             true-hint samples, the hint itself left out of the prompt, as in Con-J's
+             pairs), or
   a file     judgments the user brings: rows with question, answer_a, answer_b and a
              judgment text (judging answer_a as answer 1), or ready rows with a
              prompt and a completion (or chosen) text.
@@ -24,7 +25,7 @@ import re
 from pathlib import Path
 
 from .errors import InputError
-from .filtering import POSITIVE, Labelled, clean_judgment, read_judgment
+from .filtering import POSITIVE, WELL_FORMED, Labelled, clean_judgment, read_judgment
 from .parsing import Verdict
 from .prompts import JudgeTemplate, build_messages, ordered_answers
 
@@ -100,7 +101,7 @@ def warmup_from_judgments(pairs, labelled: list[Labelled], template: JudgeTempla
     by_id = {p.id: p for p in pairs}
     groups = []
     for item in labelled:
-        if item.status != POSITIVE or item.row["kind"] not in WARMUP_KINDS:
+        if item.status != POSITIVE or item.verdict.method not in WELL_FORMED or item.row["kind"] not in WARMUP_KINDS:
             continue
         pair = by_id[item.row["id"]]
         groups.append(judged_examples(pair.id, pair.question, pair.answer_a, pair.answer_b, item.row["order"],

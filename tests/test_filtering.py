@@ -362,3 +362,21 @@ def test_judgment_stats_empty():
     assert stats["unknown_rate"] is None and stats["base_agreement"] is None
     assert stats["hint_follow_rate"] == {} and stats["examples_without_pair"] == 0
     assert stats["dpo_pairs_by_kind"] == {"repeat": 0, "unknown": 0, "hint": 0}
+
+
+def test_a_verdict_recovered_from_broken_text_is_never_a_chosen_target():
+    # Real output of a half-trained judge after a hint: the verdict reads, the "rationale" is debris.
+    broken = '{"rationale":ider is correct.", "Answer 2 is wrong.", "better_answer": 1}'
+    assert read_judgment(broken, EN).slot == 1 and read_judgment(broken, EN).method not in ("json", "embedded_json")
+    rows = repeats("p1", "ab", [broken, verdict_json(2)]) + [
+        row("p1", "ab", "hint_true", 0, broken),
+        row("p1", "ab", "hint_reverse", 0, verdict_json(2)),
+    ]
+    strict = build_pairs(PAIRS, rows, EN, FilterConfig())
+    assert strict.pairs == []  # both positives are broken: no demonstration to learn from
+    assert strict.stats["base_agreement"] == 0.5  # but they still count as agreeing with the label
+    loose = build_pairs(PAIRS, rows, EN, FilterConfig(well_formed_chosen=False))
+    assert {p["kind"] for p in loose.pairs} == {"repeat", "hint"}
+    # a fenced or embedded JSON object is well formed
+    ok = build_pairs(PAIRS, repeats("p1", "ab", [fenced(1), verdict_json(2)]), EN, FilterConfig())
+    assert len(ok.pairs) == 1

@@ -132,6 +132,11 @@ def test_warmup_from_positives_balances_positions():
     assert len(warmup_from_judgments(PAIRS, again.labelled, EN)) == 6
     capped = warmup_from_judgments(PAIRS, result.labelled, EN, max_examples=1)
     assert len(capped) == 2 and {e["slot"] for e in capped} == {1, 2}  # a judgment and its swap
+    broken = [*judgment_rows(), {"id": "p2", "order": "ba", "kind": "repeat", "sample": 1,
+                                 "text": '{"rationale":ider is right.", "x", "better_answer": 1}'}]
+    with_broken = build_pairs(PAIRS, broken, EN, FilterConfig())
+    assert with_broken.labelled[-1].status == "positive"  # positive, yet no demonstration
+    assert len(warmup_from_judgments(PAIRS, with_broken.labelled, EN)) == 6
     verdicts = warmup_from_judgments(PAIRS, result.labelled, EN, rationale=False)
     assert {e["completion"] for e in verdicts} == {'{"better_answer": 1}', '{"better_answer": 2}'}
 
