@@ -1,6 +1,6 @@
 """Recipe variants on the learnability task: Con-J, RISE, iterative rounds, the ablations.
 
-    python benchmarks/variants.py                       # every variant, seeds 0 1 2
+    python benchmarks/variants.py                       # every variant, seeds 0 to 4
     python benchmarks/variants.py --variants conj rise --seeds 0 --no-write
 
 Every variant of `conj_lite.variants` runs the learnability check of
@@ -69,15 +69,16 @@ def summarise(runs: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--n-train", type=int, default=160)
     parser.add_argument("--n-test", type=int, default=60)
     parser.add_argument("--work", help="working directory (default: a temporary one)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    parser.add_argument("--render", metavar="JSON", help="only rewrite the docs section from a raw results file")
+    parser.add_argument("--render", nargs="+", metavar="JSON",
+                        help="only rewrite the docs section from raw results files (several: runs of other seeds, merged)")
     args = parser.parse_args(argv)
     if args.render:
-        raw = json.loads(Path(args.render).read_text())
+        raw = merge_raw([json.loads(Path(path).read_text()) for path in args.render])
         print(f"wrote {write_section(TITLE, render(raw), raw, 'variants.json')}")
         return 0
 
@@ -114,6 +115,29 @@ def main(argv=None) -> int:
 TITLE = "Recipe variants on the learnability task"
 
 
+def merge_raw(raws: list[dict]) -> dict:
+    """One raw result from runs of different seeds (same variants and sizes)."""
+    if len(raws) == 1:
+        return raws[0]
+    first = raws[0]
+    variants = first["args"]["variants"]
+    for raw in raws[1:]:
+        same = {k: raw["args"][k] for k in ("variants", "n_train", "n_test")}
+        if same != {k: first["args"][k] for k in ("variants", "n_train", "n_test")}:
+            raise SystemExit("--render: the files differ in variants or sizes; they cannot be merged")
+    runs = {v: [r for raw in raws for r in raw["runs"][v]] for v in variants}
+    return {
+        **first,
+        "date": max(raw["date"] for raw in raws),
+        "args": {**first["args"], "seeds": [s for raw in raws for s in raw["args"]["seeds"]]},
+        "invocations": len(raws),
+        "seconds": sum(raw["seconds"] for raw in raws),
+        "summary": {v: summarise(rs) for v, rs in runs.items()},
+        "before": [b for raw in raws for b in raw["before"]],
+        "runs": runs,
+    }
+
+
 def render(raw: dict) -> str:
     """The docs section from the raw results."""
     args, befores, summary = raw["args"], raw["before"], raw["summary"]
@@ -125,10 +149,16 @@ def render(raw: dict) -> str:
                     f"{spread(s['unparseable_rate'])} | {spread(s['position_bias'])} | "
                     f"{median_range(s['train_seconds'])} | {statistics.fmean(s['steps']):.0f} |")
     training = {k.split("=")[0].split(".")[1]: k.split("=")[1] for k in RECIPE_OVERRIDES if k.startswith("training.")}
+    n = raw.get("invocations", 1)
+    invocations = f", run as {n} invocations over the seeds and merged with `--render`" if n > 1 else ""
+    per_seed = "\n".join(
+        f"| `{v}` | " + " | ".join(f"{100 * r['after']['accuracy']:.1f}" for r in raw["runs"][v]) + " |"
+        for v in summary)
+    seed_header = " | ".join(f"seed {seed}" for seed in args["seeds"])
     return f"""
 Date: {raw['date']}. Machine: {raw['machine']}. Versions: {raw.get('versions') or versions('torch', 'transformers', 'trl', 'peft')}.
-Command: `python benchmarks/variants.py` ({raw['seconds'] / 60:.1f} minutes: {len(args['variants'])} variants ×
-{len(args['seeds'])} seeds {args['seeds']}).
+Command: `python benchmarks/variants.py --seeds {' '.join(map(str, args['seeds']))}` ({raw['seconds'] / 60:.1f} minutes:
+{len(args['variants'])} variants × {len(args['seeds'])} seeds{invocations}).
 
 Every variant is `conj-lite run --variant NAME` (the overrides in `conj_lite/variants.py`) on the learnability
 task of the section above: the same position-biased base judge (50%, always answer 1), {args['n_train']} synthetic
@@ -137,12 +167,17 @@ budget per training stage (`synthetic.RECIPE_OVERRIDES`: LoRA r={training['lora_
 {training['learning_rate']}, {training['epochs']} epochs, batch {training['batch_size']}; RISE adds a one-epoch
 SFT warm-up, `iterative` a second round). Held-out figures in percent, as mean ± standard deviation
 [min–max] over the seeds; training time in seconds on 2 CPU cores, median [min–max] over the seeds, summed
-over a variant's training stages (the machine was shared with test runs part of the time: the maxima are
-inflated, compare medians).
+over a variant's training stages; steps: mean over the seeds, all stages.
 
 | variant | held-out accuracy | consistency | unparseable | position bias | train s | steps |
 |---|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
+
+Held-out accuracy per seed:
+
+| variant | {seed_header} |
+|---|{'---:|' * len(args['seeds'])}
+{per_seed}
 """
 
 
