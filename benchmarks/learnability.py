@@ -111,8 +111,7 @@ def main(argv=None) -> int:
     training = {k.split("=")[0].split(".")[1]: k.split("=")[1] for k in RECIPE_OVERRIDES if k.startswith("training.")}
     body = f"""
 Date: {today()}. Machine: {machine()}. Versions: {versions('torch', 'transformers', 'trl', 'peft')}.
-Command: `python benchmarks/learnability.py` ({total / 60:.1f} minutes for {len(results)} variants; the machine
-was shared with other jobs, so the seconds below are upper bounds).
+Command: `python benchmarks/learnability.py` ({total / 60:.1f} minutes for {len(results)} variants, seed {args.seed}).
 
 Task (`conj_lite/synthetic.py`): the question states a fact and asks whether it is true ("{question}"); the
 right answer confirms it ("{right}"), the wrong one contradicts it ("{wrong}"); counts, colours and cities;
@@ -136,6 +135,9 @@ the held-out pairs in rationale mode (the merged model; 95% bootstrap CI over pa
 {chr(10).join(rows)}
 
 {verdict}
+
+This is one seed. Over five seeds at the same budget (the next section) Con-J reached ≥ 97.5% on three and
+stalled on two (50.0%, 66.7%); the slow test runs seed 0.
 
 Reading it: the base judge's repeated samples almost never disagree, so nearly all contrastive pairs come from
 hint-driven sampling; without the hint (hint_lost) there is next to nothing to train on, and with the pairs
