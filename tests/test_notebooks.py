@@ -23,7 +23,7 @@ IDS = [p.stem for p in NOTEBOOKS]
 
 # What each notebook must do through the package (stage by stage), and what it must
 # never do itself: the libraries are the package's business.
-API_CALLS = ("ConjRun.from_recipe(", ".data()", "run.sample()", "run.filter()", "run.train()", "run.export()",
+API_CALLS = ("ConjRun.from_recipe(", ".data()", "run.sample()", "run.filter()", "run.train(", "run.export()",
              "evaluate(", "write_report(", "Judge.from_gguf(", ".compare(", "load_recipe(")
 NOT_IN_NOTEBOOKS = ("import trl", "from trl", "DPOTrainer", "from peft", "import peft", "import llama_cpp",
                     "convert_hf_to_gguf", "llama_model_quantize", "BitsAndBytesConfig", ".generate(")
