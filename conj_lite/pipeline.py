@@ -161,6 +161,8 @@ class ConjRun:
         path = work / JUDGMENTS
         pairs = self.data().pairs
         done = {row_key(r) for r in JudgmentFile(path).load()}
+        if done:
+            check_sampled_from(work, adapter)
         max_prompt_tokens = self.recipe.model.max_seq_length - self.recipe.sampling.max_new_tokens
         if max_prompt_tokens < 1:
             raise InputError(f"sampling.max_new_tokens ({self.recipe.sampling.max_new_tokens}) leaves no room for a "
@@ -346,6 +348,26 @@ class ConjRun:
             out.append(entry)
         (self.out_dir / ROUNDS).write_text(json.dumps(out, indent=2))
         return out
+
+
+def check_sampled_from(work: Path, adapter: Path | None) -> None:
+    """Judgments already in `work` must come from the adapter the stage samples from
+    now, and be newer than it: resuming onto samples of another (or a retrained)
+    model would mix two policies in one round."""
+    from .training import TRAIN_META
+
+    record = work / SAMPLED_FROM
+    if not record.is_file():
+        return
+    before = json.loads(record.read_text("utf-8")).get("adapter")
+    now = None if adapter is None else str(adapter)
+    stale = before != now
+    if not stale and adapter is not None and (adapter / TRAIN_META).is_file():
+        stale = (adapter / TRAIN_META).stat().st_mtime > (work / JUDGMENTS).stat().st_mtime
+    if stale:
+        raise InputError(
+            f"{work / JUDGMENTS}: these judgments were sampled from {before or 'the base model'}, which has changed "
+            f"since (now {now or 'the base model'}); use a new --out, or delete {work} to sample this stage again")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -332,3 +332,17 @@ def test_cli_variant_and_round_errors(tmp_path, repo_root, capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr()
     assert all(name in out.out + out.err for name in VARIANTS)
+
+
+@pytest.mark.slow
+def test_resuming_a_round_onto_samples_of_a_retrained_adapter_is_refused(tmp_path_factory, repo_root,
+                                                                          tiny_model_dir):
+    import os
+
+    run = run_variant(tmp_path_factory, repo_root, "iterative")
+    assert run.sample(2) is None  # complete and current: skipped
+    meta = run.out_dir / "adapter" / "conj_lite_train.json"
+    later = (run.out_dir / "round-2" / "judgments.jsonl").stat().st_mtime + 10
+    os.utime(meta, (later, later))  # round 1 retrained after round 2 sampled
+    with pytest.raises(InputError, match="sampled from .*adapter.*delete"):
+        run.sample(2)
