@@ -353,7 +353,7 @@ _PRINT = object()  # open_judge's default: the judge prints its warnings
 
 
 def open_judge(spec, *, mode: str = "rationale", n_threads: int | None = None, n_ctx: int | None = None,
-               max_new_tokens: int | None = None, template=None, warn=_PRINT):
+               max_new_tokens: int | None = None, template=None, warn=_PRINT, use_extra_bufts: bool = False):
     """A `conj_lite.judge.Judge` from a spec:
 
       path/to/model.gguf    GGUF file (llama-cpp-python)
@@ -380,7 +380,7 @@ def open_judge(spec, *, mode: str = "rationale", n_threads: int | None = None, n
     if path.is_file():
         if not _looks_like_gguf(path):
             raise InputError(f"{spec}: a file but not a GGUF model; pass a .gguf file or a model/adapter directory")
-        return Judge.from_gguf(path, n_ctx=n_ctx, n_threads=n_threads, **kwargs)
+        return Judge.from_gguf(path, n_ctx=n_ctx, n_threads=n_threads, use_extra_bufts=use_extra_bufts, **kwargs)
     if path.is_dir():
         if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
             raise InputError(f"{spec}: not a model directory (no config.json) and not a LoRA adapter "
@@ -821,6 +821,7 @@ def parse_fields(text: str | None) -> dict | None:
 
 def add_cli(subparsers) -> None:
     """`conj-lite eval`: cli.py calls this with its subparsers."""
+    from .judge import add_runtime_args
     from .selective import add_risk_args
 
     p = subparsers.add_parser(
@@ -840,8 +841,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--ties", default="drop", choices=TIE_POLICIES,
                    help="tie-labelled pairs: drop (default), count-half (any verdict half right), "
                    "as-class (tie = the two orders disagree)")
-    p.add_argument("--mode", default="rationale", choices=MODES,
-                   help="rationale: write a rationale, then the verdict; verdict: read the verdict right away (fast)")
     p.add_argument("--probes", action="store_true", help="also run the verbosity and injection bias probes")
     p.add_argument("--limit", type=int, help="evaluate only the first N pairs")
     p.add_argument("--preset", default="auto", help="column layout of --data (auto, canonical, llmbar, "
@@ -852,10 +851,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--split", default="train", help="split of a Hugging Face dataset")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the calibration split")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--ctx", type=int, help="context size in tokens (default: min(4096, the model's))")
-    p.add_argument("--max-new-tokens", type=int, help="longest rationale + verdict in tokens (default 256)")
-    p.add_argument("--template", help="judge template (default: the one stored with the model, else en)")
+    add_runtime_args(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     add_risk_args(p)
     p.set_defaults(func=cmd_eval)
@@ -892,7 +888,8 @@ def cmd_eval(args) -> int:
             name += "'"
         used.add(name)
         judge = open_judge(spec, mode=args.mode, n_threads=args.threads, n_ctx=args.ctx,
-                           max_new_tokens=args.max_new_tokens, template=args.template)
+                           max_new_tokens=args.max_new_tokens, template=args.template,
+                           use_extra_bufts=args.extra_bufts)
         try:
             reports[name] = evaluate(
                 judge, pairs, mode=args.mode, ties=args.ties, bootstrap=args.bootstrap, seed=args.seed,

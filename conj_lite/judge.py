@@ -834,6 +834,16 @@ def add_cli(subparsers) -> None:
     p.add_argument("--preset", default="auto", help="column layout of --data (see conj_lite.data)")
     p.add_argument("--limit", type=int, help="judge only the first N pairs of --data")
     p.add_argument("--output", help="JSONL output (required with --data; optional for a single pair: appended)")
+    add_runtime_args(p)
+    from .selective import add_risk_args
+
+    add_risk_args(p)
+    p.set_defaults(func=cmd_judge)
+
+
+def add_runtime_args(p) -> None:
+    """How a judge runs: --mode, --threads, --ctx, --max-new-tokens, --template,
+    --extra-bufts (shared by `conj-lite judge` and `conj-lite eval`)."""
     p.add_argument("--mode", default="rationale", choices=MODES,
                    help="rationale: write a rationale then the verdict; verdict: read the verdict probabilities "
                    "right after the prompt (fast, no rationale)")
@@ -845,10 +855,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--extra-bufts", action="store_true",
                    help="gguf: let llama.cpp repack weights into its extra CPU buffers (faster on some CPUs, "
                    "segfaults with quantized files on AMX CPUs)")
-    from .selective import add_risk_args
-
-    add_risk_args(p)
-    p.set_defaults(func=cmd_judge)
 
 
 def open_judge(args) -> Judge:
