@@ -475,6 +475,24 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
             index += 1
 
 
+def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, row) for every non-blank line of a JSONL file of our own making
+    (pairs, warm-up judgments); the first bad line is an InputError naming it."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: invalid JSON: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{where}: expected a JSON object")
+            yield where, row
+
+
 def _parse_json_object(text: str) -> tuple[dict | None, str | None]:
     try:
         value = json.loads(text)

@@ -44,17 +44,13 @@ def read_pairs_file(path: str | Path, required: tuple[str, ...] = PAIR_FIELDS) -
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: training file not found; run `conj-lite filter` first")
+    from .data import iter_jsonl_objects
+
     rows = []
-    for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+    for where, row in iter_jsonl_objects(path):
         missing = [k for k in required if k not in row]
         if missing:
-            raise InputError(f"{path}:{number}: missing {missing}")
+            raise InputError(f"{where}: missing {missing}")
         rows.append(row)
     return rows
 

@@ -22,8 +22,11 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 
+from .data import iter_jsonl_objects
 from .errors import InputError
 from .filtering import POSITIVE, WELL_FORMED, Labelled, clean_judgment, read_judgment
 from .parsing import Verdict
@@ -41,10 +44,14 @@ def slot_word(template: JudgeTemplate) -> str:
     return match.group(1) if match else "answer"
 
 
+@lru_cache(maxsize=8)
+def _slot_pattern(template: JudgeTemplate) -> re.Pattern:
+    return re.compile(rf"({re.escape(slot_word(template))})(\s*)([12])(?!\d)", re.IGNORECASE)
+
+
 def swap_slots(text: str, template: JudgeTemplate) -> str:
     """Exchange the answer numbers in `text`: "Answer 1" <-> "Answer 2" (any case)."""
-    pattern = re.compile(rf"({re.escape(slot_word(template))})(\s*)([12])(?!\d)", re.IGNORECASE)
-    return pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}{3 - int(m.group(3))}", text)
+    return _slot_pattern(template).sub(lambda m: f"{m.group(1)}{m.group(2)}{3 - int(m.group(3))}", text)
 
 
 def other_order(order: str) -> str:
@@ -116,20 +123,9 @@ def read_warmup_file(path: str | Path, template: JudgeTemplate, *, max_chars: in
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: warm-up judgments file not found (warmup.source)")
-    groups = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: invalid JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{where}: expected a JSON object")
-            groups.append(file_row_examples(row, where, template, max_chars=max_chars, rationale=rationale,
-                                            swap_positions=swap_positions))
+    groups = [file_row_examples(row, where, template, max_chars=max_chars, rationale=rationale,
+                                swap_positions=swap_positions)
+              for where, row in iter_jsonl_objects(path)]
     if not groups:
         raise InputError(f"{path}: no warm-up judgments in the file")
     return dedupe_and_cap(groups, max_examples, seed)
@@ -177,9 +173,6 @@ def write_sft_file(examples: list[dict], path: str | Path) -> Path:
 
 
 def warmup_stats(examples: list[dict]) -> dict:
-    slots = [ex.get("slot") for ex in examples]
-    sources: dict[str, int] = {}
-    for ex in examples:
-        sources[ex["source"]] = sources.get(ex["source"], 0) + 1
-    return {"examples": len(examples), "verdict_1": slots.count(1), "verdict_2": slots.count(2),
-            "by_source": dict(sorted(sources.items()))}
+    slots = Counter(ex.get("slot") for ex in examples)
+    return {"examples": len(examples), "verdict_1": slots[1], "verdict_2": slots[2],
+            "by_source": dict(sorted(Counter(ex["source"] for ex in examples).items()))}

@@ -346,3 +346,17 @@ def test_resuming_a_round_onto_samples_of_a_retrained_adapter_is_refused(tmp_pat
     os.utime(meta, (later, later))  # round 1 retrained after round 2 sampled
     with pytest.raises(InputError, match="sampled from .*adapter.*delete"):
         run.sample(2)
+
+
+def test_training_files_name_the_bad_line(tmp_path):
+    from conj_lite.training import SFT_FIELDS, read_pairs_file
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"prompt": [], "completion": "c"}) + "\n\n" + json.dumps({"prompt": []}) + "\n")
+    with pytest.raises(InputError, match=r"sft.jsonl:3: missing \['completion'\]"):
+        read_pairs_file(path, SFT_FIELDS)
+    path.write_text(json.dumps({"prompt": [], "completion": "c"}) + "\n[1, 2]\n")
+    with pytest.raises(InputError, match="sft.jsonl:2: expected a JSON object"):
+        read_pairs_file(path, SFT_FIELDS)
+    with pytest.raises(InputError, match="not found"):
+        read_pairs_file(tmp_path / "missing.jsonl")
