@@ -13,8 +13,20 @@ Column layouts ("presets"), detected from the first row's keys when preset="auto
   annotators       several votes annotator1, annotator2, ... and a majority vote
                    (PandaLM: instruction, input, response1, response2, annotator1..3
                    with 0 = tie, 1, 2); no strict majority is a tie
+  detected         any other common naming, compared case-insensitively: the question
+                   as question / prompt / instruction (+ input) / query / input; the
+                   answers as a pair response|output|completion|answer + A/B or 1/2
+                   (with a space, an underscore or nothing before the suffix:
+                   response_A, Response 1, response1, output_1, completion_a, answer1);
+                   the label as label / winner / preference / choice
 Any other layout: fields={"question": ..., "a": ..., "b": ..., "label": ...} (plus
-optional "id", "subset", "source"); a list of columns as "label" is a majority vote.
+optional "id", "subset", "source"); a list of columns as "label" is a majority vote,
+a list of columns as "question" is joined with blank lines (instruction + input).
+
+An empty answer is a legitimate thing to judge and is kept (counted in
+LoadResult.n_empty_answers); a number or boolean where text is expected is converted
+to text (json spelling: true, 4, 0.5) and counted in LoadResult.n_converted. Null,
+a missing field, an empty question or an unknown label is a bad row.
 Labels such as 0/1/2 need a label_map: a dict, "0=A,1=B,2=tie", or a named one
 ("autoj": 0 = A, 1 = B, 2 = tie; "pandalm": 0 = tie, 1 = A, 2 = B).
 
@@ -28,6 +40,7 @@ The pure part (normalize_label, detect_preset, record_from_row) never touches fi
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import math
@@ -52,6 +65,16 @@ FIELDS = "fields"  # LoadResult.preset for an explicit mapping; also accepted as
 REQUIRED_ROLES = ("question", "a", "b", "label")
 OPTIONAL_ROLES = ("id", "subset", "source")
 ID_KEYS = ("id", "pair_id")
+DETECTED = "detected"  # LoadResult.preset for a layout found by detect_fields
+
+# The "detected" layout: column names compared lower-case. The question is the first of
+# QUESTION_COLUMNS the row has ("instruction" also takes "input" after it); the answers
+# are the one pair of ANSWER_COLUMN names with suffixes a/b or 1/2; the label is the first
+# of LABEL_COLUMNS.
+QUESTION_COLUMNS = ("question", "prompt", "instruction", "query", "input")
+ANSWER_COLUMN = re.compile(r"(?:response|output|completion|answer)[ _]?([ab12])", re.IGNORECASE)
+ANSWER_PARTNER = {"a": "b", "A": "B", "1": "2"}
+LABEL_COLUMNS = ("label", "winner", "preference", "choice")
 
 # The default label mapping. Keys are compared lower-case with spaces removed.
 # 1/2 follow "output_1"/"output_2" (LLMBar); [[A]]/[[B]]/[[C]] are MT-Bench judge
@@ -121,6 +144,30 @@ class LoadResult:
     n_rejected: int
     rejects_path: Path | None  # set only when rows were rejected and written there
     preset: str | None = None  # the preset used ("fields" for an explicit mapping)
+    fields: dict | None = None  # role -> column(s) for "fields" and "detected" layouts
+    label_values: dict | None = None  # each label value seen (as compared) -> "A"/"B"/"tie"
+    label_map_used: str = "default"  # "default" table or "label_map" (the caller's)
+    n_converted: int = 0  # number/boolean values converted to text
+    n_empty_answers: int = 0  # answers that are empty text (kept: a legitimate case)
+
+    def describe(self) -> str:
+        """One line that says how the file was read: layout, columns, label mapping,
+        and what was converted or kept empty (for the run's and the report's log)."""
+        layout = self.preset or "?"
+        if self.fields:
+            columns = ", ".join(
+                f"{role}={'+'.join(col) if isinstance(col, (list, tuple)) else col}" for role, col in self.fields.items()
+            )
+            layout += f" ({columns})"
+        text = f"layout {layout}"
+        if self.label_values:
+            mapping = ", ".join(f"{key}->{value}" for key, value in sorted(self.label_values.items()))
+            text += f"; labels {mapping} ({'your label_map' if self.label_map_used == 'label_map' else 'default table'})"
+        if self.n_converted:
+            text += f"; {self.n_converted} number/boolean values converted to text"
+        if self.n_empty_answers:
+            text += f"; {self.n_empty_answers} empty answers kept"
+        return text
 
     @property
     def n_ties(self) -> int:
@@ -143,6 +190,12 @@ def _label_key(value: object) -> str:
     return "".join(str(value).split()).lower()
 
 
+class AmbiguousLabelError(InputError):
+    """A label whose meaning depends on the dataset (0/1/2). It is a problem of the whole
+    file, not of one row, so load_pairs stops on it even with skip_invalid: rejecting
+    the 0 rows and reading 1/2 by the default table could silently swap A and B."""
+
+
 def normalize_label(value: object, label_map: dict | None = None) -> str:
     """"A", "B" or "tie" for a label as datasets write it.
 
@@ -161,9 +214,10 @@ def normalize_label(value: object, label_map: dict | None = None) -> str:
     if key in DEFAULT_LABEL_MAP:
         return DEFAULT_LABEL_MAP[key]
     if key in AMBIGUOUS_LABELS:
-        raise InputError(
-            f"label {value!r} is ambiguous (0/1 labels mean A/B in some datasets, tie/A in others); "
-            "pass a label map, e.g. label_map={'0': 'A', '1': 'B'} or {'0': 'tie', '1': 'A', '2': 'B'}"
+        raise AmbiguousLabelError(
+            f"label {value!r} is ambiguous (0/1/2 labels mean A/B/tie in some datasets, tie/A/B in others); "
+            "pass a label map, e.g. label_map='0=A,1=B,2=tie' (autoj) or '0=tie,1=A,2=B' (pandalm) "
+            "(--label-map on the command line, data.label_map in a recipe)"
         )
     raise InputError(
         f"unknown label {value!r}; expected 1/2, A/B, [[A]]/[[B]], A>B/B>A/A=B, tie/equal/draw, "
@@ -181,7 +235,39 @@ def detect_preset(keys: Iterable[str]) -> str | None:
         return CHOSEN_REJECTED
     if annotator_columns(keys) and any(set(pair) <= keys for pair in ANNOTATOR_ANSWERS):
         return ANNOTATORS
+    if detect_fields(keys) is not None:
+        return DETECTED
     return None
+
+
+def detect_fields(keys: Iterable[str]) -> dict | None:
+    """The role -> column mapping of a common layout (see the module doc), or None when
+    a question, an answer pair or a label column is missing. Several answer pairs
+    (response_a/b and output_1/2, say) are ambiguous: InputError asking for fields=."""
+    keys = [str(key) for key in keys]
+    by_lower = {}
+    for key in keys:
+        by_lower.setdefault(key.lower(), key)
+    question_key = next((name for name in QUESTION_COLUMNS if name in by_lower), None)
+    label_key = next((name for name in LABEL_COLUMNS if name in by_lower), None)
+    pairs = []
+    for key in keys:
+        match = ANSWER_COLUMN.fullmatch(key)
+        if match and match.group(1) in ANSWER_PARTNER:
+            partner = key[:-1] + ANSWER_PARTNER[match.group(1)]
+            if partner in keys:
+                pairs.append((key, partner))
+    if question_key is None or label_key is None or not pairs:
+        return None
+    if len(pairs) > 1:
+        raise InputError(
+            f"the answers could be any of the column pairs {', '.join('/'.join(pair) for pair in pairs)}; "
+            "say which with fields={'question': ..., 'a': ..., 'b': ..., 'label': ...} (--fields)"
+        )
+    question: str | list[str] = by_lower[question_key]
+    if question_key == "instruction" and "input" in by_lower:
+        question = [question, by_lower["input"]]
+    return {"question": question, "a": pairs[0][0], "b": pairs[0][1], "label": by_lower[label_key]}
 
 
 def annotator_columns(keys: Iterable[str]) -> list[str]:
@@ -261,39 +347,54 @@ def record_from_row(
     default_id: str,
     fields: dict | None = None,
     label_map: dict | None = None,
+    notes: dict | None = None,
 ) -> PreferencePair:
     """One PreferencePair from one row, under a preset or an explicit `fields` mapping.
 
+    `notes`, when given, receives "converted" (number/boolean values turned into text)
+    and "label" ((label value as compared, label) for a single label column).
     Raises InputError (without a file location; the loader adds it)."""
     if fields is None and preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     if fields is None and preset == CHOSEN_REJECTED:
-        return _chosen_rejected_record(row, default_id)
+        return _chosen_rejected_record(row, default_id, notes)
     if fields is None and preset == ANNOTATORS:
-        return _annotators_record(row, default_id, label_map)
-    return _mapped_record(row, fields or PRESET_FIELDS[preset], default_id, label_map)
+        return _annotators_record(row, default_id, label_map, notes)
+    return _mapped_record(row, fields or PRESET_FIELDS[preset], default_id, label_map, notes)
 
 
-def _mapped_record(row: dict, fields: dict, default_id: str, label_map: dict | None) -> PreferencePair:
+def _mapped_record(row: dict, fields: dict, default_id: str, label_map: dict | None,
+                   notes: dict | None = None) -> PreferencePair:
     label_field = fields["label"]
     votes = list(label_field) if isinstance(label_field, (list, tuple)) else None
-    _require_keys(row, [fields[role] for role in REQUIRED_ROLES if role != "label"] + (votes or [label_field]))
+    question_field = fields["question"]
+    # A list of question columns (instruction + input) is joined; only the first must be there.
+    extra = list(question_field[1:]) if isinstance(question_field, (list, tuple)) else []
+    question_field = question_field[0] if isinstance(question_field, (list, tuple)) else question_field
+    _require_keys(row, [question_field, fields["a"], fields["b"]] + (votes or [label_field]))
     if votes is not None:
         label = _vote_label(row, votes, label_map)
     else:
         label = normalize_label(row[label_field], label_map)
+        if notes is not None:
+            notes["label"] = (_label_key(row[label_field]), label)
+    question = _text(row[question_field], question_field, notes)
+    for column in extra:
+        if not _is_missing(row.get(column)):
+            question = f"{question}\n\n{_text(row[column], column, notes)}"
     return PreferencePair(
         id=_row_id(row, fields.get("id"), default_id),
-        question=_text(row[fields["question"]], fields["question"]),
-        answer_a=_text(row[fields["a"]], fields["a"]),
-        answer_b=_text(row[fields["b"]], fields["b"]),
+        question=question,
+        answer_a=_text(row[fields["a"]], fields["a"], notes, answer=True),
+        answer_b=_text(row[fields["b"]], fields["b"], notes, answer=True),
         label=label,
         source=_optional_text(row.get(fields.get("source", "source"))),
         subset=_optional_text(row.get(fields.get("subset", "subset"))),
     )
 
 
-def _annotators_record(row: dict, default_id: str, label_map: dict | None) -> PreferencePair:
+def _annotators_record(row: dict, default_id: str, label_map: dict | None,
+                       notes: dict | None = None) -> PreferencePair:
     columns = annotator_columns(row)
     answers = next((pair for pair in ANNOTATOR_ANSWERS if set(pair) <= set(row)), None)
     question_key = next((key for key in ANNOTATOR_QUESTIONS if key in row), None)
@@ -304,33 +405,40 @@ def _annotators_record(row: dict, default_id: str, label_map: dict | None) -> Pr
             f"({' / '.join('+'.join(pair) for pair in ANNOTATOR_ANSWERS)}); "
             f"keys found: {', '.join(sorted(map(str, row)))}"
         )
-    question = _text(row[question_key], question_key)
+    question = _text(row[question_key], question_key, notes)
     # PandaLM: the task is the instruction plus its input (NaN when there is none).
     if question_key == "instruction" and not _is_missing(row.get("input")):
-        question = f"{question}\n\n{_text(row['input'], 'input')}"
+        question = f"{question}\n\n{_text(row['input'], 'input', notes)}"
     subset = next((row[key] for key in ANNOTATOR_SUBSETS if not _is_missing(row.get(key))), None)
     pair_id = next((str(row[key]).strip() for key in ANNOTATOR_IDS if not _is_missing(row.get(key))), default_id)
     return PreferencePair(
         id=pair_id,
         question=question,
-        answer_a=_text(row[answers[0]], answers[0]),
-        answer_b=_text(row[answers[1]], answers[1]),
+        answer_a=_text(row[answers[0]], answers[0], notes, answer=True),
+        answer_b=_text(row[answers[1]], answers[1], notes, answer=True),
         label=_vote_label(row, columns, label_map),
         source=_optional_text(None if _is_missing(row.get("source")) else row.get("source")),
         subset=_optional_text(subset),
     )
 
 
-def _chosen_rejected_record(row: dict, default_id: str) -> PreferencePair:
+def _chosen_rejected_record(row: dict, default_id: str, notes: dict | None = None) -> PreferencePair:
     _require_keys(row, ["chosen", "rejected"])
     if row.get("prompt") is None:
-        # HH-style: the prompt is the conversation before chosen's last assistant turn.
-        question, chosen = _split_conversation(row["chosen"], "chosen")
-        _, rejected = _split_conversation(row["rejected"], "rejected")
+        # HH-style: the prompt is the conversation before the last assistant turn, and
+        # chosen and rejected must share it (a few Anthropic HH rows do not: their
+        # transcripts part earlier, so neither final answer replies to the other's context).
+        question, chosen = _split_conversation(row["chosen"], "chosen", notes)
+        other, rejected = _split_conversation(row["rejected"], "rejected", notes)
+        if other != question:
+            raise InputError(
+                "chosen and rejected differ before their last assistant turn; expected one "
+                "conversation with two different final answers"
+            )
     else:
-        question = _prompt_text(row["prompt"])
-        chosen = _final_answer(row["chosen"], "chosen")
-        rejected = _final_answer(row["rejected"], "rejected")
+        question = _prompt_text(row["prompt"], notes)
+        chosen = _final_answer(row["chosen"], "chosen", notes)
+        rejected = _final_answer(row["rejected"], "rejected", notes)
     pair_id = _row_id(row, None, default_id)
     slot = chosen_slot(pair_id)
     answer_a, answer_b = (chosen, rejected) if slot == "A" else (rejected, chosen)
@@ -354,12 +462,18 @@ def _require_keys(row: dict, keys: list[str]) -> None:
         )
 
 
-def _text(value: object, name: str) -> str:
-    if value is None:
-        raise InputError(f"field {name!r} is empty (null)")
+def _text(value: object, name: str, notes: dict | None = None, *, answer: bool = False) -> str:
+    """Text of a field. A number or boolean becomes its JSON spelling (true, 4, 0.5) and
+    is counted in notes["converted"]; an answer may be empty, a question may not."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise InputError(f"field {name!r} is null (missing); an empty {'answer' if answer else 'text'} is written \"\"")
+    if isinstance(value, (bool, int, float)):
+        value = json.dumps(value)
+        if notes is not None:
+            notes["converted"] = notes.get("converted", 0) + 1
     if not isinstance(value, str):
         raise InputError(f"field {name!r} must be text, got {type(value).__name__}")
-    if not value.strip():
+    if not value.strip() and not answer:
         raise InputError(f"field {name!r} is empty or only whitespace")
     return value
 
@@ -386,48 +500,66 @@ def _messages(value: object, name: str) -> list[dict]:
     return value
 
 
-def _last_content(messages: list[dict], role: str, name: str) -> str:
-    for message in reversed(messages):
-        if message["role"] == role:
-            return _text(message["content"], f"{name} ({role} message)")
-    raise InputError(f"field {name!r} has no {role} message; roles found: {[m['role'] for m in messages]}")
+ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
-def _final_answer(value: object, name: str) -> str:
+def _context_text(messages: list[dict], name: str, notes: dict | None = None) -> str:
+    """The question a conversation asks: the one user message alone, or, when there is
+    more (a system message, earlier turns), the whole conversation as "Role: text"
+    paragraphs, so that a follow-up such as "yes, do that" keeps what it refers to."""
+    if not any(message["role"] == "user" for message in messages):
+        raise InputError(f"field {name!r} has no user message; roles found: {[m['role'] for m in messages]}")
+    if len(messages) == 1:
+        return _text(messages[0]["content"], f"{name} (user message)", notes)
+    parts = []
+    for message in messages:
+        role = str(message["role"])
+        content = _text(message["content"], f"{name} ({role} message)", notes, answer=True)
+        parts.append(f"{ROLE_NAMES.get(role, role.title())}: {content}")
+    return "\n\n".join(parts)
+
+
+def _final_answer(value: object, name: str, notes: dict | None = None) -> str:
     """An answer: plain text, or the content of the final assistant message."""
     if isinstance(value, str):
-        return _text(value, name)
+        return _text(value, name, notes, answer=True)
     messages = _messages(value, name)
     if messages[-1]["role"] != "assistant":
         raise InputError(f"field {name!r} must end with an assistant message, ends with {messages[-1]['role']!r}")
-    return _text(messages[-1]["content"], f"{name} (assistant message)")
+    return _text(messages[-1]["content"], f"{name} (assistant message)", notes, answer=True)
 
 
-def _prompt_text(value: object) -> str:
-    """The question: plain text, or the last user message of a chat prompt."""
+def _prompt_text(value: object, notes: dict | None = None) -> str:
+    """The question: plain text, or a chat prompt (see _context_text)."""
     if isinstance(value, str):
-        return _text(value, "prompt")
-    return _last_content(_messages(value, "prompt"), "user", "prompt")
+        return _text(value, "prompt", notes)
+    return _context_text(_messages(value, "prompt"), "prompt", notes)
 
 
-def _split_conversation(value: object, name: str) -> tuple[str, str]:
+def _split_conversation(value: object, name: str, notes: dict | None = None) -> tuple[str, str]:
     """(question, answer) from a whole conversation: chat messages or an HH transcript."""
     if isinstance(value, str):
         return _split_hh_transcript(value, name)
-    answer = _final_answer(value, name)
-    return _last_content(value[:-1], "user", name), answer
+    answer = _final_answer(value, name, notes)
+    return _context_text(value[:-1], name, notes), answer
 
 
 def _split_hh_transcript(text: str, name: str) -> tuple[str, str]:
-    """Anthropic HH text: "\\n\\nHuman: q\\n\\nAssistant: a ..." -> (last q, last a)."""
+    """Anthropic HH text: "\\n\\nHuman: q\\n\\nAssistant: a ..." -> (question, last a).
+
+    The question is the one Human turn, or the transcript before the last Assistant
+    turn when there are several turns (in harmless-base test, 1650 of 2312 rows)."""
     head, marker, answer = ("\n\n" + text.lstrip()).rpartition(HH_ASSISTANT)
     if not marker or HH_HUMAN not in head:
         raise InputError(
             f"field {name!r} is text but there is no 'prompt' column; expected chat messages or an "
             "HH-style transcript ('Human: ... Assistant: ...'), or add a prompt column"
         )
-    question = head.rpartition(HH_HUMAN)[2]
-    return _text(question.strip(), f"{name} (last Human turn)"), _text(answer.strip(), f"{name} (last Assistant turn)")
+    if head.count(HH_HUMAN) == 1 and head.startswith(HH_HUMAN) and HH_ASSISTANT not in head:
+        question = _text(head[len(HH_HUMAN):].strip(), f"{name} (Human turn)")
+    else:
+        question = _text(head.strip(), f"{name} (conversation before the last Assistant turn)")
+    return question, answer.strip()
 
 
 # ---------------------------------------------------------------------------
@@ -458,20 +590,20 @@ def _utf8_problem(data: bytes, exc: UnicodeDecodeError) -> str:
 
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
     index = 0
-    with path.open("rb") as handle:
+    with _open_bytes(path) as handle:
         for line_number, data in enumerate(handle, start=1):
             where = f"{path}:{line_number}"
             try:
                 text = _decode_line(data, line_number).rstrip("\r\n")
             except UnicodeDecodeError as exc:
                 raw = data.decode("utf-8", "backslashreplace").rstrip("\r\n")
-                yield RawRow(where, line_number, f"{path.stem}-{index}", None, raw, _utf8_problem(data, exc))
+                yield RawRow(where, line_number, f"{_stem(path)}-{index}", None, raw, _utf8_problem(data, exc))
                 index += 1
                 continue
             if not text.strip():
                 continue  # blank lines (a trailing one, say) are not rows
             row, problem = _parse_json_object(text)
-            yield RawRow(where, line_number, f"{path.stem}-{index}", row, text, problem)
+            yield RawRow(where, line_number, f"{_stem(path)}-{index}", row, text, problem)
             index += 1
 
 
@@ -504,7 +636,8 @@ def _parse_json_object(text: str) -> tuple[dict | None, str | None]:
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:
-    data = path.read_bytes()
+    with _open_bytes(path) as handle:
+        data = handle.read()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -514,7 +647,7 @@ def _read_json(path: Path) -> Iterator[RawRow]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    yield from _object_rows(_json_list(path, value), str(path), path.stem)
+    yield from _object_rows(_json_list(path, value), str(path), _stem(path))
 
 
 def _json_list(path: Path, value: object) -> list:
@@ -544,7 +677,7 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
 
     def decoded_lines() -> Iterator[str]:
         # Decode line by line so that one bad byte costs one row, not the file.
-        with path.open("rb") as handle:
+        with _open_bytes(path) as handle:
             for line_number, data in enumerate(handle, start=1):
                 try:
                     yield _decode_line(data, line_number)
@@ -575,7 +708,7 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
         row, problem = _csv_row(header, values)
         if bad_lines & set(range(first_line, reader.line_num + 1)):
             problem = "not valid UTF-8; save the file as UTF-8"
-        yield RawRow(f"{path}:{first_line}", first_line, f"{path.stem}-{index}", row, row or values, problem)
+        yield RawRow(f"{path}:{first_line}", first_line, f"{_stem(path)}-{index}", row, row or values, problem)
         index += 1
 
 
@@ -595,7 +728,7 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
-    yield from _object_rows(table.to_pylist(), str(path), path.stem)
+    yield from _object_rows(table.to_pylist(), str(path), _stem(path))
 
 
 def _import_datasets(name: str):
@@ -643,13 +776,31 @@ def _read_hub(name: str, split: str) -> Iterator[RawRow]:
     yield from _object_rows(dataset, f"{name}[{split}]", f"{name.split('/')[-1]}-{split}")
 
 
-READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet,
+           ".jsonl.gz": _read_jsonl, ".json.gz": _read_json, ".csv.gz": _read_csv}
+
+
+def _suffix(path: Path) -> str:
+    """The file type: ".jsonl", or ".jsonl.gz" for a gzip-compressed one."""
+    suffixes = [suffix.lower() for suffix in path.suffixes[-2:]]
+    return "".join(suffixes) if suffixes[-1:] == [".gz"] else path.suffix.lower()
+
+
+def _stem(path: Path) -> str:
+    """The name without its type: "harmless-base-test" for harmless-base-test.jsonl.gz."""
+    suffix = _suffix(path)
+    return path.name[: -len(suffix)] if suffix and path.name.lower().endswith(suffix) else path.stem
+
+
+def _open_bytes(path: Path):
+    """The file for reading bytes, decompressed when it ends with .gz."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")
 
 
 def _looks_like_path(text: str) -> bool:
     """Whether a missing `source` was meant as a file (so: "no such file", not a hub lookup)."""
     return (
-        Path(text).suffix.lower() in READERS
+        _suffix(Path(text)) in READERS
         or text.startswith((".", "/", "~"))
         or "\\" in text
         or text.count("/") > 1  # hub names are "name" or "owner/name"
@@ -661,10 +812,10 @@ def _open_rows(source: str | Path, split: str) -> Iterator[RawRow]:
     if path.is_dir():
         return _read_dataset_dir(path, split)
     if path.is_file():
-        reader = READERS.get(path.suffix.lower())
+        reader = READERS.get(_suffix(path))
         if reader is None:
             raise InputError(
-                f"{path}: unsupported file type {path.suffix!r}; expected "
+                f"{path}: unsupported file type {_suffix(path)!r}; expected "
                 f"{', '.join(READERS)} or a save_to_disk directory"
             )
         return reader(path)
@@ -677,7 +828,7 @@ def default_rejects_path(source: str | Path) -> Path:
     """Where rejected rows go by default: next to the data, never the working dir."""
     path = Path(source).expanduser()
     if path.is_file():
-        return path.with_suffix(".rejects.jsonl")
+        return path.with_name(f"{_stem(path)}.rejects.jsonl")
     if path.is_dir():
         return path.parent / f"{path.name}.rejects.jsonl"
     raise InputError(
@@ -714,15 +865,22 @@ def _check_options(preset: str, fields: dict | None, label_map: dict | None, lim
         raise InputError(f"limit must be a positive integer, got {limit!r}")
 
 
-def _detect_or_raise(raw: RawRow) -> str:
-    preset = detect_preset(raw.row)
+def _detect_or_raise(raw: RawRow) -> tuple[str, dict | None]:
+    """(preset, fields): the layout of the first readable row; fields for "detected"."""
+    try:
+        preset = detect_preset(raw.row)
+    except InputError as exc:
+        raise InputError(f"{raw.where}: {exc}") from None
     if preset is None:
         raise InputError(
             f"{raw.where}: cannot tell the data layout from the keys {sorted(map(str, raw.row))}; expected "
-            "canonical (question, answer_a, answer_b, label), llmbar (input, output_1, output_2, label) "
-            "or chosen_rejected (chosen, rejected, optional prompt). Pass preset= or fields={...}"
+            "canonical (question, answer_a, answer_b, label), llmbar (input, output_1, output_2, label), "
+            "chosen_rejected (chosen, rejected, optional prompt), or a question (question / prompt / "
+            "instruction / query), two answers (response_A/response_B, response1/response2, output_1/output_2, "
+            "completion_a/completion_b, answer1/answer2, ...) and a label (label / winner / preference / "
+            "choice). Pass preset= or fields={...}"
         )
-    return preset
+    return preset, detect_fields(raw.row) if preset == DETECTED else None
 
 
 def _write_rejects(rejects: list[dict], path: Path) -> Path:
@@ -748,8 +906,8 @@ def load_pairs(
 
     The first bad row raises InputError, unless skip_invalid=True: then each bad row is
     written to `rejects_path` (default: `<data>.rejects.jsonl` next to the data) as
-    {"line", "reason", "raw"} and counted. A source with no valid pair is always an
-    error. Duplicate ids are an error naming both lines. `limit` keeps the first N
+    {"line", "reason", "raw"} and counted. An ambiguous label (0 without a label_map)
+    stops the load even then. A source with no valid pair is always an error. Duplicate ids are an error naming both lines. `limit` keeps the first N
     valid pairs and stops reading there. Ties are kept; see LoadResult.trainable().
     `label_map` is a dict, "0=A,1=B,2=tie" or a name in NAMED_LABEL_MAPS."""
     label_map = parse_label_map(label_map)
@@ -765,29 +923,45 @@ def load_pairs(
     pairs: list[PreferencePair] = []
     rejects: list[dict] = []
     first_seen: dict[str, str] = {}
+    label_values: dict[str, str] = {}
+    n_converted = 0
     for raw in _open_rows(source, split):
         if layout is None and raw.row is not None:
-            layout = _detect_or_raise(raw)
+            layout, detected = _detect_or_raise(raw)
+            fields = detected or fields
+        notes: dict = {}
         try:
             if raw.problem:
                 raise InputError(raw.problem)
-            pair = record_from_row(raw.row, layout, default_id=raw.default_id, fields=fields, label_map=label_map)
+            pair = record_from_row(raw.row, layout, default_id=raw.default_id, fields=fields, label_map=label_map,
+                                   notes=notes)
             first = first_seen.setdefault(pair.id, raw.where)
             if first != raw.where:
                 raise InputError(f"duplicate id {pair.id!r}, first used at {first}")
+        except AmbiguousLabelError as exc:
+            # A file-wide question (what does 0 mean?): never skipped row by row.
+            raise InputError(f"{raw.where}: {exc}") from None
         except InputError as exc:
             if not skip_invalid:
                 raise InputError(f"{raw.where}: {exc}") from None
             rejects.append({"line": raw.number, "reason": str(exc), "raw": raw.raw})
             continue
         pairs.append(pair)
+        n_converted += notes.get("converted", 0)
+        if "label" in notes:
+            label_values.setdefault(*notes["label"])
         if limit is not None and len(pairs) >= limit:
             break
     written = _write_rejects(rejects, Path(rejects_path)) if rejects else None
     if not pairs:
         detail = f"all {len(rejects)} rows were rejected (reasons in {written})" if rejects else "it has no rows"
         raise InputError(f"{source}: no valid preference pairs; {detail}")
-    return LoadResult(pairs=pairs, n_rejected=len(rejects), rejects_path=written, preset=layout)
+    return LoadResult(
+        pairs=pairs, n_rejected=len(rejects), rejects_path=written, preset=layout, fields=fields,
+        label_values=label_values or None, label_map_used="label_map" if label_map is not None else "default",
+        n_converted=n_converted,
+        n_empty_answers=sum((not p.answer_a.strip()) + (not p.answer_b.strip()) for p in pairs),
+    )
 
 
 def write_pairs_jsonl(pairs: Iterable[PreferencePair], path: str | Path) -> Path:

@@ -136,7 +136,9 @@ def test_default_label_map_targets_are_labels():
         (["input", "output_1", "output_2", "label"], "llmbar"),
         (["prompt", "chosen", "rejected"], "chosen_rejected"),
         (["chosen", "rejected"], "chosen_rejected"),
-        (["question", "response_a", "response_b", "winner"], None),
+        (["question", "response_a", "response_b", "winner"], "detected"),
+        (["question", "response_a", "winner"], None),
+        (["text", "reply_a", "reply_b", "label"], None),
     ],
 )
 def test_detect_preset(keys, expected):
@@ -327,7 +329,8 @@ def test_chosen_rejected_chat_messages_with_prompt(tmp_path):
         "rejected": [{"role": "assistant", "content": "4"}],
     }
     pair = load_pairs(write_parquet(tmp_path / "chat.parquet", [row])).pairs[0]
-    assert pair.question == "Small."
+    # The whole conversation is the question: "Small." alone would not say small what.
+    assert pair.question == "System: Be brief.\n\nUser: Name a prime.\n\nAssistant: Which size?\n\nUser: Small."
     assert pair.id == "c1"
     assert {"A": pair.answer_a, "B": pair.answer_b}[pair.label] == "3"
 
@@ -340,7 +343,7 @@ def test_chosen_rejected_hh_messages_without_prompt(tmp_path):
 
     row = {"chosen": convo("100 °C at sea level."), "rejected": convo("50 °C.")}
     pair = load_pairs(write_jsonl(tmp_path / "hh.jsonl", [row])).pairs[0]
-    assert pair.question == "What is the boiling point of water?"
+    assert pair.question == "User: Hi\n\nAssistant: Hello!\n\nUser: What is the boiling point of water?"
     assert sorted([pair.answer_a, pair.answer_b]) == ["100 °C at sea level.", "50 °C."]
     assert {"A": pair.answer_a, "B": pair.answer_b}[pair.label] == "100 °C at sea level."
 
@@ -351,7 +354,7 @@ def test_chosen_rejected_hh_text_transcript(tmp_path):
         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is 7 prime?\n\nAssistant: No.",
     }
     pair = load_pairs(write_jsonl(tmp_path / "hh.jsonl", [row])).pairs[0]
-    assert pair.question == "Is 7 prime?"
+    assert pair.question == "Human: Hi\n\nAssistant: Hello!\n\nHuman: Is 7 prime?"
     assert {"A": pair.answer_a, "B": pair.answer_b}[pair.label] == "Yes, 7 is prime."
     assert {pair.answer_a, pair.answer_b} == {"Yes, 7 is prime.", "No."}
 
@@ -446,12 +449,13 @@ LLMEVAL2 = SHARED / "data" / "llmbar" / "Dataset" / "Processed" / "LLMEval^2" / 
 
 
 @pytest.mark.skipif(not LLMEVAL2.is_file(), reason="shared LLMBar data not present")
-def test_real_llmeval2_has_one_empty_answer(tmp_path):
-    # Real data is messy: row 169 of this file has an empty output_2.
-    assert load_error(LLMEVAL2).startswith(f"{LLMEVAL2}: row 169: field 'output_2' is empty")
-    result = load_pairs(LLMEVAL2, skip_invalid=True, rejects_path=tmp_path / "rejects.jsonl")
-    assert (len(result.pairs), result.n_rejected) == (199, 1)
-    assert read_rejects(result.rejects_path)[0]["line"] == 169
+def test_real_llmeval2_keeps_its_one_empty_answer():
+    # Real data is messy: row 169 of this file has an empty output_2, a legitimate
+    # thing to judge (the other answer is better), so it is kept and counted.
+    result = load_pairs(LLMEVAL2)
+    assert (len(result.pairs), result.n_rejected, result.n_empty_answers) == (200, 0, 1)
+    assert not result.pairs[169].answer_b.strip()
+    assert "1 empty answers kept" in result.describe()
 
 
 def test_shipped_sample_prefs():
@@ -476,7 +480,7 @@ def test_write_pairs_jsonl_round_trips(tmp_path):
 
 
 def test_limit_takes_first_valid_pairs(tmp_path):
-    rows = [dict(CANONICAL_ROWS[0], id="bad", answer_a="  ")] + CANONICAL_ROWS
+    rows = [dict(CANONICAL_ROWS[0], id="bad", question="  ")] + CANONICAL_ROWS
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     result = load_pairs(path, limit=2, skip_invalid=True)
     assert [p.id for p in result.pairs] == ["q1", "q2"]
@@ -495,9 +499,8 @@ GOOD = json.dumps(CANONICAL_ROWS[0])
     [
         ('{"id": "x", "question": "Q", "answer_a": "a", "label": "A"}', "missing field 'answer_b'"),
         ('{"id": "x", "question": "   ", "answer_a": "a", "answer_b": "b", "label": "A"}', "field 'question' is empty"),
-        ('{"id": "x", "question": "Q", "answer_a": "a", "answer_b": "", "label": "A"}', "field 'answer_b' is empty"),
-        ('{"id": "x", "question": "Q", "answer_a": "a", "answer_b": null, "label": "A"}', "field 'answer_b' is empty (null)"),
-        ('{"id": "x", "question": "Q", "answer_a": 4, "answer_b": "b", "label": "A"}', "must be text, got int"),
+        ('{"id": "x", "question": "Q", "answer_a": "a", "answer_b": null, "label": "A"}', "field 'answer_b' is null"),
+        ('{"id": "x", "question": "Q", "answer_a": [4], "answer_b": "b", "label": "A"}', "must be text, got list"),
         ('{"id": "x", "question": "Q", "answer_a": "a", "answer_b": "b", "label": "maybe"}', "unknown label 'maybe'"),
         ('{"id": "x", "question": "Q", "answer_a": "a", "answer_b": "b", "label": 0}', "ambiguous"),
         ('{"id": "x", "question": "Q", "answer_a": "a",', "not valid JSON"),
@@ -532,10 +535,10 @@ def test_missing_field_lists_keys_found(tmp_path):
 
 
 def test_unknown_layout_lists_keys(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Q", "response_a": "a", "response_b": "b", "winner": "A"}])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "Q", "reply_a": "a", "reply_b": "b", "verdict": "A"}])
     message = load_error(path)
     assert message.startswith(f"{path}:1: cannot tell the data layout")
-    assert "['instruction', 'response_a', 'response_b', 'winner']" in message and "fields=" in message
+    assert "['reply_a', 'reply_b', 'text', 'verdict']" in message and "fields=" in message
 
 
 def test_json_bad_row_names_row(tmp_path):
@@ -570,11 +573,11 @@ def test_csv_bad_row_reports_file_line(tmp_path):
     path = write_csv(
         tmp_path / "p.csv",
         ["question", "answer_a", "answer_b", "label"],
-        [["Q1", "a\nmulti\nline", "b", "A"], ["Q2", "a", "   ", "B"]],
+        [["Q1", "a\nmulti\nline", "b", "A"], ["   ", "a", "b", "B"]],
     )
     # header = line 1, first row spans lines 2-4, the bad row starts on line 5
     message = load_error(path)
-    assert message.startswith(f"{path}:5: field 'answer_b' is empty")
+    assert message.startswith(f"{path}:5: field 'question' is empty")
 
 
 def test_csv_wrong_field_count(tmp_path):
@@ -815,3 +818,175 @@ def test_preset_fields_is_accepted_with_a_mapping(tmp_path):
     path = write_jsonl(tmp_path / "f.jsonl", rows)
     assert load_pairs(path, preset="fields", fields=fields).pairs[0].label == "B"
     assert "needs a field mapping" in load_error(path, preset="fields")
+
+
+# ---------------------------------------------------------------------------
+# Real benchmark files (issue 11, items 14-15): empty and non-text answers, the
+# column layouts public pairwise sets use, gzip-compressed JSONL, HH transcripts
+# ---------------------------------------------------------------------------
+
+
+def test_empty_answers_are_kept_and_counted(tmp_path):
+    rows = [dict(CANONICAL_ROWS[0], answer_b=""), dict(CANONICAL_ROWS[1], answer_a="   "), CANONICAL_ROWS[2]]
+    result = load_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert [p.id for p in result.pairs] == ["q1", "q2", "q3"] and result.n_rejected == 0
+    assert (result.pairs[0].answer_b, result.pairs[1].answer_a) == ("", "   ")
+    assert result.n_empty_answers == 2 and "2 empty answers kept" in result.describe()
+
+
+def test_numbers_and_booleans_become_text_and_are_counted(tmp_path):
+    rows = [dict(CANONICAL_ROWS[0], answer_a=4, answer_b=5.5), dict(CANONICAL_ROWS[1], answer_b=True),
+            dict(CANONICAL_ROWS[2], question=1914)]
+    result = load_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
+    a, b, c = result.pairs
+    assert (a.answer_a, a.answer_b, b.answer_b, c.question) == ("4", "5.5", "true", "1914")
+    assert result.n_converted == 4 and "4 number/boolean values converted to text" in result.describe()
+
+
+def test_truly_broken_rows_go_to_rejects(tmp_path):
+    rows = [CANONICAL_ROWS[0], dict(CANONICAL_ROWS[1], answer_b=None), dict(CANONICAL_ROWS[2], answer_a={"x": 1})]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    assert load_error(path).startswith(f"{path}:2: field 'answer_b' is null")
+    result = load_pairs(path, skip_invalid=True)
+    assert [p.id for p in result.pairs] == ["q1"] and result.n_rejected == 2
+    assert [r["line"] for r in read_rejects(result.rejects_path)] == [2, 3]
+
+
+# One case per layout: (rows as a file holds them, file type, expected fields, labels seen)
+LAYOUTS = {
+    "response_A/B, prompt, winner A>B": (
+        [{"prompt": "Q1", "response_A": "a1", "response_B": "b1", "winner": "A>B"},
+         {"prompt": "Q2", "response_A": "a2", "response_B": "b2", "winner": "B>A"},
+         {"prompt": "Q3", "response_A": "a3", "response_B": "b3", "winner": "A=B"}],
+        "jsonl", {"question": "prompt", "a": "response_A", "b": "response_B", "label": "winner"},
+        {"a>b": "A", "b>a": "B", "a=b": "tie"}),
+    "Response 1/2 with a space, Question, Label 1/2 (CSV)": (
+        [{"Question": "Q1", "Response 1": "a1", "Response 2": "b1", "Label": "1"},
+         {"Question": "Q2", "Response 1": "a2", "Response 2": "b2", "Label": "2"},
+         {"Question": "Q3", "Response 1": "a3", "Response 2": "b3", "Label": "tie"}],
+        "csv", {"question": "Question", "a": "Response 1", "b": "Response 2", "label": "Label"},
+        {"1": "A", "2": "B", "tie": "tie"}),
+    "response1/2, instruction + input, label A/B/tie": (
+        [{"instruction": "Q1", "input": "ctx", "response1": "a1", "response2": "b1", "label": "A"},
+         {"instruction": "Q2", "input": "", "response1": "a2", "response2": "b2", "label": "B"},
+         {"instruction": "Q3", "input": None, "response1": "a3", "response2": "b3", "label": "tie"}],
+        "json", {"question": ["instruction", "input"], "a": "response1", "b": "response2", "label": "label"},
+        {"a": "A", "b": "B", "tie": "tie"}),
+    "output_1/2, query, preference 1/2 (Parquet)": (
+        [{"query": "Q1", "output_1": "a1", "output_2": "b1", "preference": 1},
+         {"query": "Q2", "output_1": "a2", "output_2": "b2", "preference": 2},
+         {"query": "Q3", "output_1": "a3", "output_2": "b3", "preference": 1}],
+        "parquet", {"question": "query", "a": "output_1", "b": "output_2", "label": "preference"},
+        {"1": "A", "2": "B"}),
+    "completion_a/b, prompt, label": (
+        [{"prompt": "Q1", "completion_a": "a1", "completion_b": "b1", "label": "a"},
+         {"prompt": "Q2", "completion_a": "a2", "completion_b": "b2", "label": "b"},
+         {"prompt": "Q3", "completion_a": "a3", "completion_b": "b3", "label": "a"}],
+        "jsonl", {"question": "prompt", "a": "completion_a", "b": "completion_b", "label": "label"},
+        {"a": "A", "b": "B"}),
+    "ANSWER1/ANSWER2 upper case, QUESTION, CHOICE": (
+        [{"QUESTION": "Q1", "ANSWER1": "a1", "ANSWER2": "b1", "CHOICE": 2},
+         {"QUESTION": "Q2", "ANSWER1": "a2", "ANSWER2": "b2", "CHOICE": 1},
+         {"QUESTION": "Q3", "ANSWER1": "a3", "ANSWER2": "b3", "CHOICE": 2}],
+        "jsonl", {"question": "QUESTION", "a": "ANSWER1", "b": "ANSWER2", "label": "CHOICE"},
+        {"1": "A", "2": "B"}),
+}
+
+
+def write_rows(tmp_path: Path, rows: list[dict], kind: str) -> Path:
+    path = tmp_path / f"bench.{kind}"
+    if kind == "jsonl":
+        return write_jsonl(path, rows)
+    if kind == "json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+        return path
+    if kind == "csv":
+        return write_csv(path, list(rows[0]), [list(row.values()) for row in rows])
+    return write_parquet(path, rows)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_common_layouts_are_detected_and_named(tmp_path, layout):
+    rows, kind, fields, labels = LAYOUTS[layout]
+    result = load_pairs(write_rows(tmp_path, rows, kind))
+    assert result.preset == "detected" and result.fields == fields
+    assert result.label_values == labels and result.label_map_used == "default"
+    a_key, b_key, label_key = fields["a"], fields["b"], fields["label"]
+    for row, pair in zip(rows, result.pairs):
+        assert (pair.answer_a, pair.answer_b) == (row[a_key], row[b_key])
+        assert pair.label == labels["".join(str(row[label_key]).split()).lower()]
+    described = result.describe()
+    assert described.startswith("layout detected (question=") and f"a={a_key}" in described
+    assert "default table" in described
+    if isinstance(fields["question"], list):  # instruction + input: the input follows when there is one
+        assert [p.question for p in result.pairs] == ["Q1\n\nctx", "Q2", "Q3"]
+    else:
+        assert [p.question for p in result.pairs] == ["Q1", "Q2", "Q3"]
+
+
+@pytest.mark.parametrize("label_map, expected", [("0=tie,1=A,2=B", ["tie", "A", "B"]),
+                                                 ("autoj", ["A", "B", "tie"])])
+def test_zero_one_two_labels_need_a_stated_map_even_with_skip_invalid(tmp_path, label_map, expected):
+    rows = [{"prompt": f"Q{i}", "response_a": "x", "response_b": "y", "label": i} for i in (0, 1, 2)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    for kwargs in ({}, {"skip_invalid": True}):  # rejecting the 0 rows would read 1/2 by guess
+        message = load_error(path, **kwargs)
+        assert message.startswith(f"{path}:1: label 0 is ambiguous") and "label_map=" in message
+    result = load_pairs(path, label_map=label_map)
+    assert [p.label for p in result.pairs] == expected
+    assert result.label_map_used == "label_map" and "your label_map" in result.describe()
+
+
+def test_two_answer_column_pairs_ask_for_fields(tmp_path):
+    row = {"prompt": "Q", "response_a": "x", "response_b": "y", "output_1": "x", "output_2": "y", "label": "A"}
+    message = load_error(write_jsonl(tmp_path / "p.jsonl", [row]))
+    assert "response_a/response_b" in message and "output_1/output_2" in message and "fields=" in message
+
+
+def test_jsonl_gz_is_read_like_jsonl(tmp_path):
+    import gzip
+
+    path = tmp_path / "prefs.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in CANONICAL_ROWS) + '{"id": "bad"}\n')
+    result = load_pairs(path, skip_invalid=True)
+    assert [p.id for p in result.pairs] == ["q1", "q2", "q3"] and result.preset == "canonical"
+    assert result.rejects_path == tmp_path / "prefs.rejects.jsonl"
+    assert read_rejects(result.rejects_path)[0]["line"] == 4
+
+
+def test_hh_transcripts_must_share_the_conversation(tmp_path):
+    row = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is 7 prime?\n\nAssistant: Yes.",
+           "rejected": "\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Is 7 prime?\n\nAssistant: No."}
+    message = load_error(write_jsonl(tmp_path / "hh.jsonl", [row]))
+    assert "chosen and rejected differ before their last assistant turn" in message
+
+
+def test_hh_single_turn_and_empty_final_answer(tmp_path):
+    row = {"chosen": "\n\nHuman: Say nothing.\n\nAssistant:", "rejected": "\n\nHuman: Say nothing.\n\nAssistant: Nothing!"}
+    result = load_pairs(write_jsonl(tmp_path / "hh.jsonl", [row]))
+    pair = result.pairs[0]
+    assert pair.question == "Say nothing."
+    assert {"A": pair.answer_a, "B": pair.answer_b}[pair.label] == ""
+    assert result.n_empty_answers == 1
+
+
+HH_HARMLESS = SHARED / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+@pytest.mark.skipif(not HH_HARMLESS.is_file(), reason="shared HH-RLHF data not present")
+def test_real_hh_rlhf_harmless_base(tmp_path):
+    first = json.loads(__import__("gzip").open(HH_HARMLESS, "rt", encoding="utf-8").readline())
+    result = load_pairs(HH_HARMLESS, skip_invalid=True, rejects_path=tmp_path / "rejects.jsonl")
+    assert result.preset == "chosen_rejected"
+    # 5 rows whose chosen and rejected transcripts part before the final turn; 4 empty chosen answers
+    assert (len(result.pairs), result.n_rejected, result.n_empty_answers) == (2307, 5, 4)
+    assert [r["line"] for r in read_rejects(result.rejects_path)] == [1255, 1689, 1951, 1953, 2037]
+    pair = result.pairs[0]
+    assert pair.id == "harmless-base-test-0"
+    # A multi-turn conversation keeps its context: the last Human turn alone would not say what "yep" is.
+    assert pair.question.startswith("Human: what are some pranks with a pen i can do?\n\nAssistant:")
+    assert pair.question.endswith("Human: okay some of these do not have anything to do with pens")
+    chosen = {"A": pair.answer_a, "B": pair.answer_b}[pair.label]
+    assert chosen == first["chosen"].rpartition("\n\nAssistant:")[2].strip()
+    assert Counter(p.label for p in result.pairs)["A"] > 1000  # both slots used
