@@ -64,6 +64,8 @@ class DataConfig:
 @dataclass
 class PromptConfig:
     template: str = opt("en", "built-in template (en, zh) or a YAML file with user/hint/system")
+    date_string: str = opt("26 Jul 2024", "the date given to chat templates that print one (Llama 3.x: "
+                           "'Today Date'); pinned so the judge's prompt never changes by day")
 
 
 @dataclass
@@ -272,6 +274,18 @@ def check_recipe(recipe: Recipe) -> None:
         raise InputError(f"warmup.source: expected none, positives or a .jsonl file of judgments, got {source!r}")
     if recipe.warmup.max_examples is not None and recipe.warmup.max_examples < 1:
         raise InputError(f"warmup.max_examples: expected 1 or more, got {recipe.warmup.max_examples}")
+    sampling = recipe.sampling
+    if sampling.temperature < 0:
+        raise InputError(f"sampling.temperature: expected 0 or more, got {sampling.temperature}")
+    if sampling.temperature == 0 and (sampling.n_repeats > 1 or sampling.hint_samples > 1):
+        raise InputError(
+            f"sampling.temperature: 0 means greedy decoding, which gives the same judgment every time, "
+            f"so n_repeats={sampling.n_repeats} / hint_samples={sampling.hint_samples} repeats cannot differ "
+            "(and transformers refuses several return sequences without sampling). Use a temperature "
+            "above 0 (the paper: 1.2), or n_repeats=1 and hint_samples=1"
+        )
+    if not str(recipe.prompts.date_string).strip():
+        raise InputError("prompts.date_string: empty; give a fixed date such as '26 Jul 2024'")
 
 
 def recipe_from_dict(raw: dict, source: str = "recipe", overrides: list[str] = ()) -> Recipe:

@@ -8,6 +8,12 @@ Hint-driven sampling prefills the start of the assistant turn with
 "answer k is better, I explain why", so the model's judgment continues from it.
 (In the reference release the hint was lost to a chat-template mismatch; putting it
 in the assistant prefix makes that impossible, and `render_prompt` tests it.)
+
+Real chat templates differ in how they treat a system message, so `check_chat_template`
+renders the judge prompt once at load time and decides (a `ChatFormat`) whether the
+system text must be folded into the user turn; it also pins the date that templates
+such as Llama 3.x print ("Today Date: ..."). The decision is remembered on the
+tokenizer, so `render_prompt` and `chat_messages` apply it for every caller.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
+
+from .errors import InputError
 
 ORDERS = ("ab", "ba")
 PLACEHOLDER = re.compile(r"\{(question|answer_1|answer_2|k)\}")
@@ -125,6 +133,112 @@ def build_messages(template: JudgeTemplate, question: str, answer_1: str, answer
     return messages
 
 
+# The date given to chat templates that print one (Llama 3.x: "Today Date: ..."). Without
+# it transformers passes today's date (strftime_now), so the judge's prompt would change
+# every day and differ from the one it was trained with. This is the Llama 3.1 template's
+# own fallback, so a pinned prompt equals what the template writes when no date is given.
+DEFAULT_CHAT_DATE = "26 Jul 2024"
+CHAT_FORMAT_ATTR = "_conj_lite_chat_format"
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How the judge's messages go through one tokenizer's chat template.
+
+    fold_system: the system text goes into the user turn ("system\n\nuser"), for
+    templates that reject a system role (Gemma 2) or render it only when the user turn
+    is the last message (Mistral 7B Instruct v0.3), which makes the prompt alone differ
+    from the prompt followed by a reply.
+    date_string: passed to apply_chat_template as `date_string`."""
+
+    fold_system: bool = False
+    date_string: str = DEFAULT_CHAT_DATE
+
+    def messages(self, messages: list[dict]) -> list[dict]:
+        """`messages` as this template takes them (system text folded when needed)."""
+        if not self.fold_system or not messages or messages[0].get("role") != "system":
+            return list(messages)
+        system, rest = messages[0], list(messages[1:])
+        if rest and rest[0].get("role") == "user":
+            rest[0] = {**rest[0], "content": f"{system['content']}\n\n{rest[0]['content']}"}
+        else:
+            rest.insert(0, {"role": "user", "content": system["content"]})
+        return rest
+
+    def template_kwargs(self) -> dict:
+        """Extra keyword arguments for apply_chat_template (TRL: a dataset's
+        `chat_template_kwargs` column)."""
+        return {"date_string": self.date_string}
+
+    def training_row(self, row: dict) -> dict:
+        """A prompt/chosen/rejected (or prompt/completion) row for TRL with the prompt
+        folded as needed and the pinned date in `chat_template_kwargs`."""
+        return {**row, "prompt": self.messages(row["prompt"]), "chat_template_kwargs": self.template_kwargs()}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _render(tokenizer, messages: list[dict], date_string: str, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         date_string=date_string)
+
+
+def _prefix_problem(tokenizer, messages: list[dict], date_string: str) -> str | None:
+    """None when the prompt alone renders as a prefix of the prompt + a reply, else why not."""
+    reply = {"role": "assistant", "content": '{"rationale": "check", "better_answer": 1}'}
+    try:
+        prompt = _render(tokenizer, messages, date_string, True)
+        full = _render(tokenizer, [*messages, reply], date_string, False)
+    except Exception as exc:  # Jinja's raise_exception: "System role not supported", ...
+        return f"the chat template raised {type(exc).__name__}: {exc}"
+    if full.startswith(prompt):
+        return None
+    at = next((i for i, (x, y) in enumerate(zip(prompt, full)) if x != y), min(len(prompt), len(full)))
+    return (f"the prompt alone is not a prefix of the prompt + reply; they part at character {at}: "
+            f"{prompt[max(0, at - 30):at + 30]!r} vs {full[max(0, at - 30):at + 30]!r}")
+
+
+def check_chat_template(tokenizer, template: JudgeTemplate | None = None,
+                        date_string: str = DEFAULT_CHAT_DATE) -> ChatFormat:
+    """Decide, once per tokenizer, how judge prompts go through its chat template.
+
+    Renders [system, user] + generation prompt and [system, user, assistant reply]; when
+    the template raises or the first is not a prefix of the second (TRL's DPOTrainer
+    would then start the completion where they part, training on the user turn), the
+    system text is folded into the user turn and checked again. Still not a prefix:
+    InputError. The result is remembered on the tokenizer (render_prompt and
+    chat_messages use it) and returned; record `to_dict()` with the run."""
+    system = (template.system if template is not None else None) or "You are a fair judge."
+    user = fill(template.user, question="Q?", answer_1="One.", answer_2="Two.") if template is not None else "Q?"
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    chat = ChatFormat(False, date_string)
+    problem = _prefix_problem(tokenizer, messages, date_string)
+    if problem is not None:
+        chat = ChatFormat(True, date_string)
+        folded = _prefix_problem(tokenizer, chat.messages(messages), date_string)
+        if folded is not None:
+            name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+            raise InputError(
+                f"{name}: its chat template cannot hold the judge prompt: with a system message {problem}; "
+                f"with the system text folded into the user turn {folded}. Use a chat model whose template "
+                "renders a prompt that the reply continues, or set a chat_template on the tokenizer"
+            )
+    setattr(tokenizer, CHAT_FORMAT_ATTR, chat)
+    return chat
+
+
+def chat_format(tokenizer) -> ChatFormat:
+    """The tokenizer's ChatFormat; checked now (with the default date) if it never was."""
+    chat = getattr(tokenizer, CHAT_FORMAT_ATTR, None)
+    return chat if chat is not None else check_chat_template(tokenizer)
+
+
+def chat_messages(tokenizer, template: JudgeTemplate, question: str, answer_1: str, answer_2: str) -> list[dict]:
+    """build_messages as this tokenizer's chat template takes them (system folded when needed)."""
+    return chat_format(tokenizer).messages(build_messages(template, question, answer_1, answer_2))
+
+
 def hint_prefix(template: JudgeTemplate, k: int) -> str:
     """The assistant prefix that tells the model answer k is better."""
     if k not in (1, 2):
@@ -134,9 +248,10 @@ def hint_prefix(template: JudgeTemplate, k: int) -> str:
 
 def render_prompt(tokenizer, messages: list[dict], assistant_prefix: str = "") -> str:
     """The exact model input: the chat template with the generation prompt, then the
-    prefilled start of the assistant turn (empty for plain judgments)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + assistant_prefix
+    prefilled start of the assistant turn (empty for plain judgments). The system text
+    is folded and the date pinned as `check_chat_template` decided for this tokenizer."""
+    chat = chat_format(tokenizer)
+    return _render(tokenizer, chat.messages(messages), chat.date_string, True) + assistant_prefix
 
 
 def judge_verdict_json(template: JudgeTemplate, rationale: str, verdict: int) -> str:

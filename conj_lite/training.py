@@ -31,6 +31,7 @@ from pathlib import Path
 from .config import Recipe, save_recipe
 from .errors import InputError
 from .models import Runtime, import_unsloth_first, load_causal_lm, load_tokenizer, resolve_runtime
+from .prompts import check_chat_template, load_template
 
 TRAIN_META = "conj_lite_train.json"
 
@@ -305,8 +306,13 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
             f"{pairs_path}: no DPO pairs to train on. The base model never produced both a right and a wrong "
             "judgment for the same example; sample more (sampling.n_repeats), use more data, or check stats.json"
         )
-    dataset = Dataset.from_list(to_sft_rows(pairs) if sft else to_preference_rows(pairs))
     model, tokenizer, peft_config, gradient_checkpointing = load_for_training(base, recipe, runtime, init_adapter)
+    # The chat template must render the prompt alone as a prefix of prompt + judgment, or
+    # TRL starts the completion where they part (Mistral v0.3, Gemma 2): fold the system
+    # text when needed, and pin the date templates print (Llama 3.x).
+    chat = check_chat_template(tokenizer, load_template(recipe.prompts.template), recipe.prompts.date_string)
+    rows = to_sft_rows(pairs) if sft else to_preference_rows(pairs)
+    dataset = Dataset.from_list([chat.training_row(row) for row in rows])
     args = trainer_config(recipe, runtime, out_dir, gradient_checkpointing)
     if sft:
         from trl import SFTTrainer as trainer_class

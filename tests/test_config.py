@@ -319,3 +319,35 @@ def test_label_map_is_a_mapping_text_or_a_named_map(tmp_path, sample_data):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = ConjRun.from_recipe(None, tmp_path / "run", [f"data.path={path}", "data.label_map=autoj"])
     assert [p.label for p in run.data().pairs] == ["A", "B", "tie"] * 2
+
+
+# ---------------------------------------------------------------- values checked at load (issue 11)
+
+
+@pytest.mark.parametrize("overrides", [["sampling.temperature=0"], ["sampling.temperature=0.0", "sampling.n_repeats=2"],
+                                       ["sampling.temperature=0", "sampling.n_repeats=1", "sampling.hint_samples=2"]])
+def test_greedy_sampling_with_repeats_is_refused_at_load(overrides):
+    with pytest.raises(InputError) as info:
+        load_recipe(None, overrides)
+    message = str(info.value)
+    assert message.startswith("defaults: sampling.temperature: 0 means greedy decoding")
+    assert "n_repeats=1 and hint_samples=1" in message
+
+
+def test_greedy_sampling_with_one_sample_each_is_fine():
+    recipe = load_recipe(None, ["sampling.temperature=0", "sampling.n_repeats=1", "sampling.hint_samples=1"])
+    assert recipe.sampling.temperature == 0
+
+
+def test_negative_temperature_is_refused():
+    with pytest.raises(InputError, match="sampling.temperature: expected 0 or more"):
+        load_recipe(None, ["sampling.temperature=-1"])
+
+
+def test_chat_date_is_a_pinned_recipe_field(tmp_path):
+    recipe = load_recipe(None, ["prompts.date_string=01 Jan 2025"])
+    assert recipe.prompts.date_string == "01 Jan 2025"
+    save_recipe(recipe, tmp_path / "r.yaml")  # recorded with the run
+    assert load_recipe(tmp_path / "r.yaml").prompts.date_string == "01 Jan 2025"
+    with pytest.raises(InputError, match="prompts.date_string: empty"):
+        load_recipe(None, ["prompts.date_string= "])
