@@ -12,9 +12,10 @@ the warmed-up model. Here the correct judgments come from
              prompt and a completion (or chosen) text.
 
 Position swapping: every judgment is also added with the answers in the other order,
-its verdict flipped and the answer numbers in its rationale exchanged ("answer 1 is
-wrong" becomes "answer 2 is wrong"), so the warm-up set holds as many verdicts for
-answer 1 as for answer 2 and cannot teach a position preference.
+its verdict flipped and the answer references in its rationale exchanged ("answer 1 is
+wrong" becomes "answer 2 is wrong"; likewise "the first answer", "Response 1",
+"Output (a)", "Assistant B", "第一个回答"), so the warm-up set holds as many verdicts
+for answer 1 as for answer 2 and cannot teach a position preference.
 """
 
 from __future__ import annotations
@@ -44,14 +45,49 @@ def slot_word(template: JudgeTemplate) -> str:
     return match.group(1) if match else "answer"
 
 
+# Words a rationale names an answer with, besides the template's own slot word.
+SLOT_NOUNS = ("answer", "response", "output", "assistant", "completion", "reply", "candidate", "option")
+ZH_SLOT_NOUNS = ("回答", "答案", "回复", "输出")
+SWAPPED = {"1": "2", "2": "1", "A": "B", "B": "A", "a": "b", "b": "a", "一": "二", "二": "一"}
+
+
 @lru_cache(maxsize=8)
 def _slot_pattern(template: JudgeTemplate) -> re.Pattern:
-    return re.compile(rf"({re.escape(slot_word(template))})(\s*)([12])(?!\d)", re.IGNORECASE)
+    nouns = "|".join(re.escape(word) for word in (slot_word(template), *SLOT_NOUNS, *ZH_SLOT_NOUNS))
+    return re.compile(
+        # "Answer 1", "response_2", "Output (a)", "Assistant B", "回答1": a noun, then 1/2,
+        # (a)/(b) or a capital A/B standing alone ("answer a question" is left alone)
+        rf"(?P<noun>(?<![A-Za-z])(?i:{nouns}))(?P<sep>[ _]?)"
+        r"(?:\((?P<paren>[12abAB])\)|(?P<num>[12])(?!\d)|(?P<letter>[AB])(?!\w))"
+        # "the first answer", "the second one", "First response"
+        rf"|(?<![A-Za-z])(?P<ord>(?i:first|second))(?P<osep>\s+)(?=(?i:{nouns}|one)\b)"
+        # "第一个回答", "第二个答案"
+        rf"|第(?P<zh>[一二])(?=个?(?:{'|'.join(ZH_SLOT_NOUNS)}))"
+    )
+
+
+def _swap_ordinal(word: str) -> str:
+    other = "second" if word.lower() == "first" else "first"
+    if word.isupper():
+        return other.upper()
+    return other.capitalize() if word[0].isupper() else other
+
+
+def _swap_match(match: re.Match) -> str:
+    if match.group("noun") is not None:
+        if match.group("paren") is not None:
+            return f"{match.group('noun')}{match.group('sep')}({SWAPPED[match.group('paren')]})"
+        return f"{match.group('noun')}{match.group('sep')}{SWAPPED[match.group('num') or match.group('letter')]}"
+    if match.group("ord") is not None:
+        return _swap_ordinal(match.group("ord")) + match.group("osep")
+    return "第" + SWAPPED[match.group("zh")]
 
 
 def swap_slots(text: str, template: JudgeTemplate) -> str:
-    """Exchange the answer numbers in `text`: "Answer 1" <-> "Answer 2" (any case)."""
-    return _slot_pattern(template).sub(lambda m: f"{m.group(1)}{m.group(2)}{3 - int(m.group(3))}", text)
+    """Exchange the answer references in `text`, both ways in one pass: "Answer 1" <->
+    "Answer 2" (any case), "the first answer" <-> "the second answer", "Response 1",
+    "Output (a)", "Assistant A" / "B", "第一个回答" <-> "第二个回答"."""
+    return _slot_pattern(template).sub(_swap_match, text)
 
 
 def other_order(order: str) -> str:

@@ -74,6 +74,36 @@ def test_swap_slots_exchanges_answer_numbers_in_any_case():
     assert swap_slots("回答1更准确，回答2有误。", ZH) == "回答2更准确，回答1有误。"
 
 
+@pytest.mark.parametrize("text, swapped", [
+    ("The first answer is right; the second one is wrong.", "The second answer is right; the first one is wrong."),
+    ("First response: fine. SECOND ANSWER: off.", "Second response: fine. FIRST ANSWER: off."),
+    ("Response 1 is clearer than Response 2.", "Response 2 is clearer than Response 1."),
+    ("response_1 beats response_2; Response1 too", "response_2 beats response_1; Response2 too"),
+    ("Output (a) is correct, Output (b) is not.", "Output (b) is correct, Output (a) is not."),
+    ("Assistant A answers; Assistant B refuses. Answer A's claim holds.",
+     "Assistant B answers; Assistant A refuses. Answer B's claim holds."),
+    ("Option 2 over option 1; completion B over completion A.", "Option 1 over option 2; completion A over completion B."),
+])
+def test_swap_slots_covers_the_common_ways_to_name_an_answer(text, swapped):
+    assert swap_slots(text, EN) == swapped
+    assert swap_slots(swapped, EN) == text  # symmetric: one pass, no double swap
+
+
+@pytest.mark.parametrize("text", [
+    "First, check the facts; second, the style.",  # ordinals that name no answer
+    "It does answer a question and gives an answer 12 times.",  # "a" as an article, 12 not a slot
+    "The first step is to read the answer carefully.",
+])
+def test_swap_slots_leaves_other_words_alone(text):
+    assert swap_slots(text, EN) == text
+
+
+def test_swap_slots_chinese_ordinals():
+    text = "第一个回答更准确，第二个答案有误；答案1比回复2好。第一，看事实。"
+    swapped = "第二个回答更准确，第一个答案有误；答案2比回复1好。第一，看事实。"
+    assert swap_slots(text, ZH) == swapped and swap_slots(swapped, ZH) == text
+
+
 def test_verdict_only_format():
     assert format_judgment(None, 2) == '{"better_answer": 2}'
     assert format_judgment(None, 1, verdict_key="更好的回答") == '{"更好的回答": 1}'
