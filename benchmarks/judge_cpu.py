@@ -84,7 +84,7 @@ def versions() -> dict:
 
 
 def open_judge(backend: str, model_dir: Path, gguf: dict, threads: int, max_new_tokens: int):
-    from conj_lite.judge import Judge
+    from conj_lite.judging import Judge
 
     if backend == "hf-fp32":
         return Judge.from_hf(model_dir, dtype="float32", n_threads=threads, max_new_tokens=max_new_tokens, warn=None)

@@ -34,7 +34,10 @@ class TinyConfig:
     num_attention_heads: int = opt(4, "attention heads")
     num_key_value_heads: int = opt(2, "key/value heads")
     vocab_size: int = opt(2048, "sentencepiece vocabulary size")
+    max_position_embeddings: int = opt(2048, "longest sequence the model takes")
     warmup_steps: int = opt(150, "steps of format warm-up so the model writes JSON judgments")
+    warmup_batch_size: int = opt(16, "examples per format warm-up step")
+    warmup_lr: float = opt(3e-3, "learning rate of the format warm-up")
     seed: int = opt(0, "seed of the build")
 
 
@@ -318,3 +321,27 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), "utf-8")
+
+
+# ---------------------------------------------------------------- shipped recipes
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data: conj_lite/recipes/*.yaml
+
+
+def shipped_recipes() -> list[Path]:
+    """The recipes that ship inside the package (what `conj-lite recipes` lists)."""
+    return sorted(RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+
+
+def find_recipe(value: str | Path | None) -> Path | None:
+    """A recipe file from a path, or from a shipped recipe's name: "tiny-cpu",
+    "tiny-cpu.yaml" and the pre-0.2 "recipes/tiny-cpu.yaml" all find
+    conj_lite/recipes/tiny-cpu.yaml unless a file of that name exists. Anything else
+    is returned as a path (load_recipe reports it missing)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.exists() or path.parent.name not in ("", "recipes") or len(path.parts) > 2:
+        return path
+    shipped = RECIPES_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return shipped if shipped.is_file() else path

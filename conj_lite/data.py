@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from conj_lite.errors import InputError
+from conj_lite.jsonio import iter_jsonl_objects  # noqa: F401  (read by training and warm-up)
 
 LABELS = ("A", "B", "tie")
 
@@ -605,24 +606,6 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
             row, problem = _parse_json_object(text)
             yield RawRow(where, line_number, f"{_stem(path)}-{index}", row, text, problem)
             index += 1
-
-
-def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(`file:line`, row) for every non-blank line of a JSONL file of our own making
-    (pairs, warm-up judgments); the first bad line is an InputError naming it."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: invalid JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{where}: expected a JSON object")
-            yield where, row
 
 
 def _parse_json_object(text: str) -> tuple[dict | None, str | None]:

@@ -40,14 +40,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from . import __version__
+from .artifacts import (
+    GGUF_TEMPLATE_KEY,
+    GGUF_VERSION_KEY,
+    MERGE_META,
+    TRAIN_META,  # noqa: F401  (re-exported: conj_lite.export.TRAIN_META)
+    describe_source,
+    has_gguf_magic,
+    resolve_template,
+)
 from .errors import InputError
-from .prompts import JudgeTemplate, load_template
+from .judging.verify import VerifyReport, print_verify, verify_export
+from .jsonio import read_json, write_json
+from .progress import get_console
+from .prompts import JudgeTemplate
+from .tiny import cache_root
 
-TRAIN_META = "conj_lite_train.json"  # written by conj_lite.training next to the adapter
-MERGE_META = "conj_lite_merge.json"  # written last into merged/: its presence marks completion
 MANIFEST = "export.json"
-GGUF_TEMPLATE_KEY = "conj_lite.judge_template"
-GGUF_VERSION_KEY = "conj_lite.version"
 SDIST_ENV = "CONJ_LITE_LLAMA_SDIST"
 CONVERTER_MARKER = "conj_lite_converter.json"
 CONVERTER_OUTTYPES = ("f16", "bf16", "f32", "q8_0")
@@ -81,11 +91,7 @@ QUANT_TYPES = {
 
 
 def _console(console=None):
-    if console is not None:
-        return console
-    from .progress import get_console
-
-    return get_console()
+    return console if console is not None else get_console()
 
 
 def _human_size(n: int) -> str:
@@ -94,12 +100,6 @@ def _human_size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _sha256_file(path: Path, limit: int | None = None) -> str:
@@ -169,8 +169,6 @@ def installed_llama_cpp_version() -> str:
 
 
 def converter_cache_dir(version: str) -> Path:
-    from .tiny import cache_root
-
     return cache_root() / "llama.cpp" / f"llama-cpp-python-{version}"
 
 
@@ -367,54 +365,6 @@ def find_converter(llama_cpp_dir: str | Path | None = None, *, sdist: str | Path
 # ---------------------------------------------------------------- merge
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read JSON: {exc}") from None
-
-
-def describe_source(path: str | Path) -> dict:
-    """What a training output is: {"kind": "adapter"|"model", "base": ..., "template": ...,
-    "load_in_4bit": ...}. InputError for a directory that is neither."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such adapter or model directory")
-    if not path.is_dir():
-        raise InputError(f"{path}: expected a directory (a LoRA adapter or a transformers model), got a file")
-    meta = _read_json(path / TRAIN_META) if (path / TRAIN_META).is_file() else {}
-    if (path / "adapter_config.json").is_file():
-        adapter_cfg = _read_json(path / "adapter_config.json")
-        base = meta.get("base_model") or adapter_cfg.get("base_model_name_or_path")
-        if not base:
-            raise InputError(f"{path}: the adapter does not name its base model; pass --base")
-        return {"kind": "adapter", "base": base, "template": meta.get("template"),
-                "load_in_4bit": bool(meta.get("load_in_4bit", False))}
-    if (path / "config.json").is_file():
-        merge_meta = _read_json(path / MERGE_META) if (path / MERGE_META).is_file() else {}
-        return {"kind": "model", "base": str(path), "template": merge_meta.get("template") or meta.get("template"),
-                "load_in_4bit": False}
-    raise InputError(
-        f"{path}: not a model directory: no adapter_config.json (a LoRA adapter) and no config.json (a transformers model)"
-    )
-
-
-def resolve_template(value) -> JudgeTemplate:
-    """A JudgeTemplate from a name, a file path, a dict (as embedded in GGUF/merge
-    metadata) or None (the default "en")."""
-    if isinstance(value, JudgeTemplate):
-        return value
-    if isinstance(value, dict):
-        try:
-            return JudgeTemplate(**value)
-        except TypeError as exc:
-            raise InputError(f"judge template metadata is not a template: {exc}") from None
-    try:
-        return load_template(value or "en")
-    except ValueError as exc:
-        raise InputError(f"{exc}; pass --template with a built-in name or an existing file") from None
-
-
 def source_fingerprint(path: Path, base: str | None, dtype: str, template: JudgeTemplate) -> str:
     """Changes whenever the adapter (or model), its base, the dtype or the template does."""
     digest = hashlib.sha256()
@@ -538,8 +488,8 @@ def merge_adapter(source: str | Path, merged_dir: str | Path, *, base: str | Non
     template = resolve_template(template if template is not None else info["template"])
     fingerprint = source_fingerprint(source, base, dtype, template)
     done = merged_dir / MERGE_META
-    if not force and done.is_file() and _read_json(done).get("fingerprint") == fingerprint:
-        meta = _read_json(done)
+    if not force and done.is_file() and read_json(done).get("fingerprint") == fingerprint:
+        meta = read_json(done)
         return MergeResult(merged_dir, 0.0, True, meta.get("dtype", dtype), fingerprint)
 
     import torch
@@ -588,7 +538,7 @@ def merge_adapter(source: str | Path, merged_dir: str | Path, *, base: str | Non
     model.save_pretrained(str(staging), safe_serialization=True)
     tokenizer.save_pretrained(str(staging))
     config_path = staging / "tokenizer_config.json"
-    tok_config = _read_json(config_path) if config_path.is_file() else {}
+    tok_config = read_json(config_path) if config_path.is_file() else {}
     tok_config["add_bos_token"], tok_config["add_eos_token"] = add_bos, add_eos
     tok_config.setdefault("added_tokens_decoder", _added_tokens_decoder(tokenizer))
     config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -656,7 +606,7 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, converter: Converter, *, o
     converted = out_path.with_name(out_path.name + ".convert.partial")
     final_tmp = out_path.with_name(out_path.name + ".partial")
     metadata_file = out_path.with_name(out_path.name + ".metadata.json")
-    merge_meta = _read_json(merged_dir / MERGE_META) if (merged_dir / MERGE_META).is_file() else {}
+    merge_meta = read_json(merged_dir / MERGE_META) if (merged_dir / MERGE_META).is_file() else {}
     base = merge_meta.get("base_model")
     metadata = {
         "general.name": name,
@@ -690,8 +640,6 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, converter: Converter, *, o
 
 
 def _conj_lite_version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -786,62 +734,6 @@ def ollama_modelfile_text(gguf_name: str, template: JudgeTemplate, chat_template
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- verify
-
-
-@dataclass
-class VerifyReport:
-    """HF merged model vs each GGUF on the same pairs (verdict mode)."""
-
-    pairs: int
-    files: dict[str, dict]  # type -> {"agreement", "max_p_diff", "mean_p_diff"}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def default_verify_pairs(n: int):
-    """N sanity pairs (the built-in facts, right answer alternating between A and B)."""
-    from .data import PreferencePair
-    from .tiny import FACTS
-
-    pairs = []
-    for i in range(n):
-        question, good, bad = FACTS[i % len(FACTS)]
-        a, b, label = (good, bad, "A") if i % 2 == 0 else (bad, good, "B")
-        pairs.append(PreferencePair(id=f"verify-{i}", question=question, answer_a=a, answer_b=b, label=label))
-    return pairs
-
-
-def verify_export(merged_dir: Path, files: dict[str, Path], n: int, *, pairs=None, threads: int | None = None,
-                  console=None) -> VerifyReport:
-    """Judge `n` pairs with the merged HF model and with each GGUF; compare verdicts and P(A)."""
-    from .judge import Judge
-
-    if pairs is None:
-        pairs = default_verify_pairs(n)
-    elif isinstance(pairs, (str, Path)):
-        from .data import load_pairs
-
-        pairs = load_pairs(pairs, limit=n).pairs
-    pairs = list(pairs)[:n]
-    reference = Judge.from_hf(merged_dir)
-    ref = [reference.compare(p.question, p.answer_a, p.answer_b, mode="verdict") for p in pairs]
-    reference.close()
-    out = {}
-    for qtype, path in files.items():
-        judge = Judge.from_gguf(path, n_threads=threads)
-        got = [judge.compare(p.question, p.answer_a, p.answer_b, mode="verdict") for p in pairs]
-        judge.close()
-        diffs = [abs(a.p_a - b.p_a) for a, b in zip(ref, got)]
-        out[qtype] = {
-            "agreement": sum(a.verdict == b.verdict for a, b in zip(ref, got)) / max(1, len(pairs)),
-            "max_p_diff": max(diffs, default=0.0),
-            "mean_p_diff": sum(diffs) / max(1, len(diffs)),
-        }
-    return VerifyReport(len(pairs), out)
-
-
 # ---------------------------------------------------------------- the stage
 
 
@@ -887,15 +779,6 @@ class ExportResult:
         }
 
 
-def _gguf_ok(path: Path) -> bool:
-    """A quick header check: the file is a GGUF that gguf-py can read."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
 def export_gguf(
     adapter_dir: str | Path,
     out_dir: str | Path,
@@ -939,7 +822,7 @@ def export_gguf(
     converter = find_converter(llama_cpp_dir, console=console)
     merge = merge_adapter(adapter_dir, merged_dir, base=base, dtype=merge_dtype, template=template, force=force,
                           console=console)
-    merge_meta = _read_json(merged_dir / MERGE_META)
+    merge_meta = read_json(merged_dir / MERGE_META)
     judge_template = resolve_template(merge_meta["template"])
     console.print(
         f"export: merged model in {merged_dir} ({'up to date' if merge.skipped else f'{merge.seconds:.1f}s'}, "
@@ -949,14 +832,14 @@ def export_gguf(
 
     gguf_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = gguf_dir / MANIFEST
-    manifest = _read_json(manifest_path) if manifest_path.is_file() else {}
+    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
     source_key = {"merged": merge.fingerprint, "outtype": outtype, "converter": converter.version, "name": name}
     if manifest.get("source") != source_key:
         manifest = {"source": source_key, "files": {}}
 
     def up_to_date(kind: str, path: Path) -> bool:
         entry = manifest["files"].get(kind)
-        return (not force and entry is not None and path.is_file() and _gguf_ok(path)
+        return (not force and entry is not None and path.is_file() and has_gguf_magic(path)
                 and path.stat().st_size == entry.get("size"))
 
     files: list[GGUFFile] = []
@@ -975,7 +858,7 @@ def export_gguf(
         files.append(GGUFFile(outtype, base_path, base_path.stat().st_size, seconds, False, report.types))
         manifest["files"][outtype] = {"size": base_path.stat().st_size, "seconds": round(seconds, 2),
                                       "tensor_types": report.types}
-        _write_json_atomic(manifest_path, manifest)
+        write_json(manifest_path, manifest)
 
     for qtype in quant_types:
         path = gguf_dir / f"{name}-{qtype}.gguf"
@@ -991,7 +874,7 @@ def export_gguf(
         files.append(GGUFFile(qtype, path, path.stat().st_size, seconds, False, report.types, report.fallbacks))
         manifest["files"][qtype] = {"size": path.stat().st_size, "seconds": round(seconds, 2),
                                     "tensor_types": report.types, "fallbacks": report.fallbacks}
-        _write_json_atomic(manifest_path, manifest)
+        write_json(manifest_path, manifest)
 
     modelfile = None
     if ollama_modelfile:
@@ -1009,7 +892,7 @@ def export_gguf(
                                       threads=threads or None, console=console)
         print_verify(result.verify, console)
         manifest["verify"] = result.verify.to_dict()
-        _write_json_atomic(manifest_path, manifest)
+        write_json(manifest_path, manifest)
     return result
 
 
@@ -1017,7 +900,7 @@ def export_gguf(
 def _chat_template_and_eos(merged_dir: Path) -> tuple[str | None, str | None]:
     template = None
     jinja = merged_dir / "chat_template.jinja"
-    config = _read_json(merged_dir / "tokenizer_config.json") if (merged_dir / "tokenizer_config.json").is_file() else {}
+    config = read_json(merged_dir / "tokenizer_config.json") if (merged_dir / "tokenizer_config.json").is_file() else {}
     if jinja.is_file():
         template = jinja.read_text("utf-8")
     elif isinstance(config.get("chat_template"), str):
@@ -1051,71 +934,3 @@ def print_export(result: ExportResult, console) -> None:
             )
     if result.modelfile:
         console.print(f"export: Ollama Modelfile {result.modelfile}", highlight=False)
-
-
-def print_verify(report: VerifyReport, console) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"verify: merged HF model vs GGUF on {report.pairs} pairs (verdict mode)", header_style="bold")
-    for column in ("file", "verdict agreement", "max |ΔP(A)|", "mean |ΔP(A)|"):
-        table.add_column(column, justify="left" if column == "file" else "right")
-    for qtype, row in report.files.items():
-        table.add_row(qtype, f"{100 * row['agreement']:.0f}%", f"{row['max_p_diff']:.4f}", f"{row['mean_p_diff']:.4f}")
-    console.print(table)
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_cli(subparsers) -> None:
-    """`conj-lite export`: the lead's cli.py calls this with its subparsers."""
-    p = subparsers.add_parser(
-        "export",
-        help="S4: merge the adapter and write GGUF files (f16 + quantized) with llama.cpp's converter",
-        description="Merge the LoRA adapter into 16-bit weights (OUT/merged), convert it with llama.cpp's own "
-        "converter (OUT/gguf/<name>-f16.gguf) and quantize it in-process (OUT/gguf/<name>-<type>.gguf). "
-        "Finished outputs are skipped on a re-run.",
-    )
-    p.add_argument("--out", required=True, help="run directory: reads OUT/adapter, writes OUT/merged and OUT/gguf")
-    p.add_argument("--adapter", help="LoRA adapter (or transformers model) directory; default OUT/adapter")
-    p.add_argument("--base", help="base model id or path; default: the one recorded with the adapter")
-    p.add_argument("--outtype", default="f16", choices=CONVERTER_OUTTYPES, help="converter output type (default f16)")
-    p.add_argument("--quant", default="q8_0,q4_k_m",
-                   help=f"comma-separated quantization types, or 'none' (default q8_0,q4_k_m); known: {', '.join(QUANT_TYPES)}")
-    p.add_argument("--llama-cpp", metavar="DIR", help="take the converter from this llama.cpp checkout, "
-                   "llama-cpp-python source tree or sdist instead of the cached release")
-    p.add_argument("--name", default="judge", help="file name stem: gguf/<name>-<type>.gguf (default judge)")
-    p.add_argument("--template", help="judge template to embed (default: the one recorded with the adapter)")
-    p.add_argument("--merge-dtype", default="auto", choices=MERGE_DTYPES,
-                   help="dtype of the merged weights (auto: the base's bf16/f16, else float16)")
-    p.add_argument("--verify", type=int, default=0, metavar="N",
-                   help="judge N pairs with the merged model and each GGUF; report agreement and max P difference")
-    p.add_argument("--verify-data", metavar="PATH", help="pairs for --verify (default: built-in sanity pairs)")
-    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile")
-    p.add_argument("--threads", type=int, default=0, help="quantization/verify threads (0: all cores)")
-    p.add_argument("--force", action="store_true", help="redo every step even if its output is up to date")
-    p.set_defaults(func=cmd_export)
-
-
-def cmd_export(args) -> int:
-    out = Path(args.out)
-    adapter = Path(args.adapter) if args.adapter else out / "adapter"
-    if not args.adapter and not adapter.exists():
-        raise InputError(f"{adapter}: no adapter here; train first (conj-lite train) or pass --adapter")
-    export_gguf(
-        adapter,
-        out,
-        outtype=args.outtype,
-        quant_types=parse_quant_types(args.quant),
-        llama_cpp_dir=args.llama_cpp,
-        verify=args.verify,
-        ollama_modelfile=args.ollama,
-        base=args.base,
-        template=args.template,
-        name=args.name,
-        merge_dtype=args.merge_dtype,
-        verify_data=args.verify_data,
-        threads=args.threads,
-        force=args.force,
-    )
-    return 0

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .config import ModelConfig, Recipe
 from .errors import InputError
+from .prompts import load_template
+from .tiny import tiny_model_path
 
 
 @dataclass(frozen=True)
@@ -92,21 +94,7 @@ def resolve_model_path(recipe: Recipe, progress=None) -> str:
     name = recipe.model.name_or_path
     if name != "tiny":
         return name
-    from .prompts import load_template
-    from .tiny import TinyModelSpec, tiny_model_path
-
-    t = recipe.model.tiny
-    spec = TinyModelSpec(
-        vocab_size=t.vocab_size,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_hidden_layers,
-        num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=t.num_key_value_heads,
-        warmup_steps=t.warmup_steps,
-        seed=t.seed,
-    )
-    return str(tiny_model_path(spec, template=load_template(recipe.prompts.template), progress=progress))
+    return str(tiny_model_path(recipe.model.tiny, template=load_template(recipe.prompts.template), progress=progress))
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -1,7 +1,7 @@
 """The Python API of a Con-J run, shared by the CLI and the notebooks.
 
     from conj_lite.pipeline import ConjRun
-    run = ConjRun.from_recipe("recipes/tiny-cpu.yaml", out_dir="runs/tiny")
+    run = ConjRun.from_recipe("conj_lite/recipes/tiny-cpu.yaml", out_dir="runs/tiny")
     run.sample(); run.filter(); run.train(); run.export()   # or run.run_all()
 
 Everything lands in `out_dir`: judgments.jsonl, pairs.jsonl, stats.json, adapter/,
@@ -19,9 +19,19 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Recipe, load_recipe, save_recipe
+from . import export as export_mod
+from .artifacts import TRAIN_META
+from .config import Recipe, find_recipe, load_recipe, save_recipe
+from .data import load_pairs
 from .errors import InputError
-from .progress import get_console, quiet_libraries
+from .filtering import build_pairs
+from .jsonio import write_jsonl
+from .models import load_for_sampling, resolve_model_path, resolve_runtime, set_cpu_threads
+from .progress import get_console, quiet_libraries, stage_progress
+from .prompts import load_template
+from .sampling import JudgmentFile, load_too_long, plan_requests, row_key, sample_judgments
+from .training import train_adapter
+from .warmup import SFT_FILE, read_warmup_file, sft_from_pairs, warmup_from_judgments, warmup_stats, write_sft_file
 
 JUDGMENTS = "judgments.jsonl"
 PAIRS = "pairs.jsonl"
@@ -34,12 +44,13 @@ SAMPLED_FROM = "sampled_from.json"
 
 def resolve_data_path(path: str, recipe_file: str | Path | None) -> str:
     """Relative data paths are read from the working directory, else next to the
-    recipe or its parent (so a repo recipe finds the repo's data/ from anywhere)."""
+    recipe or above it (so a shipped recipe, conj_lite/recipes/*.yaml, finds the
+    repository's data/ from anywhere)."""
     candidate = Path(path)
     if candidate.is_absolute() or candidate.exists() or recipe_file is None:
         return path
     base = Path(recipe_file).resolve().parent
-    for root in (base, base.parent):
+    for root in (base, base.parent, base.parent.parent):
         if (root / candidate).exists():
             return str(root / candidate)
     return path
@@ -59,6 +70,7 @@ class ConjRun:
         if isinstance(recipe, Recipe):
             loaded, source = recipe, None
         else:
+            recipe = find_recipe(recipe)  # a path, or the name of a shipped recipe
             loaded, source = load_recipe(recipe, overrides), (str(recipe) if recipe else None)
         run = cls(loaded, Path(out_dir), source, console or get_console())
         run.out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,15 +82,11 @@ class ConjRun:
 
     @property
     def template(self):
-        from .prompts import load_template
-
         return load_template(self.recipe.prompts.template)
 
     def data(self):
         """The preference pairs (cached), ties included."""
         if self._data is None:
-            from .data import load_pairs
-
             d = self.recipe.data
             self._data = load_pairs(
                 resolve_data_path(d.path, self.recipe_file),
@@ -102,8 +110,6 @@ class ConjRun:
     def base_model(self) -> str:
         """The base model path; builds the tiny local model on first use."""
         if self._base is None:
-            from .models import resolve_model_path
-
             if self.recipe.model.name_or_path == "tiny":
                 self.console.print("model: tiny local Llama (built once, then cached)")
             self._base = resolve_model_path(self.recipe, progress=self._build_progress())
@@ -114,8 +120,6 @@ class ConjRun:
 
         def report(step, total, loss):
             if "ctx" not in state:
-                from .progress import stage_progress
-
                 state["ctx"] = stage_progress("tiny model", self.console, unit="steps")
                 state["bar"] = state["ctx"].__enter__()
                 state["task"] = state["bar"].add_task("format warm-up", total=total)
@@ -155,8 +159,6 @@ class ConjRun:
         return self._sample(self.round_dir(round), self.policy(round), f"round {round}")
 
     def _sample(self, work: Path, adapter: Path | None, label: str):
-        from .sampling import JudgmentFile, load_too_long, plan_requests, row_key
-
         work.mkdir(parents=True, exist_ok=True)
         path = work / JUDGMENTS
         pairs = self.data().pairs
@@ -172,9 +174,6 @@ class ConjRun:
             return None
         if adapter is not None and not (adapter / "adapter_config.json").is_file():
             raise InputError(f"{adapter}: the adapter to sample from is missing; train the previous stage first")
-        from .models import load_for_sampling, resolve_runtime, set_cpu_threads
-        from .sampling import sample_judgments
-
         set_cpu_threads()
         runtime = resolve_runtime(self.recipe.model)
         base = self.base_model()
@@ -196,16 +195,12 @@ class ConjRun:
         return self._filter(self.round_dir(round), f"round {round}")
 
     def _filter(self, work: Path, label: str):
-        from .filtering import build_pairs
-        from .sampling import JudgmentFile
-        from .warmup import SFT_FILE, sft_from_pairs, write_sft_file
-
         pairs = self.data().pairs  # bad data is reported before anything else
         judgments = JudgmentFile(work / JUDGMENTS).load()
         if not judgments:
             raise InputError(f"{work / JUDGMENTS}: no judgments; run `conj-lite sample` first")
         result = build_pairs(pairs, judgments, self.template, self.recipe.filtering)
-        _write_jsonl(work / PAIRS, result.pairs)
+        write_jsonl(work / PAIRS, result.pairs)
         if self.recipe.training.objective == "sft":
             write_sft_file(sft_from_pairs(result.pairs), work / SFT_FILE)
         (work / STATS).write_text(json.dumps(result.stats, indent=2))
@@ -224,16 +219,11 @@ class ConjRun:
 
     def train(self, round: int = 1):
         """S3: a round's adapter/ (resumes from checkpoints), continuing from its policy."""
-        from .warmup import SFT_FILE
-
         work = self.round_dir(round)
         data = work / (SFT_FILE if self.recipe.training.objective == "sft" else PAIRS)
         return self._train(work, data, self.recipe, self.policy(round), f"round {round}")
 
     def _train(self, work: Path, data: Path, recipe: Recipe, init_adapter: Path | None, label: str):
-        from .models import set_cpu_threads
-        from .training import TRAIN_META, train_adapter
-
         if (work / ADAPTER / TRAIN_META).is_file():
             self.console.print(f"train ({label}): adapter already in {work / ADAPTER}, skipping")
             return None
@@ -258,9 +248,6 @@ class ConjRun:
         """RISE stage 1: warmup/sft.jsonl of correct judgments (both orders), then an
         SFT-only adapter in warmup/adapter that round 1 samples from and continues."""
         from dataclasses import replace
-
-        from .training import TRAIN_META
-        from .warmup import SFT_FILE, read_warmup_file, warmup_from_judgments, warmup_stats, write_sft_file
 
         w, f = self.recipe.warmup, self.recipe.filtering
         work = self.out_dir / WARMUP
@@ -293,8 +280,6 @@ class ConjRun:
     def export(self):
         """S4: merged/ and gguf/ of the final adapter (see conj_lite.export); with
         `rounds: 0` and no warm-up, of the untrained base model."""
-        from . import export as export_mod
-
         e = self.recipe.export
         source = self.final_adapter() or self.base_model()
         return export_mod.export_gguf(
@@ -333,8 +318,6 @@ class ConjRun:
     def round_summaries(self) -> list[dict]:
         """Per stage (warm-up, round 1..N): where it sampled from, its filtering stats and
         its training summary, as far as they exist; also written to rounds.json."""
-        from .training import TRAIN_META
-
         stages = [("warm-up", self.out_dir / WARMUP)] if self.recipe.warmup.enabled else []
         stages += [(f"round {n}", self.round_dir(n)) for n in range(1, self.recipe.rounds + 1)]
         out = []
@@ -354,8 +337,6 @@ def check_sampled_from(work: Path, adapter: Path | None) -> None:
     """Judgments already in `work` must come from the adapter the stage samples from
     now, and be newer than it: resuming onto samples of another (or a retrained)
     model would mix two policies in one round."""
-    from .training import TRAIN_META
-
     record = work / SAMPLED_FROM
     if not record.is_file():
         return
@@ -368,12 +349,6 @@ def check_sampled_from(work: Path, adapter: Path | None) -> None:
         raise InputError(
             f"{work / JUDGMENTS}: these judgments were sampled from {before or 'the base model'}, which has changed "
             f"since (now {now or 'the base model'}); use a new --out, or delete {work} to sample this stage again")
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), "utf-8")
-    tmp.replace(path)
 
 
 def print_rounds(summaries: list[dict], console) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from .errors import InputError
+from .parsing import format_judgment
 
 ORDERS = ("ab", "ba")
 PLACEHOLDER = re.compile(r"\{(question|answer_1|answer_2|k)\}")
@@ -255,7 +256,6 @@ def render_prompt(tokenizer, messages: list[dict], assistant_prefix: str = "") -
 
 
 def judge_verdict_json(template: JudgeTemplate, rationale: str, verdict: int) -> str:
-    """A well-formed judgment in the template's own keys (for targets and tests)."""
-    import json
-
-    return json.dumps({template.rationale_key: rationale, template.verdict_key: verdict}, ensure_ascii=False)
+    """A well-formed judgment in the template's own keys (for targets and tests):
+    `parsing.format_judgment` with this template's keys."""
+    return format_judgment(rationale, verdict, rationale_key=template.rationale_key, verdict_key=template.verdict_key)

@@ -14,16 +14,16 @@ are missing, so nothing is lost or written twice.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import SamplingConfig
-from .errors import InputError
+from .filtering import read_judgment
+from .jsonio import JudgmentFile
+from .progress import stage_progress
 from .prompts import JudgeTemplate, build_messages, hint_prefix, ordered_answers, render_prompt, true_slot
 
-KINDS = ("repeat", "hint_true", "hint_reverse")
 
 
 def judgment_key(pair_id: str, order: str, kind: str, sample: int) -> str:
@@ -104,49 +104,6 @@ def make_batches(requests: list[Request], lengths: list[int], max_sequences: int
     if current:
         batches.append(current)
     return batches
-
-
-class JudgmentFile:
-    """An append-only JSONL of judgments that survives being killed mid-write."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def load(self) -> list[dict]:
-        """All complete rows; a torn last line is cut off the file."""
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
-        rows, offset, good_end = [], 0, 0
-        lines = data.split(b"\n")
-        for number, line in enumerate(lines, 1):
-            end = offset + len(line) + 1
-            is_last = number == len(lines)
-            if line.strip():
-                try:
-                    rows.append(json.loads(line.decode("utf-8")))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    if is_last or not any(x.strip() for x in lines[number:]):
-                        break  # a torn tail: drop it below
-                    raise InputError(f"{self.path}:{number}: not a valid judgment row; fix or remove the line") from None
-                good_end = min(end, len(data))
-            elif not is_last:
-                good_end = end
-            offset = end
-        if good_end < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
-        elif data and not data.endswith(b"\n"):
-            with open(self.path, "ab") as f:  # a complete last row that lost its newline
-                f.write(b"\n")
-        return rows
-
-    def append(self, rows: list[dict]) -> None:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def generate(model, tokenizer, prompts: list[str], n: int, cfg: SamplingConfig, max_new_tokens: int | None = None):
@@ -230,9 +187,6 @@ def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: Samp
     whose prompt is longer are left out, with a warning, and listed in too_long.json
     next to `out_path`: training would truncate their judgments away."""
     import torch
-
-    from .filtering import read_judgment
-    from .progress import stage_progress
 
     store = JudgmentFile(out_path)
     done = {row_key(r) for r in store.load()}

@@ -28,7 +28,7 @@ The check (`learnability_check`):
      pairs have to come from hint-driven sampling, as Con-J intends.
   2. one Con-J round through the real pipeline (`ConjRun`: sample -> filter -> train)
      on a synthetic training set;
-  3. `conj_lite.evaluation.evaluate` before and after on held-out pairs (no held-out
+  3. `conj_lite.judging.evaluate` before and after on held-out pairs (no held-out
      question occurs in training).
 Two controls prove the check can fail: "swapped" trains with chosen and rejected
 swapped, "hint_lost" loses the hint (the reference release's chat-template bug: the
@@ -48,7 +48,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .data import PreferencePair
+from . import sampling
+from .data import PreferencePair, write_pairs_jsonl
+from .errors import InputError
+from .export import merge_adapter
+from .jsonio import read_jsonl, write_jsonl
+from .judging import evaluate, open_judge
+from .pipeline import ConjRun
+from .prompts import JudgeTemplate, build_messages, hint_prefix, judge_verdict_json, ordered_answers
+from .tiny import TinyModelSpec, cache_root, tiny_model_path, warm_up
 from .variants import VARIANTS as NAMED_VARIANTS
 from .variants import variant_overrides
 
@@ -185,8 +193,6 @@ def write_template(path: str | Path) -> Path:
 
 
 def template():
-    from .prompts import JudgeTemplate
-
     return JudgeTemplate(**TEMPLATE)
 
 
@@ -209,8 +215,6 @@ class BaseJudgeSpec:
 def warmup_examples(spec: BaseJudgeSpec, judge_template, wrong: str = "negation"):
     """(messages, assistant prefix, target) triples: hint prompts get the hinted verdict,
     plain prompts answer 1 (or a random verdict)."""
-    from .prompts import build_messages, hint_prefix, judge_verdict_json, ordered_answers
-
     rng = random.Random(spec.seed)
     items = synthetic_pairs(spec.items, 99, wrong=wrong, prefix="warm")
     examples = []
@@ -232,8 +236,6 @@ def warmup_examples(spec: BaseJudgeSpec, judge_template, wrong: str = "negation"
 def base_judge(spec: BaseJudgeSpec = BaseJudgeSpec(), *, wrong: str = "negation", cache_dir: str | Path | None = None,
                tiny_dir: str | Path | None = None) -> Path:
     """The warmed-up base judge (a transformers model directory), built once and cached."""
-    from .tiny import TinyModelSpec, cache_root, tiny_model_path
-
     tiny_dir = Path(tiny_dir or tiny_model_path())
     key = hashlib.sha256(json.dumps({"spec": asdict(spec), "wrong": wrong, "template": TEMPLATE,
                                      "rationales": RATIONALES, "tiny": tiny_dir.name, "v": 2},
@@ -243,8 +245,6 @@ def base_judge(spec: BaseJudgeSpec = BaseJudgeSpec(), *, wrong: str = "negation"
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .tiny import warm_up
 
     torch.manual_seed(spec.seed)
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
@@ -301,8 +301,6 @@ RECIPE_OVERRIDES = (
 def hint_lost():
     """Sampling as in the reference release's bug: the hint never reaches the model
     (the hint-driven samples are plain samples)."""
-    from . import sampling
-
     original = sampling.hint_prefix
     sampling.hint_prefix = lambda template, k: ""
     try:
@@ -314,10 +312,10 @@ def hint_lost():
 def swap_pairs_file(path: str | Path) -> int:
     """Swap chosen and rejected in a pairs.jsonl (the "swapped" ablation)."""
     path = Path(path)
-    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path)
     for row in rows:
         row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    write_jsonl(path, rows)
     return len(rows)
 
 
@@ -331,11 +329,6 @@ def learnability_check(out_dir: str | Path, *, variant: str = "conj", n_train: i
          "train": training summary, "seconds": {...}, ...}
 
     `before` (an EvalReport) skips re-evaluating the base judge, e.g. across variants."""
-    from .evaluation import evaluate, open_judge
-    from .data import write_pairs_jsonl
-    from .errors import InputError
-    from .pipeline import ConjRun
-
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     out = Path(out_dir)
@@ -389,8 +382,6 @@ def learnability_check(out_dir: str | Path, *, variant: str = "conj", n_train: i
     trained = bool(trained_stages)
     if trained:
         # The merged model judges like the adapter on its base, several times faster.
-        from .export import merge_adapter
-
         adapter = Path(trained_stages[-1]["dir"]) / "adapter"
         merged = merge_adapter(adapter, out / "run" / "merged", dtype="float32", template=str(template_file)).merged_dir
         after = judge_report(merged, "after")

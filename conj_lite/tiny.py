@@ -24,10 +24,19 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from .prompts import JudgeTemplate, build_messages, hint_prefix, load_template, ordered_answers
+from .config import TinyConfig
+from .prompts import (
+    JudgeTemplate,
+    build_messages,
+    hint_prefix,
+    judge_verdict_json,
+    load_template,
+    ordered_answers,
+    render_prompt,
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -39,21 +48,8 @@ SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
 BUILD_VERSION = 1  # bump when the recipe for building changes, to invalidate caches
 
 
-@dataclass(frozen=True)
-class TinyModelSpec:
-    """Shapes and warm-up of the locally built model. Defaults: ~2.6M parameters."""
-
-    vocab_size: int = 2048
-    hidden_size: int = 256
-    intermediate_size: int = 512
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 2048
-    warmup_steps: int = 150
-    warmup_batch_size: int = 16
-    warmup_lr: float = 3e-3
-    seed: int = 0
+# The shapes and warm-up of the tiny model are the recipe section `model.tiny`.
+TinyModelSpec = TinyConfig
 
 
 # A few facts to talk about: question, right answer, wrong answer. Written for conj-lite.
@@ -110,8 +106,6 @@ def judging_examples(
     """(messages, assistant prefix, target) triples for the format warm-up.
 
     Plain prompts get a random verdict; hint prompts get the hinted one."""
-    from .prompts import judge_verdict_json
-
     out = []
     for _ in range(n):
         question, good, bad = rng.choice(items)
@@ -176,8 +170,6 @@ def train_tokenizer(texts: list[str], spec: TinyModelSpec, out_dir: Path):
 def warm_up(model, tokenizer, examples, spec: TinyModelSpec, progress=None) -> list[float]:
     """Teach the random model the judgment format (loss on the completion only)."""
     import torch
-
-    from .prompts import render_prompt
 
     rows = []
     for messages, prefix, target in examples:

@@ -28,12 +28,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts import TRAIN_META
 from .config import Recipe, save_recipe
 from .errors import InputError
+from .jsonio import iter_jsonl_objects
 from .models import Runtime, import_unsloth_first, load_causal_lm, load_tokenizer, resolve_runtime
+from .progress import stage_progress
 from .prompts import check_chat_template, load_template
-
-TRAIN_META = "conj_lite_train.json"
 
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -45,8 +46,6 @@ def read_pairs_file(path: str | Path, required: tuple[str, ...] = PAIR_FIELDS) -
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: training file not found; run `conj-lite filter` first")
-    from .data import iter_jsonl_objects
-
     rows = []
     for where, row in iter_jsonl_objects(path):
         missing = [k for k in required if k not in row]
@@ -210,8 +209,6 @@ def trainer_config(recipe: Recipe, runtime: Runtime, out_dir: Path, gradient_che
 def rich_callback(console=None):
     """A TrainerCallback that shows a rich progress bar and keeps the log history."""
     from transformers import TrainerCallback
-
-    from .progress import stage_progress
 
     class RichProgress(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):

@@ -3,8 +3,8 @@
 Each variant is a handful of recipe overrides on the one pipeline, so any recipe can
 run any of them:
 
-    conj-lite run recipes/tiny-cpu.yaml --out runs/rise --variant rise
-    conj-lite run recipes/tiny-cpu.yaml --out runs/rise warmup.source=positives   # the same
+    conj-lite run tiny-cpu --out runs/rise --variant rise
+    conj-lite run tiny-cpu --out runs/rise warmup.source=positives   # the same
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-from .data import iter_jsonl_objects
 from .errors import InputError
 from .filtering import POSITIVE, WELL_FORMED, Labelled, clean_judgment, read_judgment
+from .jsonio import iter_jsonl_objects, write_jsonl
 from .parsing import Verdict
 from .prompts import JudgeTemplate, build_messages, ordered_answers
 
@@ -201,11 +201,7 @@ def sft_from_pairs(dpo_pairs: list[dict]) -> list[dict]:
 
 
 def write_sft_file(examples: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples), "utf-8")
-    tmp.replace(path)
-    return path
+    return write_jsonl(path, examples)
 
 
 def warmup_stats(examples: list[dict]) -> dict:

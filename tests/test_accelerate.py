@@ -28,7 +28,7 @@ from conj_lite import training
 from conj_lite.pipeline import ConjRun
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
+RECIPE = REPO / "conj_lite" / "recipes" / "tiny-cpu.yaml"
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
 
 pytestmark = pytest.mark.skipif(ACCELERATE is None, reason="the accelerate command is not installed")

@@ -8,12 +8,11 @@ import random
 
 import pytest
 
-from conj_lite.calibration import (
+from conj_lite.judging.calibration import (
     DEFAULT_GRID,
     accepted_stats,
     bin_index,
     binomial_cdf,
-    brier_score,
     confidence,
     expected_calibration_error,
     predicted_label,
@@ -23,6 +22,7 @@ from conj_lite.calibration import (
     scored,
     selective_result,
 )
+from conj_lite.judging.evaluation import PairOutcome, compute_metrics
 
 
 def test_confidence_and_prediction():
@@ -53,6 +53,12 @@ def test_ece_hand_computed():
     assert expected_calibration_error([], []) is None
     # perfectly calibrated in every bin: zero
     assert expected_calibration_error([0.75] * 4, [True, True, True, False]) == pytest.approx(0.0)
+
+
+def brier_score(p_as, labels):
+    """The brier metric of conj_lite.judging.evaluation on pairs with these P(A) and labels."""
+    outcomes = [PairOutcome(f"p{i}", label, None, None, p_a) for i, (p_a, label) in enumerate(zip(p_as, labels))]
+    return compute_metrics(outcomes)["brier"]
 
 
 def test_brier_score():
@@ -167,11 +173,11 @@ def test_selective_result_and_curve():
 import argparse  # noqa: E402
 import json  # noqa: E402
 
+from conj_lite.cli.options import add_risk_args  # noqa: E402
 from conj_lite.errors import InputError  # noqa: E402
-from conj_lite.judge import OrderJudgment, combine  # noqa: E402
-from conj_lite.selective import (  # noqa: E402
+from conj_lite.judging import OrderJudgment, combine  # noqa: E402
+from conj_lite.judging.selective import (  # noqa: E402
     ABSTAIN,
-    add_risk_args,
     calibration_records,
     check_risk_args,
     mark_file,

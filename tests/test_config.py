@@ -18,7 +18,7 @@ from conj_lite.config import (
 from conj_lite.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+RECIPES = sorted((REPO / "conj_lite" / "recipes").glob("*.yaml"))
 
 
 def write(tmp_path, text, name="r.yaml"):
@@ -90,7 +90,7 @@ def test_shipped_recipe_loads(path):
 
 
 def test_tiny_cpu_recipe_values():
-    recipe = load_recipe(REPO / "recipes" / "tiny-cpu.yaml")
+    recipe = load_recipe(REPO / "conj_lite" / "recipes" / "tiny-cpu.yaml")
     assert recipe.model.load_in_4bit is False
     assert recipe.sampling.n_repeats == 4
     assert recipe.training.learning_rate == pytest.approx(2.0e-3)
@@ -231,7 +231,7 @@ def test_bad_override_type_names_the_key():
         load_recipe(None, ["sampling.n_repeats=many"])
     assert "sampling.n_repeats" in str(info.value) and "integer" in str(info.value)
     with pytest.raises(InputError, match="name is not a section"):
-        load_recipe(REPO / "recipes" / "tiny-cpu.yaml", ["name.sub=1"])
+        load_recipe(REPO / "conj_lite" / "recipes" / "tiny-cpu.yaml", ["name.sub=1"])
     with pytest.raises(InputError, match="name: expected a string"):
         load_recipe(None, ["name.sub=1"])
     with pytest.raises(InputError, match="unknown key"):
@@ -281,7 +281,7 @@ def test_recipe_from_dict_names_its_source():
 
 def test_save_and_load_round_trip(tmp_path):
     recipe = load_recipe(
-        REPO / "recipes" / "tiny-cpu.yaml",
+        REPO / "conj_lite" / "recipes" / "tiny-cpu.yaml",
         [
             "data.fields={question: q, a: x, b: y, label: l}",
             "data.label_map={'0': A, '1': B}",

@@ -12,7 +12,7 @@ import pytest
 
 from conj_lite.data import PreferencePair
 from conj_lite.errors import InputError
-from conj_lite.evaluation import (
+from conj_lite.judging.evaluation import (
     METRIC_ORDER,
     PairOutcome,
     bootstrap_cis,
@@ -22,12 +22,12 @@ from conj_lite.evaluation import (
     default_name,
     evaluate,
     open_judge,
-    parse_fields,
     split_for_calibration,
     split_name,
     write_report,
 )
-from conj_lite.judge import JudgeResult, OrderJudgment
+from conj_lite.cli.options import parse_fields
+from conj_lite.judging import JudgeResult, OrderJudgment
 
 # Six hand-made outcomes (winner in order ab, winner in order ba, P(A better)):
 OUTCOMES = [
@@ -167,7 +167,7 @@ class ScriptedJudge:
         return a, b, []
 
     def compare(self, question, answer_a, answer_b, mode=None):
-        from conj_lite.judge import combine
+        from conj_lite.judging import combine
 
         ab = self.judge_order(question, answer_a, answer_b, "ab", mode)
         ba = self.judge_order(question, answer_a, answer_b, "ba", mode)

@@ -10,17 +10,16 @@ import sys
 
 import pytest
 
+from conj_lite.artifacts import read_gguf_metadata
 from conj_lite.data import PreferencePair
 from conj_lite.errors import InputError
-from conj_lite.judge import (
-    Judge,
+from conj_lite.judging import Judge, judge_file
+from conj_lite.judging.verdicts import (
     OrderJudgment,
     cap_lengths,
     combine,
-    judge_file,
     judgment_grammar,
     p_slot1,
-    read_gguf_metadata,
     split_canonical_judgment,
     verdict_prefix,
 )
@@ -192,7 +191,7 @@ def test_quantized_gguf_loads_and_generates_in_a_fresh_process(exported):
     """On AMX CPUs llama.cpp's repacked buffers segfault on quantized weights; the judge
     loads without them. A child process, so a crash fails this test and not the run."""
     code = (
-        "import sys\nfrom conj_lite.judge import Judge\n"
+        "import sys\nfrom conj_lite.judging import Judge\n"
         "j = Judge.from_gguf(sys.argv[1], n_threads=2)\n"
         "assert j.backend.llm.model_params.use_extra_bufts is False\n"
         "r = j.compare('What is 7 + 5?', '12', '13')\n"
@@ -337,7 +336,7 @@ def test_cli_judge(exported, tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_judge_with_risk_abstains_below_the_calibrated_threshold(exported, sample_data, tmp_path, capsys):
     from conj_lite.cli import main
-    from conj_lite.selective import ABSTAIN
+    from conj_lite.judging.selective import ABSTAIN
 
     gguf = str(exported.gguf_paths["q8_0"])
     data = tmp_path / "pairs.jsonl"

@@ -64,7 +64,7 @@ def test_notebook_default_recipes_exist(path):
     named = set(re.findall(r'"(?:recipes/)?([a-z0-9.\-]+_(?:t4|p100|l4|a100))(?:\.yaml)?"', code))
     assert named, "the notebook names no recipe"
     for stem in named:
-        assert (REPO / "recipes" / f"{stem}.yaml").is_file(), stem
+        assert (REPO / "conj_lite" / "recipes" / f"{stem}.yaml").is_file(), stem
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ FAST = [
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, repo_root, tiny_model_dir):
     out = tmp_path_factory.mktemp("run")
-    run = ConjRun.from_recipe(repo_root / "recipes" / "tiny-cpu.yaml", out, FAST)
+    run = ConjRun.from_recipe(repo_root / "conj_lite" / "recipes" / "tiny-cpu.yaml", out, FAST)
     run.run_all()
     return run
 
@@ -71,7 +71,7 @@ def cli(*args, cwd=None):
 
 
 def test_cli_missing_data_file_names_it(tmp_path):
-    result = cli("run", "recipes/tiny-cpu.yaml", "--out", str(tmp_path), "data.path=nope/missing.jsonl")
+    result = cli("run", "conj_lite/recipes/tiny-cpu.yaml", "--out", str(tmp_path), "data.path=nope/missing.jsonl")
     assert result.returncode == 2
     assert "missing.jsonl" in result.stderr
 
@@ -80,25 +80,25 @@ def test_cli_bad_jsonl_line_names_file_and_line(tmp_path, repo_root):
     bad = tmp_path / "bad.jsonl"
     good = (repo_root / "data" / "sample_prefs.jsonl").read_text().splitlines()[:3]
     bad.write_text("\n".join(good[:2] + ['{"question": "q", "answer_a": "x"'] + good[2:]) + "\n")
-    result = cli("filter", "--recipe", str(repo_root / "recipes" / "tiny-cpu.yaml"), "--out", str(tmp_path / "o"), f"data.path={bad}")
+    result = cli("filter", "--recipe", str(repo_root / "conj_lite" / "recipes" / "tiny-cpu.yaml"), "--out", str(tmp_path / "o"), f"data.path={bad}")
     assert result.returncode == 2
     assert f"{bad}:3" in result.stderr.replace("\n", "")
 
 
 def test_cli_unknown_recipe_key(tmp_path, repo_root):
-    result = cli("sample", "--recipe", str(repo_root / "recipes" / "tiny-cpu.yaml"), "--out", str(tmp_path), "sampling.nrepeats=2")
+    result = cli("sample", "--recipe", str(repo_root / "conj_lite" / "recipes" / "tiny-cpu.yaml"), "--out", str(tmp_path), "sampling.nrepeats=2")
     assert result.returncode == 2
     assert "nrepeats" in result.stderr
 
 
 def test_cli_filter_without_judgments(tmp_path, repo_root):
-    result = cli("filter", "--recipe", str(repo_root / "recipes" / "tiny-cpu.yaml"), "--out", str(tmp_path))
+    result = cli("filter", "--recipe", str(repo_root / "conj_lite" / "recipes" / "tiny-cpu.yaml"), "--out", str(tmp_path))
     assert result.returncode == 2
     assert "judgments.jsonl" in result.stderr
 
 
 def test_train_without_pairs_is_a_clear_error(tmp_path, repo_root):
     (tmp_path / "pairs.jsonl").write_text("")
-    result = cli("train", "--recipe", str(repo_root / "recipes" / "tiny-cpu.yaml"), "--out", str(tmp_path))
+    result = cli("train", "--recipe", str(repo_root / "conj_lite" / "recipes" / "tiny-cpu.yaml"), "--out", str(tmp_path))
     assert result.returncode == 2
     assert "no DPO pairs" in result.stderr.replace("\n", " ")

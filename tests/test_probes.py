@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from conj_lite.data import PreferencePair
-from conj_lite.judge import OrderJudgment
-from conj_lite.probes import (
+from conj_lite.judging import OrderJudgment
+from conj_lite.judging.probes import (
     INJECTIONS,
     PADDING,
     FlipCount,
@@ -71,7 +71,7 @@ class KeywordJudge:
         return 1 if len(one.split()) >= len(two.split()) else 2
 
     def compare(self, question, answer_a, answer_b, mode=None):
-        from conj_lite.judge import combine
+        from conj_lite.judging import combine
 
         ab = OrderJudgment("ab", self._slot(answer_a, answer_b), 0.5, None, None)
         ba = OrderJudgment("ba", self._slot(answer_b, answer_a), 0.5, None, None)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conj_lite.cli import build_parser, shipped_recipes
+from conj_lite.cli import build_parser
+from conj_lite.config import find_recipe, shipped_recipes
 from conj_lite.config import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from shapes import HUB_MODELS, SHAPES, estimate_recipe  # noqa: E402
 
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+RECIPES = sorted((REPO / "conj_lite" / "recipes").glob("*.yaml"))
 GPU_RECIPES = [p for p in RECIPES if p.stem != "tiny-cpu"]
 
 # card -> (words the header names it by, compute dtype, GB the estimate may use)
@@ -57,7 +58,7 @@ def ids(paths):
 
 
 def test_recipes_are_shipped():
-    assert REPO / "recipes" / "tiny-cpu.yaml" in RECIPES
+    assert REPO / "conj_lite" / "recipes" / "tiny-cpu.yaml" in RECIPES
     assert len(GPU_RECIPES) >= 10
     assert set(shipped_recipes()) == set(RECIPES)  # what `conj-lite recipes` lists
 
@@ -90,13 +91,13 @@ class TestGpuRecipe:
         memory = fields.get("Memory", "")
         assert re.search(r"~\d+(\.\d)? GB expected peak GPU memory", memory), memory
         assert "estimate" in memory  # not measured: the README table marks it so too
-        assert fields.get("Command") == f"conj-lite run recipes/{path.name} --out runs/{path.stem}"
+        assert fields.get("Command") == f"conj-lite run {path.stem} --out runs/{path.stem}"
 
     def test_header_command_parses(self, path):
         command = header(path)["Command"].split()
         assert command[0] == "conj-lite"
         args = build_parser().parse_args(command[1:])
-        assert args.command == "run" and (REPO / args.recipe).resolve() == path.resolve()
+        assert args.command == "run" and find_recipe(args.recipe).resolve() == path.resolve()
 
     def test_header_memory_is_the_estimate_and_fits_the_card(self, path):
         recipe = load_recipe(path)
@@ -149,6 +150,6 @@ class TestGpuRecipe:
 
 
 def test_overrides_still_apply_to_a_gpu_recipe():
-    path = REPO / "recipes" / "qwen2.5-1.5b_t4.yaml"
+    path = REPO / "conj_lite" / "recipes" / "qwen2.5-1.5b_t4.yaml"
     recipe = load_recipe(path, ["data.limit=20", "model.use_unsloth=no"])
     assert recipe.data.limit == 20 and recipe.model.use_unsloth in ("no", False)

@@ -17,7 +17,6 @@ from conj_lite.errors import InputError
 from conj_lite.filtering import read_judgment
 from conj_lite.prompts import build_messages, hint_prefix, load_template, ordered_answers, render_prompt, true_slot
 from conj_lite.sampling import (
-    KINDS,
     JudgmentFile,
     Request,
     judgment_key,
@@ -67,7 +66,7 @@ def test_plan_counts(overrides, per_pair_order, orders):
     )
     keys = keys_of(requests)
     assert len(keys) == len(set(keys)) == len(labelled) * len(orders) * sum(per_pair_order.values())
-    assert {r.kind for r in requests} <= set(KINDS)
+    assert {r.kind for r in requests} <= {"repeat", "hint_true", "hint_reverse"}
 
 
 def test_plan_skips_ties():

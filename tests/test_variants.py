@@ -210,7 +210,7 @@ FAST = ["data.limit=6", "sampling.n_repeats=2", "sampling.max_new_tokens=32", "e
 def run_variant(tmp_path_factory, repo_root, name, *extra):
     from conj_lite.pipeline import ConjRun
 
-    run = ConjRun.from_recipe(repo_root / "recipes" / "tiny-cpu.yaml", tmp_path_factory.mktemp(name),
+    run = ConjRun.from_recipe(repo_root / "conj_lite" / "recipes" / "tiny-cpu.yaml", tmp_path_factory.mktemp(name),
                               [*variant_overrides(name), *FAST, *extra])
     run.run_all()
     return run
@@ -339,7 +339,7 @@ def test_verdict_only_targets_hold_no_rationale(tmp_path_factory, repo_root, tin
 @pytest.mark.slow
 def test_untrained_judge_samples_and_trains_nothing_and_exports_the_base(tmp_path_factory, repo_root,
                                                                          tiny_model_dir):
-    from conj_lite.judge import read_gguf_metadata
+    from conj_lite.artifacts import read_gguf_metadata
 
     run = run_variant(tmp_path_factory, repo_root, "untrained", "export.enabled=true", "export.quant_types=[]")
     assert run.final_adapter() is None
@@ -351,7 +351,7 @@ def test_untrained_judge_samples_and_trains_nothing_and_exports_the_base(tmp_pat
 def test_cli_variant_and_round_errors(tmp_path, repo_root, capsys):
     from conj_lite.cli import main
 
-    recipe = str(repo_root / "recipes" / "tiny-cpu.yaml")
+    recipe = str(repo_root / "conj_lite" / "recipes" / "tiny-cpu.yaml")
     assert main(["run", recipe, "--out", str(tmp_path / "a"), "--variant", "bogus"]) == 2
     captured = capsys.readouterr()
     assert "--variant 'bogus'" in captured.err + captured.out

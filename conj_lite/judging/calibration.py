@@ -114,13 +114,6 @@ def expected_calibration_error(confs: Sequence[float], correct: Sequence[bool], 
     return sum(b.n / total * abs(b.accuracy - b.confidence) for b in reliability(confs, correct, n_bins) if b.n)
 
 
-def brier_score(p_as: Iterable[float | None], labels: Iterable[str]) -> float | None:
-    """Mean squared error of P(A better) against 1 (A) or 0 (B); None without data."""
-    errors = [(p - (1.0 if label == "A" else 0.0)) ** 2
-              for p, label in zip(p_as, labels) if p is not None and label in ("A", "B")]
-    return sum(errors) / len(errors) if errors else None
-
-
 # ---------------------------------------------------------------- selective judging
 
 

@@ -1,13 +1,13 @@
 """Evaluate a pairwise judge: accuracy both ways, consistency, position bias,
 calibration, bootstrap confidence intervals, bias probes and selective judging.
 
-    from conj_lite.evaluation import open_judge, evaluate, write_report
+    from conj_lite.judging import open_judge, evaluate, write_report
     judge = open_judge("runs/tiny/gguf/judge-q4_k_m.gguf")
     report = evaluate(judge, pairs, mode="rationale", ties="drop", bootstrap=1000, seed=0)
     report.metrics["accuracy"], report.metrics["accuracy_ci"]
     write_report({"before": r0, "after": r1}, "runs/eval")   # report.json, report.md, plots/
 
-or `conj-lite eval --judge SPEC [--judge SPEC2 ...] --data FILE --out DIR`.
+or `conj-lite eval --judge SPEC [--judge SPEC2 ...] --data FILE --out DIR` (conj_lite.cli.eval).
 
 Every pair is judged in both answer orders (answer 1 = A, then answer 1 = B). Per pair
 the judge gives a winner in each order (A, B, or unreadable) and P(A better) averaged
@@ -45,6 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..errors import InputError
+from ..jsonio import write_jsonl
+from ..progress import get_console, stage_progress
+from .batch import judge_pairs
 from .calibration import (
     DEFAULT_BINS,
     DEFAULT_DELTA,
@@ -57,10 +61,12 @@ from .calibration import (
     scored,
     selective_result,
 )
-from .errors import InputError
+from .judge import open_judge
+from .probes import probe_cost, run_probes
+from .selective import calibration_records, threshold_from_records
+from .verdicts import MODES
 
 TIE_POLICIES = ("drop", "count-half", "as-class")
-MODES = ("rationale", "verdict")
 INCONSISTENT = "inconsistent"
 NO_SUBSET = "(none)"
 
@@ -322,16 +328,6 @@ def build_report(records: list[dict], *, name: str, judge: str, mode: str, ties:
 # ---------------------------------------------------------------- edge: judges
 
 
-def _looks_like_gguf(path: Path) -> bool:
-    if path.suffix.lower() == ".gguf":
-        return True
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
 def split_name(spec: str) -> tuple[str | None, str]:
     """"before=runs/x/adapter" -> ("before", "runs/x/adapter"); a plain spec has no name."""
     head, sep, tail = str(spec).partition("=")
@@ -349,48 +345,6 @@ def default_name(spec: str) -> str:
     return path.stem if path.suffix.lower() == ".gguf" else (path.name or spec)
 
 
-_PRINT = object()  # open_judge's default: the judge prints its warnings
-
-
-def open_judge(spec, *, mode: str = "rationale", n_threads: int | None = None, n_ctx: int | None = None,
-               max_new_tokens: int | None = None, template=None, warn=_PRINT, use_extra_bufts: bool = False):
-    """A `conj_lite.judge.Judge` from a spec:
-
-      path/to/model.gguf    GGUF file (llama-cpp-python)
-      path/to/merged        transformers model directory (merged, or an untrained base)
-      path/to/adapter       LoRA adapter directory (adapter_config.json; its base is read
-                            from conj_lite_train.json or adapter_config.json)
-      tiny                  the tiny local model of the default recipe (built and cached)
-      org/name              a Hugging Face model id
-    A Judge (or any object with compare()) is returned as it is. `warn`: a callable for
-    the judge's warnings (answers cut to fit the context), None for silence."""
-    if not isinstance(spec, (str, Path)):
-        return spec
-    from .judge import DEFAULT_MAX_NEW_TOKENS, Judge
-
-    kwargs = {"mode": mode, "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS, "template": template}
-    if warn is not _PRINT:
-        kwargs["warn"] = warn  # None: silent
-    spec = str(spec)
-    if spec == "tiny":
-        from .tiny import tiny_model_path
-
-        return Judge.from_hf(tiny_model_path(), n_threads=n_threads, n_ctx=n_ctx, **kwargs)
-    path = Path(spec).expanduser()
-    if path.is_file():
-        if not _looks_like_gguf(path):
-            raise InputError(f"{spec}: a file but not a GGUF model; pass a .gguf file or a model/adapter directory")
-        return Judge.from_gguf(path, n_ctx=n_ctx, n_threads=n_threads, use_extra_bufts=use_extra_bufts, **kwargs)
-    if path.is_dir():
-        if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
-            raise InputError(f"{spec}: not a model directory (no config.json) and not a LoRA adapter "
-                             "(no adapter_config.json)")
-        return Judge.from_hf(path, n_ctx=n_ctx, n_threads=n_threads, **kwargs)
-    if spec.lower().endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise InputError(f"{spec}: no such judge file or directory")
-    return Judge.from_hf(spec, n_ctx=n_ctx, n_threads=n_threads, **kwargs)  # a hub model id
-
-
 def describe_judge(judge, spec=None) -> str:
     if spec is not None and isinstance(spec, (str, Path)):
         return str(spec)
@@ -399,67 +353,6 @@ def describe_judge(judge, spec=None) -> str:
 
 
 # ---------------------------------------------------------------- edge: judging
-
-
-def pair_key(pair, mode: str) -> str:
-    """Identifies a judgment of `pair` in `mode` (a resumed run reuses it only if the
-    pair's texts are the same)."""
-    blob = json.dumps([mode, pair.question, pair.answer_a, pair.answer_b], ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
-
-
-def judge_pairs(judge, pairs, mode: str, *, records_path: str | Path | None = None, console=None,
-                name: str = "judge", progress_task=None) -> list[dict]:
-    """One record per pair (both orders), in the order of `pairs`. With `records_path`
-    the records are appended as they come and a re-run skips the pairs already there."""
-    from .sampling import JudgmentFile
-
-    store = JudgmentFile(records_path) if records_path else None
-    done = {}
-    if store is not None:
-        Path(records_path).parent.mkdir(parents=True, exist_ok=True)
-        done = {row.get("key"): row for row in store.load()}
-    records, todo = [], []
-    for pair in pairs:
-        key = pair_key(pair, mode)
-        if key in done:
-            row = dict(done[key])
-            row.update(id=pair.id, label=pair.label, subset=pair.subset)
-            records.append(row)
-        else:
-            records.append(None)
-            todo.append((len(records) - 1, pair, key))
-
-    def run(progress, task):
-        buffer = []
-        for index, pair, key in todo:
-            try:
-                result = judge.compare(pair.question, pair.answer_a, pair.answer_b, mode=mode)
-            except InputError as exc:
-                raise InputError(f"pair {pair.id}: {exc}") from None
-            record = {"id": pair.id, "label": pair.label, "subset": pair.subset, "key": key, **result.to_record()}
-            records[index] = record
-            buffer.append(record)
-            if store is not None and len(buffer) >= 8:
-                store.append(buffer)
-                buffer = []
-            if progress is not None:
-                progress.advance(task)
-        if store is not None and buffer:
-            store.append(buffer)
-
-    if progress_task is not None:
-        progress, task = progress_task
-        progress.update(task, completed=len(pairs) - len(todo))
-        run(progress, task)
-    else:
-        from .progress import stage_progress
-
-        with stage_progress("eval", console, unit="pairs") as progress:
-            task = progress.add_task(name, total=len(pairs), completed=len(pairs) - len(todo),
-                                     resumed=len(pairs) - len(todo))
-            run(progress, task)
-    return records
 
 
 def evaluate(judge, pairs, mode: str = "rationale", ties: str = "drop", bootstrap: int = 1000, seed: int = 0, *,
@@ -507,9 +400,6 @@ def evaluate(judge, pairs, mode: str = "rationale", ties: str = "drop", bootstra
 
 
 def _probes(judge, pairs, records, mode, console, name) -> dict:
-    from .probes import probe_cost, run_probes
-    from .progress import stage_progress
-
     base = {r["id"]: r for r in records}
     labelled = [p for p in pairs if p.label in ("A", "B")]
     with stage_progress("probes", console, unit="pairs") as progress:
@@ -518,8 +408,6 @@ def _probes(judge, pairs, records, mode, console, name) -> dict:
 
 
 def _selective(judge, records, risk, delta, calibration, mode, seed, console) -> dict:
-    from .selective import calibration_records, threshold_from_records
-
     if calibration is None:
         cal_ids, _ = split_for_calibration([r["id"] for r in records], seed)
         cal = [r for r in records if r["id"] in cal_ids]
@@ -586,8 +474,8 @@ def write_report(reports, out_dir: str | Path, *, plots: bool = True) -> dict[st
     paths = {}
     (out / "judgments").mkdir(exist_ok=True)
     for name, report in reports.items():
-        path = out / "judgments" / f"{_file_name(name)}.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report.records), "utf-8")
+        path = out / "judgments" / f"{file_name(name)}.jsonl"
+        write_jsonl(path, report.records)
         paths[f"judgments/{name}"] = path
     plot_files, plot_note = ({}, "plots were not requested")
     if plots:
@@ -605,7 +493,7 @@ def write_report(reports, out_dir: str | Path, *, plots: bool = True) -> dict[st
     return paths
 
 
-def _file_name(name: str) -> str:
+def file_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "judge"
 
 
@@ -759,8 +647,6 @@ def print_report(reports, console=None) -> None:
     """The metrics side by side as a rich table (and the probes when there are any)."""
     from rich.table import Table
 
-    from .progress import get_console
-
     reports = _as_reports(reports)
     console = console or get_console()
     names = list(reports)
@@ -789,125 +675,6 @@ def print_report(reports, console=None) -> None:
             return f"cover {pct(t['coverage'])}, risk {pct(t['risk'])}"
         table.add_row("selective (test)", *[sel(r) for r in reports.values()])
     console.print(table)
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def parse_fields(text: str | None) -> dict | None:
-    """--fields "question=q,a=x,b=y,label=winner" (label=annotator1+annotator2 for a
-    majority vote) or a JSON object."""
-    if not text:
-        return None
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--fields: not valid JSON ({exc.msg})") from None
-        if not isinstance(value, dict):
-            raise InputError("--fields: expected a JSON object")
-        return value
-    fields = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        role, sep, column = item.partition("=")
-        if not sep or not role.strip() or not column.strip():
-            raise InputError(f"--fields: expected role=column pairs such as question=q,a=x,b=y,label=winner; "
-                             f"got {item!r}")
-        column = column.strip()
-        fields[role.strip()] = column.split("+") if "+" in column else column
-    return fields
-
-
-def add_cli(subparsers) -> None:
-    """`conj-lite eval`: cli.py calls this with its subparsers."""
-    from .judge import add_runtime_args
-    from .selective import add_risk_args
-
-    p = subparsers.add_parser(
-        "eval",
-        help="evaluate one or more judges on labelled pairs: accuracy both ways, consistency, bias, calibration",
-        description="Judge every pair of --data in both answer orders with each --judge and write report.json, "
-        "report.md, plots/*.png and judgments/<judge>.jsonl to --out. Several judges (e.g. before and after "
-        "training) are reported side by side. A judge is a .gguf file, a merged model directory, a LoRA adapter "
-        "directory, an untrained base model (directory or hub id), or 'tiny'; name it with NAME=SPEC.",
-    )
-    p.add_argument("--judge", action="append", default=[], metavar="[NAME=]SPEC",
-                   help="a judge to evaluate (repeat for several)")
-    p.add_argument("--compare", nargs="+", default=[], metavar="[NAME=]SPEC",
-                   help="judges to put side by side (same as repeating --judge)")
-    p.add_argument("--data", required=True, help="labelled pairs: any format conj_lite.data reads")
-    p.add_argument("--out", required=True, help="output directory for the report")
-    p.add_argument("--ties", default="drop", choices=TIE_POLICIES,
-                   help="tie-labelled pairs: drop (default), count-half (any verdict half right), "
-                   "as-class (tie = the two orders disagree)")
-    p.add_argument("--probes", action="store_true", help="also run the verbosity and injection bias probes")
-    p.add_argument("--limit", type=int, help="evaluate only the first N pairs")
-    p.add_argument("--preset", default="auto", help="column layout of --data (auto, canonical, llmbar, "
-                   "chosen_rejected, annotators)")
-    p.add_argument("--fields", help="explicit columns: question=q,a=x,b=y,label=winner[,subset=s,id=i]; "
-                   "label=annotator1+annotator2+annotator3 takes the majority vote")
-    p.add_argument("--label-map", help="label values: 0=A,1=B,2=tie, or autoj (0=A,1=B,2=tie) or pandalm (0=tie,1=A,2=B)")
-    p.add_argument("--split", default="train", help="split of a Hugging Face dataset")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the calibration split")
-    add_runtime_args(p)
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    add_risk_args(p)
-    p.set_defaults(func=cmd_eval)
-
-
-def cmd_eval(args) -> int:
-    from .data import load_pairs
-    from .progress import get_console
-
-    console = get_console()
-    specs = list(args.judge) + list(args.compare)
-    if not specs:
-        raise InputError("give at least one --judge SPEC (a .gguf file, a model or adapter directory, or 'tiny')")
-    if args.limit is not None and args.limit < 1:
-        raise InputError(f"--limit must be a positive integer, got {args.limit}")
-    if args.bootstrap < 0:
-        raise InputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    if args.calibration is not None and args.risk is None:
-        raise InputError("--calibration needs --risk ALPHA (the largest acceptable error rate, e.g. 0.1)")
-    fields = parse_fields(args.fields)
-    loaded = load_pairs(args.data, preset="auto" if fields else args.preset, fields=fields,
-                        label_map=args.label_map, split=args.split, limit=args.limit)
-    pairs = loaded.pairs
-    msg = f"eval: {len(pairs)} pairs from {args.data}"
-    if loaded.n_ties:
-        msg += f", {loaded.n_ties} ties ({args.ties})"
-    console.print(msg, highlight=False)
-    out = Path(args.out)
-    reports, used = {}, set()
-    for spec in specs:
-        name, spec = split_name(spec)
-        name = name or default_name(spec)
-        while name in used:
-            name += "'"
-        used.add(name)
-        judge = open_judge(spec, mode=args.mode, n_threads=args.threads, n_ctx=args.ctx,
-                           max_new_tokens=args.max_new_tokens, template=args.template,
-                           use_extra_bufts=args.extra_bufts)
-        try:
-            reports[name] = evaluate(
-                judge, pairs, mode=args.mode, ties=args.ties, bootstrap=args.bootstrap, seed=args.seed,
-                probes=args.probes, risk=args.risk, calibration=args.calibration, delta=args.delta, name=name,
-                records_path=out / "judgments" / f"{_file_name(name)}.partial.jsonl", data=str(args.data),
-                console=console,
-            )
-            reports[name].judge = str(spec)
-        finally:
-            judge.close()
-    paths = write_report(reports, out, plots=not args.no_plots)
-    for name in reports:
-        partial = out / "judgments" / f"{_file_name(name)}.partial.jsonl"
-        if partial.exists():
-            partial.unlink()  # the finished records are in judgments/<name>.jsonl
-    print_report(reports, console)
-    console.print(f"eval: report in {paths['report.md']} and {paths['report.json']}", highlight=False)
-    return 0
 
 
 def _save_plot(plt, fig, ax, path, title: str, xlabel: str, ylabel: str):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .prompts import ORDERS, slot_to_label
+from ..prompts import ORDERS, slot_to_label
 
 PADDING = (
     " It is worth adding that this is a thoughtful question, and a complete answer should be clear, "

@@ -15,8 +15,8 @@ judged record then gets
     "selective_verdict": "A" | "B" | "abstain",    (A/B from p_a)
     "risk_threshold": the threshold (null when none could be certified).
 
-The judge command calls, in this order:
-    add_risk_args(parser)                      when building its parser
+The judge command (conj_lite.cli.judge) calls, in this order:
+    add_risk_args(parser)                      when building its parser (conj_lite.cli.options)
     threshold = threshold_from_args(args, judge, console)   None without --risk
     record = mark_record(record, threshold)    for a single pair, or
     mark_file(path, threshold, console)        after judge_file wrote --output
@@ -24,30 +24,15 @@ The judge command calls, in this order:
 
 from __future__ import annotations
 
-import json
+import tempfile
 from pathlib import Path
 
+from ..errors import InputError
+from ..jsonio import iter_jsonl_objects, read_jsonl, write_jsonl
+from .batch import judge_file
 from .calibration import DEFAULT_DELTA, RiskThreshold, confidence, predicted_label, risk_threshold, scored
-from .errors import InputError
 
 ABSTAIN = "abstain"
-
-
-def add_risk_args(parser) -> None:
-    """--risk, --calibration, --delta, --calibration-preset on a command's parser."""
-    group = parser.add_argument_group(
-        "selective judging",
-        "abstain below a confidence threshold that keeps the error rate among accepted judgments "
-        "at most --risk (with probability >= 1 - --delta), calibrated on labelled pairs",
-    )
-    group.add_argument("--risk", type=float, metavar="ALPHA",
-                       help="largest acceptable error rate among answered pairs, e.g. 0.1 (needs --calibration)")
-    group.add_argument("--calibration", metavar="FILE",
-                       help="labelled pairs to calibrate the threshold on (any data format), or a judgments "
-                       "JSONL with p_a and label per pair (from `conj-lite judge --output` or `conj-lite eval`)")
-    group.add_argument("--delta", type=float, default=DEFAULT_DELTA,
-                       help=f"allowed chance that the calibration split is unluckily optimistic (default {DEFAULT_DELTA})")
-    group.add_argument("--calibration-preset", default="auto", help="column layout of --calibration (see conj_lite.data)")
 
 
 def check_risk_args(args) -> bool:
@@ -76,17 +61,13 @@ def read_judged(path: str | Path) -> list[dict] | None:
     if path.suffix.lower() != ".jsonl" or not path.is_file():
         return None
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                return None
-            if not isinstance(row, dict) or "p_a" not in row or "label" not in row:
+    try:
+        for _, row in iter_jsonl_objects(path):
+            if "p_a" not in row or "label" not in row:
                 return None
             rows.append(row)
+    except InputError:  # not JSON objects throughout: a data file, not judgments
+        return None
     return rows or None
 
 
@@ -106,11 +87,7 @@ def calibration_records(judge, source, *, mode: str | None = None, preset: str =
                 raise InputError(f"{source}: calibration judgments were made in mode {sorted(modes)}, "
                                  f"but this judge runs in mode {mode!r}; calibrate in the same mode")
             return judged
-    from .judge import judge_file
-
     if cache is None:
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="conj-lite-calibration-") as work:
             path = Path(work) / "calibration.jsonl"
             judge_file(judge, source, path, mode=mode, preset=preset, console=console)
@@ -181,11 +158,8 @@ def mark_file(path: str | Path, threshold: RiskThreshold | None, console=None) -
     if threshold is None:
         return None
     path = Path(path)
-    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
-    marked = [mark_record(row, threshold) for row in rows]
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in marked), "utf-8")
-    tmp.replace(path)
+    marked = [mark_record(row, threshold) for row in read_jsonl(path)]
+    write_jsonl(path, marked)
     answered = [row for row in marked if row["selective_verdict"] != ABSTAIN]
     labelled = [row for row in answered if row.get("label") in ("A", "B")]
     summary = {

@@ -1,0 +1,114 @@
+"""JSON and JSONL files of our own making: one reader, one atomic writer, one append log.
+
+    rows = read_jsonl(path)                    # every object; a bad line is an InputError naming it
+    write_jsonl(path, rows)                    # written under a temporary name, then renamed
+    log = JudgmentFile(path); log.append(rows); log.load()   # resumable: survives a kill mid-write
+
+User data files (any format, with presets and rejects) are read by `conj_lite.data`;
+this module is for the files conj-lite writes itself (judgments, pairs, warm-up sets,
+manifests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import InputError
+
+
+def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, row) for every non-blank line of a JSONL file of our own making
+    (pairs, warm-up judgments); the first bad line is an InputError naming it."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: invalid JSON: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{where}: expected a JSON object")
+            yield where, row
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every row of a JSONL file of our own making (see iter_jsonl_objects)."""
+    return [row for _, row in iter_jsonl_objects(path)]
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Write rows as JSONL atomically: a temporary file renamed into place, so a
+    reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), "utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, data) -> Path:
+    """Write one JSON document atomically (indented)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | Path) -> dict:
+    """One JSON document; an unreadable file is an InputError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read JSON: {exc}") from None
+
+
+class JudgmentFile:
+    """An append-only JSONL of judgments that survives being killed mid-write."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> list[dict]:
+        """All complete rows; a torn last line is cut off the file."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        rows, offset, good_end = [], 0, 0
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines, 1):
+            end = offset + len(line) + 1
+            is_last = number == len(lines)
+            if line.strip():
+                try:
+                    rows.append(json.loads(line.decode("utf-8")))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    if is_last or not any(x.strip() for x in lines[number:]):
+                        break  # a torn tail: drop it below
+                    raise InputError(f"{self.path}:{number}: not a valid judgment row; fix or remove the line") from None
+                good_end = min(end, len(data))
+            elif not is_last:
+                good_end = end
+            offset = end
+        if good_end < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+        elif data and not data.endswith(b"\n"):
+            with open(self.path, "ab") as f:  # a complete last row that lost its newline
+                f.write(b"\n")
+        return rows
+
+    def append(self, rows: list[dict]) -> None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,424 @@
+"""Judge backends: what runs the model behind a `Judge`.
+
+A backend renders the judge prompt with its chat template, tokenizes, gives the logits
+of the next token, and generates one judgment. Two ship:
+
+  gguf  llama-cpp-python. The prompt is rendered with the chat template stored in the
+        GGUF (so the .gguf file alone is a judge) and generation is held to the
+        judgment's JSON by a grammar (`constrained`), so a GGUF judgment is never
+        unparseable; P(answer 1) is read at the generation step that writes the digit
+        (a judgment cut off at max_new_tokens is first closed by a grammar). Quantized
+        files are loaded without llama.cpp's repacked CPU weight buffers
+        (`use_extra_bufts=False`): on CPUs with AMX those buffers segfault.
+  hf    transformers: a merged model directory, or base + LoRA adapter, for
+        comparison; its free-form output is read with `parsing.parse_verdict`.
+
+A new backend (say an OpenAI-compatible server) is a class with the `Backend` methods
+and an opener registered with `register_backend("name", opener)`; `Judge.open` and
+`open_judge(..., backend="name")` then use it. `Judge` never asks which backend it has.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+from ..artifacts import GGUF_TEMPLATE_KEY, describe_source, read_gguf_metadata
+from ..errors import InputError
+from ..prompts import JudgeTemplate, render_prompt
+from .verdicts import DEFAULT_CTX, Generation, closing_grammar, judgment_grammar, p_slot1
+
+
+class Backend(Protocol):
+    """What a `Judge` needs from the model it runs on."""
+
+    name: str
+    n_ctx: int  # context size in tokens
+    constrained: bool  # True: generation always yields the canonical judgment JSON
+
+    def default_template(self):
+        """The judge template recorded with the model (a name, a dict, or None)."""
+
+    def set_template(self, template: JudgeTemplate) -> None:
+        """Prepare for judgments in this template's keys (a grammar, say)."""
+
+    def render(self, messages: list[dict]) -> str:
+        """The prompt text of chat messages, with the generation prompt."""
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    def next_logits(self, ids: Sequence[int]):
+        """Logits (a numpy vector) of the token after `ids`."""
+
+    def generate(self, ids: Sequence[int], max_new_tokens: int) -> Generation:
+        """One greedy judgment after `ids`; Generation.p1 when read while generating."""
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------- GGUF (llama-cpp-python)
+
+
+@contextmanager
+def _model_params(use_extra_bufts: bool):
+    """Load-time model parameters that `llama_cpp.Llama` does not expose.
+
+    Llama() builds its llama_model_params from llama_model_default_params(); for the
+    duration of the load, that function returns params with use_extra_bufts set."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    fields = dict(llama_cpp.llama_model_params._fields_)
+    if "use_extra_bufts" not in fields:
+        if not use_extra_bufts:
+            raise InputError(
+                f"llama-cpp-python {llama_cpp.__version__} has no use_extra_bufts model parameter; "
+                "conj-lite needs >= 0.3.30 to load quantized files safely on AMX CPUs"
+            )
+        yield
+        return
+    original = llama_module.llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = use_extra_bufts
+        return p
+
+    llama_module.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = original
+
+
+def load_llama(path: str | Path, *, n_ctx: int | None = None, n_threads: int | None = None,
+               use_extra_bufts: bool = False, verbose: bool = False):
+    """A llama_cpp.Llama for a validated GGUF file (see read_gguf_metadata)."""
+    meta = read_gguf_metadata(path)
+    try:
+        import llama_cpp
+    except ImportError:
+        raise InputError('the GGUF judge needs llama-cpp-python: pip install "conj-lite[export]"') from None
+    arch = meta["general.architecture"]
+    trained = int(meta.get(f"{arch}.context_length", 0) or 0)
+    if n_ctx is None:
+        n_ctx = min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
+    if n_ctx < 64:
+        raise InputError(f"--ctx {n_ctx} is too small for a judge prompt; use at least 512")
+    threads = n_threads or os.cpu_count() or 1
+    with _model_params(use_extra_bufts):
+        try:
+            llm = llama_cpp.Llama(
+                str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=threads, n_threads_batch=threads,
+                logits_all=False, verbose=verbose,
+            )
+        except ValueError as exc:
+            raise InputError(f"{path}: llama.cpp cannot load this model ({exc}); is the architecture {arch!r} "
+                             f"supported by llama-cpp-python {llama_cpp.__version__}?") from None
+    return llm, meta
+
+
+# ---------------------------------------------------------------- backends
+
+
+class GGUFBackend:
+    """llama-cpp-python: chat template from the GGUF, grammar-held generation."""
+
+    name = "gguf"
+    constrained = True  # a grammar holds generation to the judgment's JSON
+
+    def __init__(self, path, *, n_ctx=None, n_threads=None, use_extra_bufts=False, verbose=False):
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.path = Path(path)
+        self.llm, self.meta = load_llama(path, n_ctx=n_ctx, n_threads=n_threads,
+                                         use_extra_bufts=use_extra_bufts, verbose=verbose)
+        self.n_ctx = self.llm.n_ctx()
+        chat_template = self.meta.get("tokenizer.chat_template")
+        if not chat_template:
+            raise InputError(f"{path}: the GGUF file has no chat template (tokenizer.chat_template)")
+        model = self.llm._model
+        bos, eos = self.llm.token_bos(), self.llm.token_eos()
+        self.formatter = Jinja2ChatFormatter(
+            template=chat_template,
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
+            add_generation_prompt=True,
+        )
+        self.vocab = model.vocab
+        self._llama_cpp = llama_cpp
+        self._grammar = None
+        # Free the model before interpreter shutdown tears down the modules that
+        # Llama.__del__ needs (else Python prints an ignored TypeError at exit).
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().close())
+
+    def default_template(self) -> dict | None:
+        """The judge template stored in the GGUF by `conj-lite export`."""
+        raw = self.meta.get(GGUF_TEMPLATE_KEY)
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise InputError(f"{self.path}: metadata {GGUF_TEMPLATE_KEY} is not valid JSON") from None
+
+    def render(self, messages: list[dict]) -> str:
+        try:
+            return self.formatter(messages=messages).prompt
+        except Exception as exc:
+            raise InputError(f"{self.path}: the GGUF chat template cannot render the judge prompt: {exc}") from None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    def next_logits(self, ids: Sequence[int]):
+        """Logits of the token after `ids`, reusing the KV cache of a shared prefix."""
+        import numpy as np
+
+        llm, ids = self.llm, list(ids)
+        cached = llm._input_ids.tolist()
+        keep = 0
+        for a, b in zip(cached, ids):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(ids) - 1)  # always decode at least one token for fresh logits
+        if keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            llm.n_tokens = keep
+        else:
+            llm.reset()
+            keep = 0
+        llm.eval(ids[keep:])
+        ptr = self._llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+    def set_template(self, template: JudgeTemplate) -> None:
+        """The judgment grammar, plus what is needed to read the verdict while generating."""
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        self._grammar = LlamaGrammar.from_string(self._checked(judgment_grammar(template)), verbose=False)
+        self._closing = LlamaGrammar.from_string(self._checked(closing_grammar(template)), verbose=False)
+        head = ("{" + json.dumps(template.rationale_key, ensure_ascii=False) + ': "').encode("utf-8")
+        marker = ('", ' + json.dumps(template.verdict_key, ensure_ascii=False) + ": ").encode("utf-8")
+        body = rb'(?:[^"\\]|\\.)*'
+        self._verdict_at = re.compile(re.escape(head) + body + re.escape(marker), re.S)
+        # Inside the rationale string, at a clean point (not within an escape).
+        self._in_body = re.compile(re.escape(head) + rb'(?:[^"\\]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*', re.S)
+
+    def _checked(self, gbnf: str) -> str:
+        # An invalid grammar makes llama.cpp return a null sampler: check before use.
+        probe = self._llama_cpp.llama_sampler_init_grammar(self.vocab, gbnf.encode("utf-8"), b"root")
+        if not probe:
+            raise InputError("the judge template's keys give an invalid llama.cpp grammar")
+        self._llama_cpp.llama_sampler_free(probe)
+        return gbnf
+
+    def _run(self, ids: list[int], grammar, limit: int, before: list[int]):
+        """Greedy generation after ids under `grammar`; `before` are the tokens of the
+        judgment generated so far (ids ends with them). Returns (new tokens, finished,
+        p1), p1 read from the logits of the step that writes the verdict digit."""
+        llm, new, finished, p1 = self.llm, [], False, None
+        text = llm.detokenize(before) if before else b""
+        for token in llm.generate(ids, temp=0.0, top_k=1, grammar=grammar, reset=True):
+            if self._llama_cpp.llama_vocab_is_eog(self.vocab, token):
+                finished = True
+                break
+            full = text + llm.detokenize([token])  # detokenize() joins the pieces one by one
+            if p1 is None and (b"1" in full[len(text):] or b"2" in full[len(text):]):
+                match = self._verdict_at.match(full)
+                if match and len(full) > match.end():
+                    p1 = self._digit_p1(token, full, len(text), match.end())
+                    p1 = -1.0 if p1 is None else p1  # -1: read it later, the canonical way
+            new.append(token)
+            text = full
+            if len(new) >= limit:
+                break
+        return new, finished, (None if p1 is None or p1 < 0 else p1)
+
+    def _digit_p1(self, token: int, full: bytes, start: int, digit_at: int) -> float | None:
+        """P(slot 1) at the step that sampled `token`, the token holding the verdict digit:
+        its logit against the logit of the same piece with the other digit."""
+        piece, index = full[start:], digit_at - start
+        if not 0 <= index < len(piece) or piece[index:index + 1] not in (b"1", b"2"):
+            return None
+        digit = piece[index:index + 1]
+        other = piece[:index] + (b"2" if digit == b"1" else b"1") + piece[index + 1:]
+        twin = self.llm.tokenize(other, add_bos=False, special=False)
+        if len(twin) != 1:
+            return None
+        ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        logit, twin_logit = float(ptr[token]), float(ptr[twin[0]])
+        return p_slot1(logit, twin_logit) if digit == b"1" else p_slot1(twin_logit, logit)
+
+    def generate(self, ids: Sequence[int], max_new_tokens: int) -> Generation:
+        """Greedy, grammar-held generation, with P(slot 1) read at the verdict digit.
+
+        A judgment cut off at max_new_tokens is closed by the grammar right after the
+        last clean point of its rationale, so the verdict is still read from the
+        model's own tokens (the closing tokens are not part of the returned text)."""
+        ids = list(ids)
+        out, finished, p1 = self._run(ids, self._grammar, max_new_tokens, [])
+        if p1 is None and not finished:
+            keep = len(out)
+            while keep > 0 and not self._in_body.fullmatch(self.llm.detokenize(out[:keep])):
+                keep -= 1
+            if keep > 0:
+                _, _, p1 = self._run(ids + out[:keep], self._closing, 32, out[:keep])
+        return Generation(self.detokenize(out), finished, len(out), p1)
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+
+class HFBackend:
+    """transformers: the chat template of the tokenizer, free greedy generation."""
+
+    name = "hf"
+    constrained = False  # free generation: the reply is read with parsing.parse_verdict
+
+    def __init__(self, model, tokenizer, *, n_ctx: int | None = None, source: str = "", template=None):
+        self.model, self.tokenizer, self.source, self.template = model, tokenizer, source, template
+        limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CTX
+        self.n_ctx = n_ctx if n_ctx else min(DEFAULT_CTX, limit)
+        self.device = next(model.parameters()).device
+
+    def default_template(self):
+        """The judge template recorded with the model or adapter (name, dict or None)."""
+        return self.template
+
+    def set_template(self, template: JudgeTemplate) -> None:  # free generation; parse_verdict reads it
+        pass
+
+    def render(self, messages: list[dict]) -> str:
+        return render_prompt(self.tokenizer, messages)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def next_logits(self, ids: Sequence[int]):
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([list(ids)], device=self.device)).logits[0, -1]
+        return logits.float().cpu().numpy()
+
+    def generate(self, ids: Sequence[int], max_new_tokens: int) -> Generation:
+        """Greedy, free generation (p1 is read afterwards, the canonical way)."""
+        import torch
+
+        tok = self.tokenizer
+        input_ids = torch.tensor([list(ids)], device=self.device)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                temperature=None, top_p=None, top_k=None,
+            )
+        new = out[0, input_ids.shape[1]:].tolist()
+        count = len(new)
+        finished = tok.eos_token_id in new
+        if finished:
+            new = new[: new.index(tok.eos_token_id)]
+        return Generation(self.detokenize(new).strip(), finished, count, None)
+
+    def close(self) -> None:
+        self.model = None
+
+
+# ---------------------------------------------------------------- the registry
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {}
+
+
+def register_backend(name: str, opener: Callable[..., Backend]) -> None:
+    """Make `opener(spec, **options)` the backend called `name`."""
+    BACKENDS[name] = opener
+
+
+def open_backend(name: str, spec, **options) -> Backend:
+    """The backend `name` on `spec` (a file, directory or id); options such as n_ctx,
+    n_threads go to its opener, which ignores those of other backends."""
+    try:
+        opener = BACKENDS[name]
+    except KeyError:
+        raise InputError(f"unknown judge backend {name!r}; known: {', '.join(BACKENDS)}") from None
+    return opener(spec, **options)
+
+
+def open_gguf(path: str | Path, *, n_ctx: int | None = None, n_threads: int | None = None,
+              use_extra_bufts: bool = False, verbose: bool = False, **_) -> GGUFBackend:
+    """llama-cpp-python on a GGUF file. Options of other backends are ignored."""
+    return GGUFBackend(path, n_ctx=n_ctx, n_threads=n_threads, use_extra_bufts=use_extra_bufts, verbose=verbose)
+
+
+def open_hf(model_dir: str | Path, *, adapter: str | Path | None = None, base: str | None = None,
+            n_ctx: int | None = None, n_threads: int | None = None, dtype: str = "float32", **_) -> HFBackend:
+    """transformers: a merged model directory, a LoRA adapter directory (its base is read
+    from conj_lite_train.json / adapter_config.json, or `base`), `model_dir` = base with
+    `adapter`, or a hub model id. Options of other backends are ignored."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if n_threads:
+        torch.set_num_threads(n_threads)
+    if adapter is not None:
+        adapter_info = describe_source(adapter)
+        if adapter_info["kind"] != "adapter":
+            raise InputError(f"{adapter}: not a LoRA adapter (no adapter_config.json)")
+        base_path, adapter_path, info = str(model_dir), Path(adapter), adapter_info
+    elif not Path(model_dir).exists() and not str(model_dir).startswith((".", "/", "~")):
+        info = {"template": None}  # a hub model id
+        base_path, adapter_path = str(model_dir), None
+    else:
+        info = describe_source(model_dir)
+        if info["kind"] == "adapter":
+            base_path, adapter_path = base or info["base"], Path(model_dir)
+        else:
+            base_path, adapter_path = str(model_dir), None
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{base_path}: cannot load a causal language model: {exc}") from None
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_path))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise InputError(f"{adapter_path}: the adapter does not fit the base model {base_path} ({first}); "
+                             "pass the base it was trained on with --base") from None
+    model.eval()
+    tok_dir = adapter_path if adapter_path and (adapter_path / "tokenizer_config.json").is_file() else base_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{tok_dir}: cannot load the tokenizer: {exc}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"{tok_dir}: the tokenizer has no chat template")
+    return HFBackend(model, tokenizer, n_ctx=n_ctx, source=str(model_dir), template=info.get("template"))
+
+
+register_backend("gguf", open_gguf)
+register_backend("hf", open_hf)
