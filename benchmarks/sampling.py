@@ -78,7 +78,7 @@ def run_batched(model, tokenizer, requests, prompts, cfg) -> tuple[int, float]:
     count = 0
     for batch in make_batches(requests, lengths, cfg.batch_size):
         n = len(requests[batch[0]].samples)
-        out = generate(model, tokenizer, [prompts[i] for i in batch], n, cfg)
+        out = generate(model, tokenizer, [prompts[i] for i in batch], n, cfg, seeds=list(range(len(batch) * n)))
         count += sum(len(x) for x in out)
     sync()
     return count, time.perf_counter() - start
@@ -90,7 +90,7 @@ def run_one_at_a_time(model, tokenizer, requests, prompts, cfg) -> tuple[int, fl
     count = 0
     for req, prompt in zip(requests, prompts):
         for _ in req.samples:
-            generate(model, tokenizer, [prompt], 1, cfg)
+            generate(model, tokenizer, [prompt], 1, cfg, seeds=[count])
             count += 1
     sync()
     return count, time.perf_counter() - start

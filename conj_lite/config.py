@@ -62,6 +62,8 @@ class DataConfig:
     split: str = opt("train", "split of a HF dataset")
     limit: int | None = opt(None, "use the first N pairs")
     skip_invalid: bool = opt(False, "write bad rows to a rejects file instead of stopping")
+    heldout: int = opt(0, "keep N labelled pairs (chosen by a hash of their ids) out of sampling and training; "
+                       "`conj-lite run` judges them before and after training and prints what changed")
 
 
 @dataclass
@@ -75,8 +77,12 @@ class PromptConfig:
 class SamplingConfig:
     n_repeats: int = opt(8, "repeated judgments per pair and order (paper: 8)")
     hint_samples: int = opt(1, "hint-driven judgments per pair, order and hint (true, reversed)")
+    format: str = opt("frame", "frame: every judgment is written inside the judge's JSON frame (grammar-held, as the "
+                      "GGUF judge; hint samples take the hinted verdict), so every sample has a verdict; free: "
+                      "free-form text, read by the parser, unreadable ones become negatives (the paper; large models)")
     temperature: float = opt(1.2, "sampling temperature (paper: 1.2)")
     top_p: float = opt(0.95, "nucleus sampling (paper: 0.95)")
+    top_k: int = opt(0, "top-k sampling; 0 = off (the paper uses none)")
     repetition_penalty: float = opt(1.2, "repetition penalty (paper: 1.2)")
     max_new_tokens: int = opt(512, "longest judgment in tokens")
     batch_size: int = opt(16, "sequences per generate call (prompts x samples); lower it if memory runs out")
@@ -98,6 +104,7 @@ class FilterConfig:
 
 
 OBJECTIVES = ("dpo+sft", "dpo", "sft")
+SAMPLING_FORMATS = ("frame", "free")
 
 
 @dataclass
@@ -287,6 +294,12 @@ def check_recipe(recipe: Recipe) -> None:
             "(and transformers refuses several return sequences without sampling). Use a temperature "
             "above 0 (the paper: 1.2), or n_repeats=1 and hint_samples=1"
         )
+    if recipe.data.heldout < 0:
+        raise InputError(f"data.heldout: expected 0 or more, got {recipe.data.heldout}")
+    if sampling.format not in SAMPLING_FORMATS:
+        raise InputError(f"sampling.format: expected one of {list(SAMPLING_FORMATS)}, got {sampling.format!r}")
+    if sampling.top_k < 0:
+        raise InputError(f"sampling.top_k: expected 0 (off) or more, got {sampling.top_k}")
     if not str(recipe.prompts.date_string).strip():
         raise InputError("prompts.date_string: empty; give a fixed date such as '26 Jul 2024'")
 

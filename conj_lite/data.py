@@ -955,3 +955,16 @@ def write_pairs_jsonl(pairs: Iterable[PreferencePair], path: str | Path) -> Path
         for pair in pairs:
             handle.write(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n")
     return path
+
+
+def heldout_split(pairs: list[PreferencePair], n: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(training pairs, held-out pairs): the `n` labelled pairs whose ids hash lowest are
+    held out, so the split does not depend on file order and mixes the file's subsets."""
+    if n <= 0:
+        return list(pairs), []
+    labelled = [p for p in pairs if p.label in ("A", "B")]
+    if n >= len(labelled):
+        raise InputError(f"data.heldout={n}: the data has only {len(labelled)} labelled pairs; hold out fewer")
+    rank = sorted(labelled, key=lambda p: hashlib.blake2b(p.id.encode("utf-8"), digest_size=8).digest())
+    held = {id(p) for p in rank[:n]}
+    return [p for p in pairs if id(p) not in held], [p for p in pairs if id(p) in held]

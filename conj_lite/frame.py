@@ -180,27 +180,33 @@ class FrameSampler:
         return int(torch.multinomial(probs, 1, generator=generator))
 
 
-_LL_CACHE: dict[tuple[int, tuple[int, ...]], object] = {}
+_CACHE: dict[tuple, tuple[object, object]] = {}
+
+
+def _cached(tokenizer, what: str, build):
+    """One `build()` per tokenizer object (the entry keeps the tokenizer alive, so its id is not reused)."""
+    key = (id(tokenizer), what)
+    if key not in _CACHE or _CACHE[key][0] is not tokenizer:
+        _CACHE[key] = (tokenizer, build())
+    return _CACHE[key][1]
 
 
 def ll_tokenizer_for(tokenizer, eos_ids: list[int]):
     """llguidance's view of a fast HF tokenizer (about a second to build; cached)."""
-    key = (id(tokenizer), tuple(eos_ids))
-    if key not in _LL_CACHE:
-        import llguidance.hf
+    import llguidance.hf
 
-        _LL_CACHE[key] = llguidance.hf.from_tokenizer(tokenizer, eos_token=list(eos_ids))
-    return _LL_CACHE[key]
+    return _cached(tokenizer, f"ll{tuple(eos_ids)}", lambda: llguidance.hf.from_tokenizer(tokenizer, eos_token=list(eos_ids)))
 
 
 def _closing_token_ids(tokenizer):
-    """Tokens whose text starts with a double quote: the ways to end a JSON string."""
+    """Tokens whose text starts with a double quote: the ways to end a JSON string (cached)."""
     import torch
 
-    vocab = len(tokenizer)
-    mask = torch.zeros(vocab, dtype=torch.bool)
-    for token_id in range(vocab):
-        text = tokenizer.decode([token_id])
-        if text.startswith('"'):
-            mask[token_id] = True
-    return mask
+    def build():
+        mask = torch.zeros(len(tokenizer), dtype=torch.bool)
+        for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+            if token and token.startswith('"') and tokenizer.decode([token_id]).startswith('"'):
+                mask[token_id] = True
+        return mask
+
+    return _cached(tokenizer, "closers", build)

@@ -15,6 +15,7 @@ from pathlib import Path
 from .config import ModelConfig, Recipe
 from .errors import InputError
 from .prompts import load_template
+from .packaged import is_packaged, packaged_model_path
 from .tiny import tiny_model_path
 
 
@@ -86,12 +87,15 @@ def import_unsloth_first(runtime: Runtime) -> None:
         import unsloth  # noqa: F401
 
 
-def resolve_model_path(recipe: Recipe, progress=None) -> str:
-    """The base model's path or hub id; builds the tiny local model for 'tiny'.
+def resolve_model_path(recipe: Recipe, progress=None, console=None) -> str:
+    """The base model's path or hub id; builds the tiny local model for 'tiny' and the
+    HF directory of a packaged real model (`conj_lite.packaged`, e.g. 'smollm2-135m').
 
     The tiny model does not depend on the data, so one cached build serves every
     recipe, test and benchmark with the same shapes."""
     name = recipe.model.name_or_path
+    if is_packaged(name):
+        return str(packaged_model_path(name, console=console))
     if name != "tiny":
         return name
     return str(tiny_model_path(recipe.model.tiny, template=load_template(recipe.prompts.template), progress=progress))

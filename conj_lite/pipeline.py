@@ -22,13 +22,14 @@ from pathlib import Path
 from . import export as export_mod
 from .artifacts import TRAIN_META
 from .config import Recipe, find_recipe, load_recipe, save_recipe
-from .data import load_pairs
+from .data import heldout_split, load_pairs
 from .errors import InputError
 from .filtering import build_pairs
-from .jsonio import write_jsonl
+from .jsonio import write_json, write_jsonl
+from .judging import Judge, evaluate
 from .models import load_for_sampling, resolve_model_path, resolve_runtime, set_cpu_threads
 from .progress import get_console, quiet_libraries, stage_progress
-from .prompts import load_template
+from .prompts import check_chat_template, load_template
 from .sampling import JudgmentFile, load_too_long, plan_requests, row_key, sample_judgments
 from .training import train_adapter
 from .warmup import SFT_FILE, read_warmup_file, sft_from_pairs, warmup_from_judgments, warmup_stats, write_sft_file
@@ -40,6 +41,8 @@ ADAPTER = "adapter"
 WARMUP = "warmup"
 ROUNDS = "rounds.json"
 SAMPLED_FROM = "sampled_from.json"
+HELDOUT = "heldout.json"
+HELDOUT_DIR = "heldout"
 
 
 def resolve_data_path(path: str, recipe_file: str | Path | None) -> str:
@@ -64,6 +67,7 @@ class ConjRun:
     console: object = field(default_factory=get_console)
     _data: object = field(default=None, repr=False)
     _base: str | None = field(default=None, repr=False)
+    _heldout: list = field(default_factory=list, repr=False)
 
     @classmethod
     def from_recipe(cls, recipe: str | Path | Recipe | None, out_dir: str | Path, overrides=(), console=None) -> "ConjRun":
@@ -99,7 +103,10 @@ class ConjRun:
                 limit=d.limit,
             )
             result = self._data
+            result.pairs, self._heldout = heldout_split(result.pairs, d.heldout)
             msg = f"data: {len(result.pairs)} pairs from {d.path}"
+            if self._heldout:
+                msg += f" (+{len(self._heldout)} held out for the before/after check)"
             if result.n_ties:
                 msg += f", {result.n_ties} ties (kept out of training)"
             if result.n_rejected:
@@ -112,7 +119,7 @@ class ConjRun:
         if self._base is None:
             if self.recipe.model.name_or_path == "tiny":
                 self.console.print("model: tiny local Llama (built once, then cached)")
-            self._base = resolve_model_path(self.recipe, progress=self._build_progress())
+            self._base = resolve_model_path(self.recipe, progress=self._build_progress(), console=self.console)
         return self._base
 
     def _build_progress(self):
@@ -169,7 +176,7 @@ class ConjRun:
         if max_prompt_tokens < 1:
             raise InputError(f"sampling.max_new_tokens ({self.recipe.sampling.max_new_tokens}) leaves no room for a "
                              f"prompt in model.max_seq_length ({self.recipe.model.max_seq_length})")
-        if not plan_requests(pairs, self.template, self.recipe.sampling, done, load_too_long(path)):
+        if not plan_requests(pairs, self.template, self.recipe.sampling, done, load_too_long(path, max_prompt_tokens)):
             self.console.print(f"sample ({label}): {len(done)} judgments already in {path}, skipping")
             return None
         if adapter is not None and not (adapter / "adapter_config.json").is_file():
@@ -179,6 +186,7 @@ class ConjRun:
         base = self.base_model()
         (work / SAMPLED_FROM).write_text(json.dumps({"model": base, "adapter": adapter and str(adapter)}, indent=2))
         model, tokenizer = load_for_sampling(base, self.recipe.model, runtime, adapter=adapter)
+        check_chat_template(tokenizer, self.template, self.recipe.prompts.date_string)
         source = f"{base} + {adapter}" if adapter else base
         self.console.print(f"sample ({label}): from {source}", highlight=False)
         summary = sample_judgments(model, tokenizer, pairs, self.template, self.recipe.sampling, path, self.console,
@@ -294,6 +302,31 @@ class ConjRun:
             console=self.console,
         )
 
+    def heldout(self) -> list:
+        """The pairs `data.heldout` keeps out of sampling and training."""
+        self.data()
+        return self._heldout
+
+    def before_after(self) -> dict | None:
+        """Judge the held-out pairs with the base model and with the final adapter (same
+        weights, transformers, verdict mode, both orders) and write heldout.json."""
+        pairs, adapter = self.heldout(), self.final_adapter()
+        if not pairs or adapter is None:
+            return None
+        out = {"pairs": len(pairs), "mode": "verdict", "base": self.base_model(), "adapter": str(adapter)}
+        for name, with_adapter in (("before", None), ("after", adapter)):
+            judge = Judge.from_hf(self.base_model(), adapter=with_adapter, template=self.template, mode="verdict",
+                                  n_ctx=self.recipe.model.max_seq_length)
+            try:
+                report = evaluate(judge, pairs, mode="verdict", bootstrap=1000, name=name, console=self.console,
+                                  records_path=self.out_dir / HELDOUT_DIR / f"{name}.jsonl")
+            finally:
+                judge.close()
+            out[name] = report.metrics
+        write_json(self.out_dir / HELDOUT, out)
+        print_before_after(out, self.console)
+        return out
+
     def run_all(self, export: bool | None = None):
         """All stages in order, skipping the complete ones: the warm-up (RISE), then
         `rounds` rounds of sample -> filter -> train, then export."""
@@ -311,6 +344,8 @@ class ConjRun:
             self.train(n)
         if r.rounds > 1 or r.warmup.enabled:
             print_rounds(self.round_summaries(), self.console)
+        if r.data.heldout:
+            self.before_after()
         if r.export.enabled if export is None else export:
             return self.export()
         return None
@@ -403,3 +438,26 @@ def print_stats(stats: dict, console, title: str = "Con-J filtering") -> None:
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
+
+
+def print_before_after(result: dict, console) -> None:
+    """The closing table: what training changed on the held-out pairs."""
+    from rich.table import Table
+
+    def cell(metrics: dict, name: str) -> str:
+        value, ci = metrics.get(name), metrics.get(f"{name}_ci")
+        if value is None:
+            return "-"
+        text = f"{100 * value:.1f}%"
+        return text + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else "")
+
+    table = Table(title=f"held-out pairs ({result['pairs']}, both orders, verdict mode): before vs after training")
+    for column in ("metric", "before (base model)", "after (base + adapter)", "change"):
+        table.add_column(column)
+    for name in ("accuracy", "consistency", "position_bias", "accuracy_prob"):
+        before, after = result["before"].get(name), result["after"].get(name)
+        change = f"{100 * (after - before):+.1f} pts" if before is not None and after is not None else "-"
+        table.add_row(name, cell(result["before"], name), cell(result["after"], name), change)
+    console.print(table)
+    console.print("position_bias: the share of verdicts for answer 1 (0.5 = none). "
+                  "A handful of pairs gives wide intervals: this shows the loop works, not how good the judge is.")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import SamplingConfig
 from .filtering import read_judgment
+from .frame import FrameSampler, frame_middle, judgment_grammar, sample_seed
 from .jsonio import JudgmentFile
 from .progress import stage_progress
 from .prompts import JudgeTemplate, build_messages, hint_prefix, ordered_answers, render_prompt, true_slot
@@ -106,25 +107,56 @@ def make_batches(requests: list[Request], lengths: list[int], max_sequences: int
     return batches
 
 
-def generate(model, tokenizer, prompts: list[str], n: int, cfg: SamplingConfig, max_new_tokens: int | None = None):
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends the assistant's turn: the generation config's EOS list (Llama-3
+    `<|eot_id|>`, Phi-3 `<|end|>`, Gemma `<end_of_turn>`) and the tokenizer's EOS."""
+    ids = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured if isinstance(configured, (list, tuple)) else [configured]) + [tokenizer.eos_token_id]:
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    return ids
+
+
+def cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], str]:
+    """The generated tokens up to the first EOS, and why generation ended."""
+    for position, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[:position], "stop"
+    return ids, "length"
+
+
+def closing_budget(tokenizer, template: JudgeTemplate) -> int:
+    """Tokens a frame judgment needs after its rationale: `", "better_answer": 1}` and EOS."""
+    return len(tokenizer(frame_middle(template) + "1}", add_special_tokens=False).input_ids) + 2
+
+
+def generate(model, tokenizer, prompts: list[str], n: int, cfg: SamplingConfig, *, seeds: list[int],
+             grammars: list[str | None] | None = None, max_new_tokens: int | None = None, closing_tokens: int = 0):
     """Sample `n` continuations per prompt in one batched call.
 
-    Returns, per prompt, a list of (text, finish_reason, new_token_count)."""
+    `seeds` (and `grammars`, None for free text) are per sequence, prompt-major: sequence
+    j of prompt i is row i * n + j. Returns, per prompt, a list of
+    (text, finish_reason, new_token_count)."""
     import torch
 
     device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    eos = tokenizer.eos_token_id
+    # Each prompt repeated n times: transformers refuses num_return_sequences > 1 without
+    # do_sample, and expands the inputs the same way itself.
+    enc = tokenizer([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True,
+                    add_special_tokens=False).to(device)
+    eos = eos_token_ids(model, tokenizer)
+    budget = max_new_tokens or cfg.max_new_tokens
+    sampler = FrameSampler(tokenizer, grammars or [None] * len(seeds), seeds, temperature=cfg.temperature,
+                           top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=budget, eos_ids=eos,
+                           closing_tokens=closing_tokens)
     with torch.inference_mode():
         out = model.generate(
             **enc,
-            do_sample=cfg.temperature > 0,
-            temperature=cfg.temperature if cfg.temperature > 0 else None,
-            top_p=cfg.top_p if cfg.temperature > 0 else None,
-            top_k=None,
+            do_sample=False,  # FrameSampler draws every token; generate takes its choice
+            logits_processor=[sampler],
             repetition_penalty=cfg.repetition_penalty,
-            max_new_tokens=max_new_tokens or cfg.max_new_tokens,
-            num_return_sequences=n,
+            max_new_tokens=budget,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos,
             use_cache=True,
@@ -132,12 +164,7 @@ def generate(model, tokenizer, prompts: list[str], n: int, cfg: SamplingConfig, 
     new = out[:, enc["input_ids"].shape[1] :].cpu()
     results = []
     for row in new:
-        ids = row.tolist()
-        finish = "length"
-        if eos in ids:
-            ids = ids[: ids.index(eos)]
-            finish = "stop"
-        ids = [t for t in ids if t != tokenizer.pad_token_id]
+        ids, finish = cut_at_eos(row.tolist(), eos)
         results.append((tokenizer.decode(ids, skip_special_tokens=True).strip(), finish, len(ids)))
     return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
 
@@ -149,12 +176,16 @@ def too_long_path(out_path) -> Path:
     return Path(out_path).with_name(TOO_LONG)
 
 
-def load_too_long(out_path) -> set[tuple[str, str]]:
-    """The (pair id, order) examples an earlier run left out as too long."""
+def load_too_long(out_path, max_prompt_tokens: int | None = None) -> set[tuple[str, str]]:
+    """The (pair id, order) examples an earlier run left out as too long, when it used
+    the same limit; after the limit changed they are measured again."""
     path = too_long_path(out_path)
     if not path.is_file():
         return set()
-    return {(row["id"], row["order"]) for row in json.loads(path.read_text("utf-8"))["examples"]}
+    saved = json.loads(path.read_text("utf-8"))
+    if saved.get("max_prompt_tokens") != max_prompt_tokens:
+        return set()
+    return {(row["id"], row["order"]) for row in saved["examples"]}
 
 
 def over_length(requests: list[Request], lengths: list[int], max_prompt_tokens: int | None) -> set[tuple[str, str]]:
@@ -186,11 +217,9 @@ def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: Samp
     With `max_prompt_tokens` (model.max_seq_length - sampling.max_new_tokens), examples
     whose prompt is longer are left out, with a warning, and listed in too_long.json
     next to `out_path`: training would truncate their judgments away."""
-    import torch
-
     store = JudgmentFile(out_path)
     done = {row_key(r) for r in store.load()}
-    skip = load_too_long(out_path)
+    skip = load_too_long(out_path, max_prompt_tokens)
     requests = split_requests(plan_requests(pairs, template, cfg, done, skip), max(1, cfg.batch_size))
     prompts = [render_prompt(tokenizer, r.messages, r.prefix) for r in requests]
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
@@ -211,13 +240,18 @@ def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: Samp
         requests, prompts, lengths = [requests[i] for i in keep], [prompts[i] for i in keep], [lengths[i] for i in keep]
     total = len(done) + sum(len(r.samples) for r in requests)
     batches = make_batches(requests, lengths, max(1, cfg.batch_size))
-    torch.manual_seed(cfg.seed + len(done))
+    framed = cfg.format == "frame"
+    closing = closing_budget(tokenizer, template) if framed else 0
     start, generated = time.perf_counter(), 0
     with stage_progress("sampling", console) as progress:
         task = progress.add_task("judgments", total=total, completed=len(done), resumed=len(done))
         for batch in batches:
             n = len(requests[batch[0]].samples)
-            outputs = generate(model, tokenizer, [prompts[i] for i in batch], n, cfg)
+            seeds = [sample_seed(cfg.seed, requests[i].pair_id, requests[i].order, requests[i].kind, k)
+                     for i in batch for k in requests[i].samples]
+            grammars = [judgment_grammar(template, requests[i].hint_slot) for i in batch for _ in range(n)] if framed else None
+            outputs = generate(model, tokenizer, [prompts[i] for i in batch], n, cfg, seeds=seeds, grammars=grammars,
+                               closing_tokens=closing)
             rows = []
             for i, samples in zip(batch, outputs):
                 req = requests[i]

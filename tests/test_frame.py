@@ -1,0 +1,123 @@
+"""The judgment frame: one grammar for both backends, held sampling, per-judgment seeds."""
+
+import json
+
+import pytest
+
+from conj_lite.config import SamplingConfig
+from conj_lite.frame import (
+    closing_grammar, format_judgment, judgment_grammar, sample_seed, verdict_prefix,
+)
+from conj_lite.parsing import parse_verdict
+from conj_lite.prompts import load_template
+
+EN = load_template("en")
+
+
+def test_format_and_prefix_agree_with_the_grammar_head():
+    text = format_judgment(EN, 'Answer 2 is "right".', 2)
+    assert text == '{"rationale": "Answer 2 is \\"right\\".", "better_answer": 2}'
+    assert text.startswith(verdict_prefix(EN, 'Answer 2 is "right".'))
+    assert json.loads(text) == {"rationale": 'Answer 2 is "right".', "better_answer": 2}
+
+
+def test_grammar_fixes_the_verdict_for_hints():
+    assert "[12]" in judgment_grammar(EN)
+    fixed = judgment_grammar(EN, 2)
+    assert '"2" "}"' in fixed and "[12]" not in fixed
+    assert '"1" "}"' in closing_grammar(EN, 1)
+    with pytest.raises(ValueError):
+        judgment_grammar(EN, 3)
+
+
+def test_sample_seed_is_stable_and_distinct():
+    a = sample_seed(0, "p1", "ab", "repeat", 0)
+    assert a == sample_seed(0, "p1", "ab", "repeat", 0)
+    others = {sample_seed(0, "p1", "ab", "repeat", 1), sample_seed(0, "p1", "ba", "repeat", 0),
+              sample_seed(1, "p1", "ab", "repeat", 0), sample_seed(0, "p2", "ab", "repeat", 0),
+              sample_seed(0, "p1", "ab", "hint_true", 0)}
+    assert a not in others and len(others) == 5
+
+
+def _matcher(tokenizer, grammar):
+    import llguidance
+
+    from conj_lite.frame import ll_tokenizer_for
+
+    return llguidance.LLMatcher(ll_tokenizer_for(tokenizer, [tokenizer.eos_token_id]),
+                                llguidance.grammar_from("gbnf", grammar))
+
+
+def _accepts(tokenizer, grammar, text) -> bool:
+    m = _matcher(tokenizer, grammar)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
+
+
+def test_grammar_accepts_judgments_and_refuses_lone_surrogates(tiny_model_dir):
+    from conj_lite.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    g = judgment_grammar(EN)
+    assert _accepts(tok, g, '{"rationale": "Both are fine, answer 1 is exact.", "better_answer": 1}')
+    assert _accepts(tok, g, '{"rationale": "caf\\u00e9", "better_answer": 2}')
+    # A lone surrogate escape is valid JSON text but no UTF-8 file can hold it.
+    assert not _accepts(tok, g, '{"rationale": "x \\ud83d y", "better_answer": 2}')
+    assert not _accepts(tok, judgment_grammar(EN, 1), '{"rationale": "ok", "better_answer": 2}')
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from conj_lite.models import load_tokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), load_tokenizer(str(tiny_model_dir))
+
+
+def _prompt(tok, q, a1, a2):
+    from conj_lite.prompts import build_messages, render_prompt
+
+    return render_prompt(tok, build_messages(EN, q, a1, a2))
+
+
+def test_held_sampling_always_parses_and_hints_give_their_verdict(tiny):
+    from conj_lite.sampling import generate
+
+    model, tok = tiny
+    cfg = SamplingConfig(temperature=1.5, top_p=1.0, repetition_penalty=1.0, max_new_tokens=24)
+    prompts = [_prompt(tok, "What is 7 + 5?", "12", "13"), _prompt(tok, "Capital of France?", "Lyon", "Paris")]
+    grammars = [judgment_grammar(EN, None)] * 2 + [judgment_grammar(EN, 1)] * 2 + [judgment_grammar(EN, 2)] * 2
+    out = generate(model, tok, prompts * 3, 1, cfg, seeds=list(range(6)), grammars=grammars, closing_tokens=10)
+    texts = [o[0][0] for o in out]
+    for text in texts:  # a 24-token budget cuts rationales: the frame is closed in time
+        assert json.loads(text)["better_answer"] in (1, 2), text
+        assert parse_verdict(text).slot in (1, 2)
+    assert [json.loads(t)["better_answer"] for t in texts[2:]] == [1, 1, 2, 2]
+
+
+def test_a_judgment_does_not_depend_on_its_batch(tiny):
+    """Per-sequence seeds: the same judgment alone, in another batch, or in another row."""
+    from conj_lite.sampling import generate
+
+    model, tok = tiny
+    cfg = SamplingConfig(temperature=1.2, top_p=0.95, repetition_penalty=1.0, max_new_tokens=32)
+    p1 = _prompt(tok, "What is 7 + 5?", "12", "13")
+    p2 = _prompt(tok, "Name a primary colour of paint, and say why it is primary.", "Green", "Red")
+    g = judgment_grammar(EN)
+    alone = generate(model, tok, [p1], 2, cfg, seeds=[11, 12], grammars=[g, g])[0]
+    mixed = generate(model, tok, [p2, p1], 2, cfg, seeds=[5, 6, 11, 12], grammars=[g] * 4)[1]
+    swapped = generate(model, tok, [p1], 2, cfg, seeds=[12, 11], grammars=[g, g])[0]
+    assert [t for t, _, _ in alone] == [t for t, _, _ in mixed]
+    assert [t for t, _, _ in alone] == [t for t, _, _ in reversed(swapped)]
+
+
+def test_free_format_is_seeded_too(tiny):
+    from conj_lite.sampling import generate
+
+    model, tok = tiny
+    cfg = SamplingConfig(temperature=1.2, top_p=0.95, repetition_penalty=1.0, max_new_tokens=24)
+    p = _prompt(tok, "What is 7 + 5?", "12", "13")
+    first = generate(model, tok, [p], 3, cfg, seeds=[1, 2, 3])[0]
+    again = generate(model, tok, [p, p], 1, cfg, seeds=[2, 3])
+    assert [first[1][0], first[2][0]] == [again[0][0][0], again[1][0][0]]

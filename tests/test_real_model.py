@@ -1,0 +1,74 @@
+"""The real model end to end: SmolLM2-135M-Instruct from the package registry.
+
+Slow (a few minutes on 2 cores): the HF directory build, sampling that parses, two
+training steps, export to GGUF, and a llama-cpp-python judgment on the result."""
+
+import json
+
+import pytest
+
+from conj_lite.packaged import BASE_GGUF, packaged_model_path
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    import torch
+
+    torch.set_num_threads(2)
+    return packaged_model_path("smollm2-135m")
+
+
+def test_the_built_directory_is_an_ordinary_hf_model(smollm2_dir):
+    from tokenizers import decoders
+    from transformers import AutoConfig
+
+    from conj_lite.models import load_tokenizer
+
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert (smollm2_dir / BASE_GGUF).is_file()
+    tok = load_tokenizer(str(smollm2_dir))
+    # The GGUF's own special tokens, not transformers' guess (which made <|im_start|> the EOS).
+    assert tok.eos_token == "<|im_end|>" and AutoConfig.from_pretrained(smollm2_dir).eos_token_id == tok.eos_token_id
+    assert isinstance(tok.backend_tokenizer.decoder, decoders.ByteLevel)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_whole_loop_on_the_real_model(smollm2_dir, sample_data, tmp_path):
+    from conj_lite.judging import Judge
+    from conj_lite.pipeline import ConjRun
+
+    run = ConjRun.from_recipe("smollm2-135m_cpu", tmp_path / "run", [
+        f"data.path={sample_data}", "data.limit=4", "data.heldout=0", "sampling.n_repeats=1",
+        "sampling.max_new_tokens=32", "sampling.batch_size=16", "training.max_steps=2", "training.save_steps=2",
+        "export.quant_types=[q8_0]",
+    ])
+    run.sample()
+    rows = [json.loads(line) for line in (run.out_dir / "judgments.jsonl").read_text().splitlines()]
+    assert rows and all(r["verdict"] in (1, 2) for r in rows), "held sampling: every judgment has a verdict"
+    assert all(r["verdict"] == r["hint_slot"] for r in rows if r["kind"] != "repeat")
+    run.filter()
+    pairs = [json.loads(line) for line in (run.out_dir / "pairs.jsonl").read_text().splitlines()]
+    hint_pairs = [p for p in pairs if p["source"] == "hint"]
+    assert hint_pairs, "each (true hint, reversed hint) couple is one positive and one negative"
+    for p in pairs:  # the prompt is the plain judge prompt, the targets are whole frames
+        assert "Hint" not in json.dumps(p["prompt"])
+        for side in ("chosen", "rejected"):
+            text = p[side][0]["content"] if isinstance(p[side], list) else p[side]
+            assert json.loads(text)["better_answer"] in (1, 2)
+    run.train()
+    meta = json.loads((run.out_dir / "adapter" / "conj_lite_train.json").read_text())
+    assert meta["summary"]["steps"] == 2
+    result = run.export()
+    gguf = result.files["q8_0"] if hasattr(result, "files") else next((run.out_dir / "gguf").glob("*q8_0.gguf"))
+    from conj_lite.artifacts import read_gguf_metadata
+
+    meta = read_gguf_metadata(gguf)
+    assert "<|im_start|>" in meta.get("tokenizer.chat_template", "")
+    with Judge.from_gguf(gguf, n_ctx=1024, max_new_tokens=48) as judge:
+        verdict = judge.compare("What is 7 + 5?", "12", "13")
+    assert verdict.verdict in ("A", "B", "inconsistent") and 0.0 <= verdict.p_a <= 1.0
+    assert json.loads(verdict.ab.text)["better_answer"] in (1, 2)
