@@ -7,6 +7,7 @@
     conj-lite export ...                  S4 on its own                                 (export)
     conj-lite judge ...                   judge a pair or a data file                   (judge)
     conj-lite eval ...                    evaluate judges side by side                  (eval)
+    conj-lite serve ...                   the judge as a local HTTP service             (serve)
 
 Flags that are recipe fields are generated from the config dataclasses (`options`).
 """
@@ -22,6 +23,7 @@ from ..progress import get_console
 from . import eval as eval_command
 from . import export as export_command
 from . import judge as judge_command
+from . import serve as serve_command
 from . import stages
 
 EXIT_INPUT = 2
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"conj-lite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     stages.add_commands(sub)
-    for command in (export_command, judge_command, eval_command):
+    for command in (export_command, judge_command, eval_command, serve_command):
         command.add_command(sub)
     return parser
 

@@ -21,6 +21,7 @@ and an opener registered with `register_backend("name", opener)`; `Judge.open` a
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import os
 import re
@@ -126,6 +127,139 @@ def load_llama(path: str | Path, *, n_ctx: int | None = None, n_threads: int | N
     return llm, meta
 
 
+# ---------------------------------------------------------------- parallel sequences
+
+
+def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all of `seqs` share, leaving each at least one token
+    of its own (its last token is evaluated in its own sequence, for its logits)."""
+    if len(seqs) < 2:
+        return 0
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for k in range(max(n, 0)):
+        if any(s[k] != first[k] for s in seqs[1:]):
+            return k
+    return max(n, 0)
+
+
+def waves(groups: Sequence[Sequence[Sequence[int]]], n_seq: int, cells: int, extra: int = 0) -> list[list[int]]:
+    """Indices of `groups` (each a list of token lists) packed into waves of at most
+    `n_seq` sequences and `cells` KV cells (each sequence counted whole, plus `extra`
+    tokens it may still generate), in order; a group is never split."""
+    out, seqs, used = [], 0, 0
+    for index, group in enumerate(groups):
+        need = sum(len(ids) + extra for ids in group)
+        if out and (seqs + len(group) > n_seq or used + need > cells):
+            seqs = used = 0
+        if seqs == 0:
+            out.append([])
+        out[-1].append(index)
+        seqs += len(group)
+        used += need
+    return out
+
+
+class ParallelDecoder:
+    """Several sequences decoded together in one llama.cpp context.
+
+    The context shares the weights (and LoRA adapter) of a loaded `Llama` and holds
+    `n_seq` sequences in one unified KV cache of `n_ctx` cells. `prefill` evaluates the
+    prompts of groups of sequences: a prefix common to a group (the judge prompt up to
+    where the two answer orders part) is evaluated once in the group's first sequence
+    and copied to the others with `llama_memory_seq_cp`; then the rest of every prompt,
+    several sequences per `llama_decode`. `step` then adds one token to each live
+    sequence in a single `llama_decode`. Logits are handed to a callback right after
+    the decode that made them (the next one overwrites them)."""
+
+    def __init__(self, llm, n_seq: int, n_ctx: int):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+        params.n_ctx = n_ctx
+        params.n_seq_max = n_seq
+        params.kv_unified = True  # the copied prefix is shared, not duplicated
+        params.n_batch = max(params.n_batch, n_seq)
+        params.n_ubatch = min(params.n_ubatch, params.n_batch)
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=llm.verbose):
+            self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a {n_seq}-sequence context of {n_ctx} tokens")
+        adapter = getattr(llm, "_lora_adapter", None)
+        if adapter is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+            scales = (ctypes.c_float * 1)(llm.lora_scale)
+            if llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, scales):
+                self.close()
+                raise RuntimeError("llama.cpp could not set the LoRA adapter on the parallel context")
+        self.n_seq, self.n_ctx, self.n_batch = n_seq, llama_cpp.llama_n_ctx(self.ctx), params.n_batch
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+
+    def logits(self, index: int):
+        """The logits (a ctypes float pointer) of row `index` of the last decode."""
+        return self._lib.llama_get_logits_ith(self.ctx, index)
+
+    def _decode(self, entries: list[tuple[int, int, int, object]], on_logits) -> None:
+        """entries: (seq, pos, token, key); a key that is not None asks for the logits,
+        handed over as on_logits(key, row) after the decode that computed them."""
+        batch = self.batch
+        for start in range(0, len(entries), self.n_batch):
+            chunk, wanted = entries[start:start + self.n_batch], []
+            for i, (seq, pos, token, key) in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = key is not None
+                if key is not None:
+                    wanted.append((key, i))
+            batch.n_tokens = len(chunk)
+            rc = self._lib.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed ({rc}) on {len(chunk)} tokens in a {self.n_ctx}-cell cache")
+            for key, i in wanted:
+                on_logits(key, i)
+
+    def prefill(self, groups: Sequence[Sequence[Sequence[int]]], on_logits) -> list[list[int]]:
+        """Clear the cache and evaluate every group's prompts; returns each group's
+        sequence ids. on_logits((group, member), row) at each prompt's last token."""
+        total = sum(len(group) for group in groups)
+        if total > self.n_seq:
+            raise ValueError(f"{total} sequences for a {self.n_seq}-sequence context")
+        self._lib.llama_memory_clear(self.memory, True)
+        seq_ids, prefixes, first = [], [], []
+        for group in groups:
+            base = sum(len(g) for g in seq_ids)
+            seq_ids.append(list(range(base, base + len(group))))
+            common = shared_prefix(group)
+            prefixes.append(common)
+            first += [(base, pos, token, None) for pos, token in enumerate(group[0][:common])]
+        self._decode(first, None)
+        rest = []
+        for g, (group, ids, common) in enumerate(zip(groups, seq_ids, prefixes)):
+            for seq in ids[1:] if common else ():
+                self._lib.llama_memory_seq_cp(self.memory, ids[0], seq, -1, -1)
+            for m, (seq, tokens) in enumerate(zip(ids, group)):
+                last = len(tokens) - 1
+                rest += [(seq, pos, tokens[pos], (g, m) if pos == last else None) for pos in range(common, len(tokens))]
+        self._decode(rest, on_logits)
+        return seq_ids
+
+    def step(self, tokens: dict[int, tuple[int, int]], on_logits) -> None:
+        """One token for each live sequence: {seq: (pos, token)}; on_logits(seq, row)."""
+        self._decode([(seq, pos, token, seq) for seq, (pos, token) in tokens.items()], on_logits)
+
+    def close(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            self._lib.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            self._lib.llama_free(self.ctx)
+            self.ctx = None
+
+
 # ---------------------------------------------------------------- backends
 
 
@@ -135,7 +269,8 @@ class GGUFBackend:
     name = "gguf"
     constrained = True  # a grammar holds generation to the judgment's JSON
 
-    def __init__(self, path, *, n_ctx=None, n_threads=None, use_extra_bufts=False, verbose=False):
+    def __init__(self, path, *, n_ctx=None, n_threads=None, use_extra_bufts=False, verbose=False,
+                 n_parallel: int = 4, parallel_ctx: int | None = None):
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -157,6 +292,11 @@ class GGUFBackend:
         self.vocab = model.vocab
         self._llama_cpp = llama_cpp
         self._grammar = None
+        # Parallel judging (generate_many, next_logits_many): n_parallel pairs, both
+        # orders each, in a second context on the same weights, made on first use.
+        self.n_parallel = max(1, int(n_parallel))
+        self.parallel_ctx = parallel_ctx or 2 * self.n_ctx
+        self._parallel: ParallelDecoder | None = None
         # Free the model before interpreter shutdown tears down the modules that
         # Llama.__del__ needs (else Python prints an ignored TypeError at exit).
         ref = weakref.ref(self)
@@ -209,7 +349,8 @@ class GGUFBackend:
         """The judgment grammar, plus what is needed to read the verdict while generating."""
         from llama_cpp.llama_grammar import LlamaGrammar
 
-        self._grammar = LlamaGrammar.from_string(self._checked(judgment_grammar(template)), verbose=False)
+        self._grammar_text = self._checked(judgment_grammar(template))
+        self._grammar = LlamaGrammar.from_string(self._grammar_text, verbose=False)
         self._closing = LlamaGrammar.from_string(self._checked(closing_grammar(template)), verbose=False)
         head = ("{" + json.dumps(template.rationale_key, ensure_ascii=False) + ': "').encode("utf-8")
         marker = ('", ' + json.dumps(template.verdict_key, ensure_ascii=False) + ": ").encode("utf-8")
@@ -237,20 +378,30 @@ class GGUFBackend:
                 finished = True
                 break
             full = text + llm.detokenize([token])  # detokenize() joins the pieces one by one
-            if p1 is None and (b"1" in full[len(text):] or b"2" in full[len(text):]):
-                match = self._verdict_at.match(full)
-                if match and len(full) > match.end():
-                    p1 = self._digit_p1(token, full, len(text), match.end())
-                    p1 = -1.0 if p1 is None else p1  # -1: read it later, the canonical way
+            if p1 is None:
+                p1 = self._watch_p1(token, text, full, lambda: self._llama_cpp.llama_get_logits_ith(llm.ctx, -1))
             new.append(token)
             text = full
             if len(new) >= limit:
                 break
         return new, finished, (None if p1 is None or p1 < 0 else p1)
 
-    def _digit_p1(self, token: int, full: bytes, start: int, digit_at: int) -> float | None:
+    def _watch_p1(self, token: int, text: bytes, full: bytes, logits) -> float | None:
+        """None while the verdict digit is not written yet; at the token that writes it,
+        P(slot 1) from that step's logits (`logits()`: a float pointer), or -1.0 when it
+        cannot be read there (then it is read later, the canonical way)."""
+        if b"1" not in full[len(text):] and b"2" not in full[len(text):]:
+            return None
+        match = self._verdict_at.match(full)
+        if not match or len(full) <= match.end():
+            return None
+        p1 = self._digit_p1(token, full, len(text), match.end(), logits())
+        return -1.0 if p1 is None else p1
+
+    def _digit_p1(self, token: int, full: bytes, start: int, digit_at: int, ptr=None) -> float | None:
         """P(slot 1) at the step that sampled `token`, the token holding the verdict digit:
-        its logit against the logit of the same piece with the other digit."""
+        its logit against the logit of the same piece with the other digit (`ptr`: that
+        step's logits, default the main context's last)."""
         piece, index = full[start:], digit_at - start
         if not 0 <= index < len(piece) or piece[index:index + 1] not in (b"1", b"2"):
             return None
@@ -259,7 +410,8 @@ class GGUFBackend:
         twin = self.llm.tokenize(other, add_bos=False, special=False)
         if len(twin) != 1:
             return None
-        ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        if ptr is None:
+            ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         logit, twin_logit = float(ptr[token]), float(ptr[twin[0]])
         return p_slot1(logit, twin_logit) if digit == b"1" else p_slot1(twin_logit, logit)
 
@@ -271,6 +423,9 @@ class GGUFBackend:
         model's own tokens (the closing tokens are not part of the returned text)."""
         ids = list(ids)
         out, finished, p1 = self._run(ids, self._grammar, max_new_tokens, [])
+        return self._generation(ids, out, finished, p1)
+
+    def _generation(self, ids: list[int], out: list[int], finished: bool, p1: float | None) -> Generation:
         if p1 is None and not finished:
             keep = len(out)
             while keep > 0 and not self._in_body.fullmatch(self.llm.detokenize(out[:keep])):
@@ -279,7 +434,84 @@ class GGUFBackend:
                 _, _, p1 = self._run(ids + out[:keep], self._closing, 32, out[:keep])
         return Generation(self.detokenize(out), finished, len(out), p1)
 
+    # -- parallel sequences
+
+    def parallel(self) -> ParallelDecoder:
+        """The parallel decoder (2 sequences per pair, n_parallel pairs), made on first use."""
+        if self._parallel is None:
+            self._parallel = ParallelDecoder(self.llm, 2 * self.n_parallel, self.parallel_ctx)
+        return self._parallel
+
+    def next_logits_many(self, groups: Sequence[Sequence[Sequence[int]]]) -> list[list]:
+        """next_logits for many token lists at once, in groups (the two orders of a pair):
+        a group's common prefix is evaluated once and copied to its other sequences."""
+        import numpy as np
+
+        decoder, n_vocab = self.parallel(), self.llm.n_vocab()
+        groups = [[list(ids) for ids in group] for group in groups]
+        out = [[None] * len(group) for group in groups]
+        for wave in waves(groups, decoder.n_seq, decoder.n_ctx):
+            def keep(key, row, wave=wave):
+                g, m = key
+                ptr = decoder.logits(row)
+                out[wave[g]][m] = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+            decoder.prefill([groups[i] for i in wave], keep)
+        return out
+
+    def generate_many(self, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens: int) -> list[list[Generation]]:
+        """generate() for many prompts decoded together (greedy, each sequence held by
+        its own grammar sampler): the same judgments as one at a time. A group's common
+        prompt prefix (the two orders of a pair) is evaluated once and copied."""
+        lib, llm = self._llama_cpp, self.llm
+        decoder = self.parallel()
+        groups = [[list(ids) for ids in group] for group in groups]
+        results: list[list[Generation | None]] = [[None] * len(group) for group in groups]
+        for wave in waves(groups, decoder.n_seq, decoder.n_ctx, extra=max_new_tokens):
+            states: dict[int, dict] = {}
+            try:
+                def sample(key, row):
+                    state = states[key]
+                    token = lib.llama_sampler_sample(state["chain"], decoder.ctx, row)
+                    if lib.llama_vocab_is_eog(self.vocab, token):
+                        state["finished"] = state["done"] = True
+                        return
+                    full = state["text"] + llm.detokenize([token])
+                    if state["p1"] is None:
+                        state["p1"] = self._watch_p1(token, state["text"], full, lambda: decoder.logits(row))
+                    state["new"].append(token)
+                    state["text"] = full
+                    state["done"] = len(state["new"]) >= max_new_tokens
+
+                members = [(g, m) for g in range(len(wave)) for m in range(len(groups[wave[g]]))]
+                for key in members:
+                    chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+                    states[key] = {"chain": chain, "new": [], "text": b"", "p1": None, "finished": False,
+                                   "done": False, "prompt": groups[wave[key[0]]][key[1]]}
+                    grammar = lib.llama_sampler_init_grammar(self.vocab, self._grammar_text.encode("utf-8"), b"root")
+                    lib.llama_sampler_chain_add(chain, grammar)
+                    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+                seq_ids = decoder.prefill([groups[i] for i in wave], sample)
+                by_seq = {seq_ids[g][m]: (g, m) for g, m in members}
+                while True:
+                    live = {seq: (len(states[key]["prompt"]) + len(states[key]["new"]) - 1, states[key]["new"][-1])
+                            for seq, key in by_seq.items() if not states[key]["done"]}
+                    if not live:
+                        break
+                    decoder.step(live, lambda seq, row: sample(by_seq[seq], row))
+            finally:
+                for state in states.values():
+                    lib.llama_sampler_free(state["chain"])
+            for (g, m), state in states.items():
+                p1 = state["p1"]
+                results[wave[g]][m] = self._generation(state["prompt"], state["new"], state["finished"],
+                                                       None if p1 is None or p1 < 0 else p1)
+        return results
+
     def close(self) -> None:
+        if self._parallel is not None:
+            self._parallel.close()
+            self._parallel = None
         if self.llm is not None:
             self.llm.close()
             self.llm = None
@@ -366,9 +598,10 @@ def open_backend(name: str, spec, **options) -> Backend:
 
 
 def open_gguf(path: str | Path, *, n_ctx: int | None = None, n_threads: int | None = None,
-              use_extra_bufts: bool = False, verbose: bool = False, **_) -> GGUFBackend:
+              use_extra_bufts: bool = False, verbose: bool = False, n_parallel: int = 4, **_) -> GGUFBackend:
     """llama-cpp-python on a GGUF file. Options of other backends are ignored."""
-    return GGUFBackend(path, n_ctx=n_ctx, n_threads=n_threads, use_extra_bufts=use_extra_bufts, verbose=verbose)
+    return GGUFBackend(path, n_ctx=n_ctx, n_threads=n_threads, use_extra_bufts=use_extra_bufts, verbose=verbose,
+                       n_parallel=n_parallel)
 
 
 def open_hf(model_dir: str | Path, *, adapter: str | Path | None = None, base: str | None = None,

@@ -59,13 +59,32 @@ def judge_pairs(judge, pairs, mode: str | None = None, *, records_path: str | Pa
             records.append(None)
             todo.append((len(records) - 1, pair, key))
 
-    def run(progress, task):
-        buffer = []
-        for index, pair, key in todo:
+    def judged(chunk):
+        """(index, pair, key, result) for a chunk of `todo`; a judge with parallel
+        sequences (gguf) judges the chunk's pairs together."""
+        if len(chunk) == 1:
+            index, pair, key = chunk[0]
             try:
-                result = judge.compare(pair.question, pair.answer_a, pair.answer_b, mode=mode)
+                return [(index, pair, key, judge.compare(pair.question, pair.answer_a, pair.answer_b, mode=mode))]
             except InputError as exc:
                 raise InputError(f"pair {pair.id}: {exc}") from None
+        try:
+            results = judge.compare_many([(p.question, p.answer_a, p.answer_b) for _, p, _ in chunk], mode=mode)
+        except InputError:
+            for _, pair, _ in chunk:  # name the pair that does not fit
+                try:
+                    judge.fit(pair.question, pair.answer_a, pair.answer_b, mode)
+                except InputError as exc:
+                    raise InputError(f"pair {pair.id}: {exc}") from None
+            raise
+        return [(index, pair, key, result) for (index, pair, key), result in zip(chunk, results)]
+
+    step = BATCH if getattr(judge, "parallel", False) else 1
+
+    def run(progress, task):
+        buffer = []
+        for index, pair, key, result in (item for start in range(0, len(todo), step)
+                                         for item in judged(todo[start:start + step])):
             record = {"id": pair.id, "label": pair.label, "subset": pair.subset, "key": key, **result.to_record()}
             if pair.label in ("A", "B"):
                 record["correct"] = result.verdict == pair.label

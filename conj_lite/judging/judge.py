@@ -115,6 +115,12 @@ class Judge:
         prefix = len(self.backend.tokenize(verdict_prefix(self.template, ""))) + 2
         return prefix if mode == "verdict" else self.max_new_tokens + prefix
 
+    def tokens_needed(self, question: str, answer_a: str, answer_b: str, mode: str | None = None) -> tuple[int, int]:
+        """(tokens the pair needs uncut: its longer order's prompt + the judgment, the context size)."""
+        need = max(len(self.backend.tokenize(self.prompt(question, *ordered_answers(answer_a, answer_b, o))))
+                   for o in ORDERS)
+        return need + self._reserve(mode or self.mode), self.backend.n_ctx
+
     def fit(self, question: str, answer_a: str, answer_b: str, mode: str) -> tuple[str, str, list[str]]:
         """The answers, cut so both prompts and the judgment fit the context."""
         n_ctx, reserve = self.backend.n_ctx, self._reserve(mode)
@@ -157,6 +163,12 @@ class Judge:
 
         "1" and "2" are appended and tokenized with the context; the first token where
         the two differ is the verdict token, whatever the tokenizer merges around it."""
+        context, one, two = self._verdict_tokens(prompt, prefix)
+        logits = self.backend.next_logits(context)
+        return p_slot1(float(logits[one]), float(logits[two]))
+
+    def _verdict_tokens(self, prompt: str, prefix: str) -> tuple[list[int], int, int]:
+        """(the tokens before the verdict token, the token of "1", the token of "2")."""
         ids_1 = self.backend.tokenize(prompt + prefix + "1")
         ids_2 = self.backend.tokenize(prompt + prefix + "2")
         k = 0
@@ -166,8 +178,7 @@ class Judge:
             k += 1
         if k >= min(len(ids_1), len(ids_2)):
             raise RuntimeError("the tokenizer does not tell the verdicts '1' and '2' apart")
-        logits = self.backend.next_logits(ids_1[:k])
-        return p_slot1(float(logits[ids_1[k]]), float(logits[ids_2[k]]))
+        return ids_1[:k], ids_1[k], ids_2[k]
 
     def judge_order(self, question: str, answer_a: str, answer_b: str, order: str, mode: str) -> OrderJudgment:
         """One order's judgment (answers already fitted to the context)."""
@@ -175,7 +186,11 @@ class Judge:
         if mode == "verdict":
             p1 = self.verdict_p1(prompt, verdict_prefix(self.template, ""))
             return OrderJudgment(order, 1 if p1 >= 0.5 else 2, p1, None, None, True, "verdict")
-        text, finished, tokens, p1 = self.backend.generate(self.backend.tokenize(prompt), self.max_new_tokens)
+        return self._read_order(prompt, order, self.backend.generate(self.backend.tokenize(prompt), self.max_new_tokens))
+
+    def _read_order(self, prompt: str, order: str, generation) -> OrderJudgment:
+        """One order's judgment from its generated reply (rationale mode)."""
+        text, finished, tokens, p1 = generation
         rationale, slot, prefix = split_canonical_judgment(self.template, text)
         method = "grammar" if self.backend.constrained else "json"
         if slot is None and not self.backend.constrained:  # free text: read it as well as it can be
@@ -207,6 +222,54 @@ class Judge:
         result.seconds = time.perf_counter() - start
         result.truncated, result.warnings = bool(notes), notes
         return result
+
+    @property
+    def parallel(self) -> bool:
+        """Whether the backend decodes several sequences together (gguf)."""
+        return hasattr(self.backend, "generate_many") and getattr(self.backend, "n_parallel", 1) > 1
+
+    def compare_many(self, pairs, mode: str | None = None) -> list[JudgeResult]:
+        """Judge several (question, answer_a, answer_b) pairs: the same results as
+        compare() on each, but on a backend with parallel sequences (gguf) both orders
+        of several pairs decode together, and in verdict mode the prompt prefix the two
+        orders share is evaluated once. Other backends judge one pair at a time.
+        `seconds` of each result is the batch's time divided among its pairs."""
+        mode = mode or self.mode
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        pairs = list(pairs)
+        if not self.parallel or len(pairs) == 0:
+            return [self.compare(q, a, b, mode=mode) for q, a, b in pairs]
+        start = time.perf_counter()
+        fitted = []
+        for question, answer_a, answer_b in pairs:
+            a, b, notes = self.fit(question, answer_a, answer_b, mode)
+            for note in notes:
+                if self.warn:
+                    self.warn(note)
+            prompts = [self.prompt(question, *ordered_answers(a, b, o)) for o in ORDERS]
+            fitted.append((prompts, notes))
+        if mode == "verdict":
+            prefix = verdict_prefix(self.template, "")
+            tokens = [[self._verdict_tokens(p, prefix) for p in prompts] for prompts, _ in fitted]
+            logits = self.backend.next_logits_many([[t[0] for t in group] for group in tokens])
+            orders = []
+            for group, rows in zip(tokens, logits):
+                p1s = [p_slot1(float(row[one]), float(row[two])) for (_, one, two), row in zip(group, rows)]
+                orders.append([OrderJudgment(o, 1 if p1 >= 0.5 else 2, p1, None, None, True, "verdict")
+                               for o, p1 in zip(ORDERS, p1s)])
+        else:
+            generations = self.backend.generate_many(
+                [[self.backend.tokenize(p) for p in prompts] for prompts, _ in fitted], self.max_new_tokens)
+            orders = [[self._read_order(p, o, g) for p, o, g in zip(prompts, ORDERS, gens)]
+                      for (prompts, _), gens in zip(fitted, generations)]
+        seconds = (time.perf_counter() - start) / len(pairs)
+        results = []
+        for (ab, ba), (_, notes) in zip(orders, fitted):
+            result = combine(ab, ba, mode)
+            result.seconds, result.truncated, result.warnings = seconds, bool(notes), notes
+            results.append(result)
+        return results
 
 
 # ---------------------------------------------------------------- opening a judge
@@ -247,11 +310,13 @@ def choose_backend(spec, backend: str = "auto") -> tuple[str, str | Path]:
 
 def open_judge(spec, *, backend: str = "auto", mode: str = "rationale", n_threads: int | None = None,
                n_ctx: int | None = None, max_new_tokens: int | None = None, template=None, warn=_PRINT,
-               use_extra_bufts: bool = False, adapter: str | Path | None = None, base: str | None = None) -> Judge:
+               use_extra_bufts: bool = False, adapter: str | Path | None = None, base: str | None = None,
+               n_parallel: int = 4) -> Judge:
     """A `Judge` from a spec (see `choose_backend`); `backend` names one instead of
     "auto". A Judge (or any object with compare()) is returned as it is. `warn`: a
     callable for the judge's warnings (answers cut to fit the context), None for
-    silence. `use_extra_bufts` is a gguf option, `adapter`/`base` hf options."""
+    silence. `use_extra_bufts` and `n_parallel` (pairs decoded together) are gguf
+    options, `adapter`/`base` hf options."""
     if not isinstance(spec, (str, Path)):
         return spec
     kwargs = {"mode": mode, "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS, "template": template}
@@ -259,4 +324,4 @@ def open_judge(spec, *, backend: str = "auto", mode: str = "rationale", n_thread
         kwargs["warn"] = warn  # None: silent
     name, target = choose_backend(spec, backend)
     return Judge.open(name, target, n_ctx=n_ctx, n_threads=n_threads, use_extra_bufts=use_extra_bufts,
-                      adapter=adapter, base=base, **kwargs)
+                      adapter=adapter, base=base, n_parallel=n_parallel, **kwargs)

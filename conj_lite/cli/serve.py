@@ -1,0 +1,87 @@
+"""`conj-lite serve`: the judge as a local HTTP service (see conj_lite.judging.serve)."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import InputError
+from ..judging import selective
+from ..judging.backends import BACKENDS
+from ..judging.judge import open_judge
+from ..judging.serve import (
+    API_KEY_ENV,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    MAX_BATCH,
+    MAX_BODY_BYTES,
+    MAX_PAIRS,
+    JudgeService,
+    check_bind,
+    create_app,
+    model_card,
+    serve,
+)
+from ..progress import get_console
+from .options import add_risk_args, add_runtime_args, runtime_options
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a judge over HTTP: POST /v1/judge, GET /health, GET /v1/models",
+        description="Run the judge as a local HTTP service. POST /v1/judge takes one pair "
+        "({question, answer_a, answer_b}) or {pairs: [...]} and answers the verdict, P(A better) and both "
+        "orders' verdicts (and rationales); with --risk/--calibration also the selective verdict (A, B or "
+        f"abstain). Binds {DEFAULT_HOST} unless --host is given, which then needs an API key.",
+    )
+    p.add_argument("--model", required=True, help="a .gguf file, or a transformers model / LoRA adapter directory")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                   help="auto: gguf for a file, hf for a directory")
+    p.add_argument("--adapter", help="hf backend: a LoRA adapter to put on --model (the base)")
+    p.add_argument("--base", help="hf backend: the base model of an adapter given as --model")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; anything else "
+                   "needs --api-key)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--api-key", default=None,
+                   help=f"require this key (Authorization: Bearer KEY or X-API-Key) on /v1/*; default ${API_KEY_ENV}")
+    p.add_argument("--parallel", type=int, default=4,
+                   help="gguf: pairs decoded together (both orders each) in one llama.cpp batch (default 4)")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                   help=f"pairs of queued requests the worker judges together (default {MAX_BATCH})")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                   help=f"largest request body (default {MAX_BODY_BYTES})")
+    p.add_argument("--max-pairs", type=int, default=MAX_PAIRS, help=f"most pairs per request (default {MAX_PAIRS})")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_runtime_args(p)
+    add_risk_args(p)
+    p.set_defaults(func=run, output=None)
+
+
+def run(args) -> int:
+    console = get_console()
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_bind(args.host, api_key)
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be 0-65535, got {args.port}")
+    if args.parallel < 1 or args.max_batch < 1 or args.max_pairs < 1 or args.max_body_bytes < 1:
+        raise InputError("--parallel, --max-batch, --max-pairs and --max-body-bytes must be at least 1")
+    selective.check_risk_args(args)  # bad options fail before a model loads
+    judge = open_judge(args.model, backend=args.backend, adapter=args.adapter, base=args.base, warn=None,
+                       n_parallel=args.parallel, **runtime_options(args))
+    service = None
+    try:
+        threshold = selective.threshold_from_args(args, judge, console)
+        card = model_card(judge, args.model, threshold=threshold, calibration_source=args.calibration,
+                          mode=args.mode)
+        service = JudgeService(judge, threshold=threshold, threshold_mode=args.mode, card=card,
+                               max_batch=args.max_batch)
+        app = create_app(service, api_key=api_key, max_body_bytes=args.max_body_bytes, max_pairs=args.max_pairs,
+                         default_mode=args.mode)
+        console.print(f"serve: {card['id']} ({args.mode} mode) on http://{args.host}:{args.port}"
+                      + (" (API key required)" if api_key else ""), highlight=False)
+        serve(app, args.host, args.port, log_level=args.log_level)
+        return 0
+    finally:
+        if service is not None:
+            service.close()
+        judge.close()

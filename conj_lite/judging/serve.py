@@ -1,0 +1,404 @@
+"""The judge as a local HTTP service (`conj-lite serve`), on FastAPI/Starlette + uvicorn.
+
+    conj-lite serve --model judge.gguf [--risk 0.1 --calibration cal.jsonl] [--port 8080]
+
+    POST /v1/judge   {"question": ..., "answer_a": ..., "answer_b": ...[, "id": ...]}
+                     or {"pairs": [{...}, ...]}; optional "mode" and "rationales" (bool)
+                     -> {"model", "mode", "results": [one record per pair]}
+    GET  /health     -> {"status": "ok", "queued": pairs waiting}
+    GET  /v1/models  -> the model card: template, format, calibration, training summary
+
+A record holds the verdict (A, B or inconsistent), P(A better) `p_a`, both orders'
+verdicts and P(answer 1), the rationales when asked for (rationale mode), and with a
+calibration the selective verdict at the server's risk level (A, B or abstain; see
+`selective`) for requests in the mode the server was calibrated in (its --mode; a
+request in the other mode gets no selective fields: the threshold would not hold).
+
+One worker thread owns the judge: llama.cpp contexts are not thread-safe. Requests wait
+in a queue; the worker takes what is waiting (up to `max_batch` pairs) into one
+`Judge.compare_many`, so the pairs of concurrent requests decode together in one
+llama.cpp batch. A request whose client has gone before the worker reaches it is
+dropped; one that goes mid-judgment is finished and its result thrown away, so other
+requests never see an error or a half-used context.
+
+Errors: bad JSON or a missing/ill-typed field -> 400 naming the field; a body over
+`max_body_bytes`, more than `max_pairs` pairs, or a pair whose prompt and judgment do
+not fit the model's context -> 413 naming the limit; a missing or wrong API key -> 401.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations
+# (Request, imported inside create_app) at run time.
+import asyncio
+import hmac
+import ipaddress
+import json
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..artifacts import GGUF_VERSION_KEY, TRAIN_META
+from ..errors import InputError
+from .selective import ABSTAIN, mark_record
+from .verdicts import MODES
+
+API_KEY_ENV = "CONJ_LITE_API_KEY"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+MAX_BODY_BYTES = 1 << 20  # 1 MiB
+MAX_PAIRS = 64  # pairs per request
+MAX_BATCH = 8  # pairs the worker judges together
+PAIR_FIELDS = ("question", "answer_a", "answer_b")
+
+
+class RequestError(Exception):
+    """A request the service refuses: an HTTP status and a message."""
+
+    def __init__(self, status: int, message: str, **extra):
+        super().__init__(message)
+        self.status, self.message, self.extra = status, message, extra
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Anything but a loopback address needs an API key."""
+    if not is_loopback(host) and not api_key:
+        raise InputError(f"--host {host} would expose the judge beyond this machine; give an API key "
+                         f"(--api-key or ${API_KEY_ENV}) to bind anything but 127.0.0.1")
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass
+class JudgeRequest:
+    pairs: list[tuple[str, str, str]]
+    ids: list
+    mode: str
+    rationales: bool
+
+
+def parse_request(body: bytes, default_mode: str, max_pairs: int = MAX_PAIRS) -> JudgeRequest:
+    """A JudgeRequest from a request body; RequestError(400/413) naming what is wrong."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, "the body must be a JSON object with question/answer_a/answer_b or pairs")
+    mode = data.get("mode", default_mode)
+    if mode not in MODES:
+        raise RequestError(400, f"field 'mode' must be one of {list(MODES)}, got {mode!r}", field="mode")
+    rationales = data.get("rationales", True)
+    if not isinstance(rationales, bool):
+        raise RequestError(400, "field 'rationales' must be true or false", field="rationales")
+    if "pairs" in data:
+        items, where = data["pairs"], "pairs[{}]."
+        if not isinstance(items, list) or not items:
+            raise RequestError(400, "field 'pairs' must be a non-empty list of pairs", field="pairs")
+        if len(items) > max_pairs:
+            raise RequestError(413, f"{len(items)} pairs in one request; the limit is {max_pairs}",
+                               field="pairs", limit=max_pairs)
+    else:
+        items, where = [data], ""
+    pairs, ids = [], []
+    for n, item in enumerate(items):
+        prefix = where.format(n)
+        if not isinstance(item, dict):
+            raise RequestError(400, f"'{prefix.rstrip('.')}' must be an object", field=prefix.rstrip("."))
+        values = []
+        for name in PAIR_FIELDS:
+            if name not in item:
+                raise RequestError(400, f"missing field '{prefix}{name}'", field=prefix + name)
+            if not isinstance(item[name], str):
+                raise RequestError(400, f"field '{prefix}{name}' must be a string", field=prefix + name)
+            values.append(item[name])
+        if not values[0].strip():
+            raise RequestError(400, f"field '{prefix}question' is empty", field=prefix + "question")
+        pairs.append(tuple(values))
+        ids.append(item.get("id", n if where else None))
+    return JudgeRequest(pairs, ids, mode, rationales)
+
+
+# ---------------------------------------------------------------- the worker
+
+
+@dataclass
+class _Job:
+    request: JudgeRequest
+    future: Future = field(default_factory=Future)
+
+
+class JudgeService:
+    """A judge behind a queue: one worker thread runs every judgment (see module doc)."""
+
+    def __init__(self, judge, *, threshold=None, threshold_mode: str | None = None, card: dict | None = None,
+                 max_batch: int = MAX_BATCH):
+        self.judge, self.threshold = judge, threshold
+        self.threshold_mode = threshold_mode or judge.mode
+        self.card = card or {}
+        self.max_batch = max(1, max_batch)
+        self.judged = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="conj-lite-judge", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._waiting
+
+    def submit(self, request: JudgeRequest) -> Future:
+        """The future of a request's records (list of dicts), or of a RequestError."""
+        job = _Job(request)
+        with self._lock:
+            self._waiting += len(request.pairs)
+        self._queue.put(job)
+        return job.future
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # -- the worker thread
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs, size, stop = [job], len(job.request.pairs), False
+            while size < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                jobs.append(more)
+                size += len(more.request.pairs)
+            with self._lock:
+                self._waiting -= size
+            live = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # the gone are dropped
+            for mode in MODES:
+                self._run([j for j in live if j.request.mode == mode], mode)
+            if stop:
+                return
+
+    def _run(self, jobs: list[_Job], mode: str) -> None:
+        ready = []
+        for job in jobs:
+            try:
+                for n, pair in enumerate(job.request.pairs):
+                    self._check_fits(pair, mode, n if len(job.request.pairs) > 1 else None)
+                ready.append(job)
+            except RequestError as exc:
+                job.future.set_exception(exc)
+            except Exception as exc:  # never let one request stop the worker
+                job.future.set_exception(exc)
+        if not ready:
+            return
+        pairs = [pair for job in ready for pair in job.request.pairs]
+        try:
+            results = self.judge.compare_many(pairs, mode=mode)
+        except Exception as exc:
+            if len(ready) == 1:
+                ready[0].future.set_exception(RequestError(413, str(exc)) if isinstance(exc, InputError) else exc)
+            else:  # judge them apart, so one bad request does not fail the others
+                for job in ready:
+                    self._run([job], mode)
+            return
+        start = 0
+        for job in ready:
+            n = len(job.request.pairs)
+            job.future.set_result(self._records(job.request, results[start:start + n], mode))
+            start += n
+        self.judged += len(pairs)
+
+    def _check_fits(self, pair: tuple[str, str, str], mode: str, index: int | None) -> None:
+        need, n_ctx = self.judge.tokens_needed(*pair, mode=mode)
+        if need > n_ctx:
+            where = "the pair" if index is None else f"pairs[{index}]"
+            raise RequestError(413, f"{where} needs {need} tokens (prompt in the longer order + the judgment) but "
+                                    f"the context holds {n_ctx}", limit=n_ctx, tokens=need)
+
+    def _records(self, request: JudgeRequest, results, mode: str) -> list[dict]:
+        out = []
+        for pair_id, result in zip(request.ids, results):
+            record = result.to_record()
+            if not request.rationales or mode == "verdict":
+                record.pop("rationale_ab", None)
+                record.pop("rationale_ba", None)
+            if self.threshold is not None and mode == self.threshold_mode:
+                record = mark_record(record, self.threshold)
+            out.append({"id": pair_id, **record} if pair_id is not None else record)
+        return out
+
+
+# ---------------------------------------------------------------- the model card
+
+
+def model_card(judge, path, *, threshold=None, calibration_source=None, mode: str = "rationale") -> dict:
+    """What `GET /v1/models` says about the judge being served."""
+    path = Path(path)
+    backend = judge.backend
+    meta = getattr(backend, "meta", {}) or {}
+    fmt = {"backend": getattr(backend, "name", "?"), "context": backend.n_ctx}
+    if meta:
+        fmt.update(architecture=meta.get("general.architecture"), file_type=_file_type(meta.get("general.file_type")))
+    if path.is_file():
+        fmt["size_bytes"] = path.stat().st_size
+    template = judge.template
+    card = {
+        "id": path.stem if path.suffix else path.name,
+        "object": "model",
+        "owned_by": "conj-lite",
+        "path": str(path),
+        "format": fmt,
+        "template": {"name": template.name, "rationale_key": template.rationale_key,
+                     "verdict_key": template.verdict_key},
+        "mode": mode,
+        "max_new_tokens": judge.max_new_tokens,
+        "parallel_pairs": getattr(backend, "n_parallel", 1),
+        "exported_by": meta.get(GGUF_VERSION_KEY),
+        "calibration": None,
+        "training": _training_summary(path),
+    }
+    if threshold is not None:
+        card["calibration"] = {"source": str(calibration_source) if calibration_source else None,
+                               "mode": mode, **threshold.to_dict()}
+    return card
+
+
+def _file_type(value) -> str | None:
+    if value is None:
+        return None
+    try:
+        import gguf
+
+        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
+    except (ImportError, ValueError):
+        return str(value)
+
+
+def _training_summary(path: Path) -> dict | None:
+    """The training summary of the run a GGUF was exported from (RUN/gguf/x.gguf ->
+    RUN/adapter/conj_lite_train.json), when it is there."""
+    for candidate in (path.parent.parent / "adapter" / TRAIN_META, path.parent / TRAIN_META, path / TRAIN_META):
+        if candidate.is_file():
+            try:
+                meta = json.loads(candidate.read_text(encoding="utf-8"))
+            except ValueError:
+                return None
+            keep = ("base_model", "template", "objective", "load_in_4bit", "summary", "round")
+            return {k: meta[k] for k in keep if k in meta}
+    return None
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(service: JudgeService, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               max_pairs: int = MAX_PAIRS, default_mode: str | None = None, poll_s: float = 0.25):
+    """The FastAPI app over a JudgeService."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    default_mode = default_mode or service.judge.mode
+    app = FastAPI(title="conj-lite judge", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def refuse(exc: RequestError) -> JSONResponse:
+        return JSONResponse({"error": {"status": exc.status, "message": exc.message, **exc.extra}},
+                            status_code=exc.status)
+
+    def authorized(request: Request) -> bool:
+        if not api_key:
+            return True
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        return given is not None and hmac.compare_digest(given.encode(), api_key.encode())
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if request.url.path != "/health" and not authorized(request):
+            return refuse(RequestError(401, "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "queued": service.queued, "judged": service.judged}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [service.card]}
+
+    @app.post("/v1/judge")
+    async def judge(request: Request):
+        try:
+            body = await read_body(request, max_body_bytes)
+            parsed = parse_request(body, default_mode, max_pairs)
+            future = service.submit(parsed)
+        except RequestError as exc:
+            return refuse(exc)
+        start = time.perf_counter()
+        waiting = asyncio.wrap_future(future)
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=poll_s)
+            if done:
+                break
+            if await request.is_disconnected():
+                future.cancel()  # dropped if the worker has not reached it; else finished and thrown away
+                return JSONResponse({"error": {"status": 499, "message": "client closed the request"}},
+                                    status_code=499)
+        try:
+            records = waiting.result()
+        except RequestError as exc:
+            return refuse(exc)
+        except asyncio.CancelledError:
+            return JSONResponse({"error": {"status": 499, "message": "client closed the request"}}, status_code=499)
+        except Exception as exc:
+            return JSONResponse({"error": {"status": 500, "message": f"{type(exc).__name__}: {exc}"}},
+                                status_code=500)
+        return {"model": service.card.get("id"), "mode": parsed.mode, "seconds": round(time.perf_counter() - start, 4),
+                "results": records}
+
+    return app
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {declared} bytes; the limit is {limit}", limit=limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body over {limit} bytes; the limit is {limit}", limit=limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def serve(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log_level: str = "info") -> None:
+    """Run the app with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+__all__ = ["ABSTAIN", "JudgeService", "RequestError", "check_bind", "create_app", "model_card", "parse_request",
+           "serve"]

@@ -1,0 +1,98 @@
+"""Parallel judging in llama.cpp (GGUFBackend.generate_many / next_logits_many,
+Judge.compare_many): several sequences in one batch give the judgments of one at a time."""
+
+from __future__ import annotations
+
+import pytest
+
+from conj_lite.data import load_pairs
+from conj_lite.judging import Judge, judge_pairs
+from conj_lite.judging.backends import shared_prefix, waves
+from conj_lite.prompts import ORDERS, ordered_answers
+
+
+def test_shared_prefix_leaves_every_sequence_a_token_of_its_own():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix([[1, 2], [1, 2, 3]]) == 1
+    assert shared_prefix([[7, 8]]) == 0
+    assert shared_prefix([[1], [1]]) == 0
+
+
+def test_waves_pack_groups_by_sequences_and_cells():
+    groups = [[[0] * 10, [0] * 10]] * 5
+    assert waves(groups, n_seq=4, cells=1000) == [[0, 1], [2, 3], [4]]
+    assert waves(groups, n_seq=8, cells=45) == [[0, 1], [2, 3], [4]]
+    assert waves(groups, n_seq=8, cells=45, extra=5) == [[0], [1], [2], [3], [4]]
+    assert waves([], n_seq=2, cells=10) == []
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_model_dir, tmp_path_factory):
+    from test_export import export_tiny
+
+    return export_tiny(tiny_model_dir, tmp_path_factory.getbasetemp() / "tiny-export")
+
+
+@pytest.fixture(scope="module")
+def pairs(sample_data):
+    return load_pairs(sample_data).pairs[:5]
+
+
+def same(one, other, p_tol=5e-3):
+    a, b = one.to_record(), other.to_record()
+    for key in ("verdict", "verdict_ab", "verdict_ba", "rationale_ab", "rationale_ba", "tokens_ab", "tokens_ba",
+                "finished_ab", "finished_ba", "mode"):
+        assert a[key] == b[key], (key, a[key], b[key])
+    assert [o.method for o in one.orders.values()] == [o.method for o in other.orders.values()]
+    assert a["p_a"] == pytest.approx(b["p_a"], abs=p_tol)
+    assert a["p1_ab"] == pytest.approx(b["p1_ab"], abs=p_tol) and a["p1_ba"] == pytest.approx(b["p1_ba"], abs=p_tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m"])
+def test_parallel_judgments_are_the_one_at_a_time_judgments(exported, pairs, qtype):
+    # n_parallel=2: five pairs make three waves, the last one half full.
+    judge = Judge.from_gguf(exported.gguf_paths[qtype], n_threads=2, max_new_tokens=40, warn=None, n_parallel=2)
+    try:
+        assert judge.parallel
+        items = [(p.question, p.answer_a, p.answer_b) for p in pairs]
+        for mode in ("verdict", "rationale"):
+            together = judge.compare_many(items, mode=mode)
+            alone = [judge.compare(*item, mode=mode) for item in items]
+            assert len(together) == len(alone) == len(items)
+            for one, other in zip(together, alone):
+                same(one, other)
+        # The two orders share a long prompt prefix, evaluated once.
+        prompts = [judge.backend.tokenize(judge.prompt(items[0][0], *ordered_answers(*items[0][1:], o)))
+                   for o in ORDERS]
+        assert shared_prefix(prompts) > 20
+    finally:
+        judge.close()
+
+
+@pytest.mark.slow
+def test_a_judgment_cut_off_in_a_parallel_batch_is_closed_like_alone(exported, pairs):
+    judge = Judge.from_gguf(exported.gguf_paths["q8_0"], n_threads=2, max_new_tokens=6, warn=None)
+    try:
+        items = [(p.question, p.answer_a, p.answer_b) for p in pairs[:3]]
+        together = judge.compare_many(items, mode="rationale")
+        for result, item in zip(together, items):
+            same(result, judge.compare(*item, mode="rationale"))
+            assert all(o.slot in (1, 2) for o in result.orders.values())
+    finally:
+        judge.close()
+
+
+@pytest.mark.slow
+def test_the_batch_loop_uses_parallel_judging(exported, pairs, tmp_path):
+    judge = Judge.from_gguf(exported.gguf_paths["q8_0"], n_threads=2, warn=None)
+    try:
+        records = judge_pairs(judge, pairs, "verdict", records_path=tmp_path / "out.jsonl")
+        judge.backend.n_parallel = 1  # one pair at a time
+        assert not judge.parallel
+        alone = judge_pairs(judge, pairs, "verdict")
+        assert [r["verdict"] for r in records] == [r["verdict"] for r in alone]
+        assert [r["p_a"] for r in records] == pytest.approx([r["p_a"] for r in alone], abs=5e-3)
+    finally:
+        judge.close()
