@@ -460,9 +460,9 @@ def _merge_dtype(base_config, dtype: str):
     names = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
     if dtype != "auto":
         return names[dtype]
-    declared = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None)
-    declared = str(declared).replace("torch.", "")
-    return torch.bfloat16 if declared == "bfloat16" else torch.float16
+    # float16 even for bfloat16 bases: the converter writes f16 anyway, and f16's finer
+    # mantissa keeps small LoRA deltas that bf16 rounds away (see merge_adapter).
+    return torch.float16
 
 
 @dataclass
@@ -506,7 +506,10 @@ def merge_adapter(source: str | Path, merged_dir: str | Path, *, base: str | Non
             "export: training used a 4-bit base; merging into the 16-bit base weights instead", highlight=False
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, low_cpu_mem_usage=True)
+        # The merge itself in float32: W + BA rounded once to the saved dtype. Merged in
+        # 16 bits, small deltas vanish (delta std 1e-4 on weights of std 0.02: 33% error
+        # in bf16 against 4% merged in fp32 and saved as f16).
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, low_cpu_mem_usage=True)
     except (OSError, ValueError) as exc:
         raise InputError(f"{base}: cannot load the base model: {exc}") from None
     if info["kind"] == "adapter":

@@ -53,11 +53,6 @@ def verdict_prefix(template: JudgeTemplate, rationale: str = "") -> str:
     return frame_head(template) + json.dumps(rationale, ensure_ascii=False)[1:-1] + frame_middle(template)
 
 
-def format_judgment(template: JudgeTemplate, rationale: str, verdict: int) -> str:
-    """A whole judgment in the frame (training targets, tests)."""
-    return json.dumps({template.rationale_key: rationale, template.verdict_key: verdict}, ensure_ascii=False)
-
-
 def verdict_rule(verdict: int | None) -> str:
     if verdict is None:
         return "[12]"

@@ -19,6 +19,13 @@ from typing import Iterable, Iterator
 from .errors import InputError
 
 
+def dumps_line(row) -> str:
+    """One JSONL line. Text keeps its characters (ensure_ascii=False); a lone surrogate
+    (a model can write the escape `\\ud83d` in a JSON string, and json.loads accepts it)
+    stays an escape, so the file is valid UTF-8 and reads back to the same string."""
+    return json.dumps(row, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8") + "\n"
+
+
 def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict]]:
     """(`file:line`, row) for every non-blank line of a JSONL file of our own making
     (pairs, warm-up judgments); the first bad line is an InputError naming it."""
@@ -48,7 +55,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), "utf-8")
+    tmp.write_text("".join(dumps_line(row) for row in rows), "utf-8")
     os.replace(tmp, path)
     return path
 
@@ -57,7 +64,8 @@ def write_json(path: str | Path, data) -> Path:
     """Write one JSON document atomically (indented)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8"),
+                   encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -107,7 +115,7 @@ class JudgmentFile:
         return rows
 
     def append(self, rows: list[dict]) -> None:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        text = "".join(dumps_line(r) for r in rows)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -131,14 +131,17 @@ def closing_budget(tokenizer, template: JudgeTemplate) -> int:
     return len(tokenizer(frame_middle(template) + "1}", add_special_tokens=False).input_ids) + 2
 
 
-def generate(model, tokenizer, prompts: list[str], n: int, cfg: SamplingConfig, *, seeds: list[int],
+def generate(model, tokenizer, prompts: list[str], n: int, cfg: SamplingConfig, *, seeds: list[int] | None = None,
              grammars: list[str | None] | None = None, max_new_tokens: int | None = None, closing_tokens: int = 0):
     """Sample `n` continuations per prompt in one batched call.
 
-    `seeds` (and `grammars`, None for free text) are per sequence, prompt-major: sequence
-    j of prompt i is row i * n + j. Returns, per prompt, a list of
+    `seeds` (default: cfg.seed + row) and `grammars` (None: free text) are per sequence,
+    prompt-major: sequence j of prompt i is row i * n + j. Returns, per prompt, a list of
     (text, finish_reason, new_token_count)."""
     import torch
+
+    if seeds is None:
+        seeds = [cfg.seed + row for row in range(len(prompts) * n)]
 
     device = next(model.parameters()).device
     # Each prompt repeated n times: transformers refuses num_return_sequences > 1 without

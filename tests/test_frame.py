@@ -5,17 +5,15 @@ import json
 import pytest
 
 from conj_lite.config import SamplingConfig
-from conj_lite.frame import (
-    closing_grammar, format_judgment, judgment_grammar, sample_seed, verdict_prefix,
-)
+from conj_lite.frame import closing_grammar, judgment_grammar, sample_seed, verdict_prefix
 from conj_lite.parsing import parse_verdict
-from conj_lite.prompts import load_template
+from conj_lite.prompts import judge_verdict_json, load_template
 
 EN = load_template("en")
 
 
 def test_format_and_prefix_agree_with_the_grammar_head():
-    text = format_judgment(EN, 'Answer 2 is "right".', 2)
+    text = judge_verdict_json(EN, 'Answer 2 is "right".', 2)
     assert text == '{"rationale": "Answer 2 is \\"right\\".", "better_answer": 2}'
     assert text.startswith(verdict_prefix(EN, 'Answer 2 is "right".'))
     assert json.loads(text) == {"rationale": 'Answer 2 is "right".', "better_answer": 2}
@@ -121,3 +119,18 @@ def test_free_format_is_seeded_too(tiny):
     first = generate(model, tok, [p], 3, cfg, seeds=[1, 2, 3])[0]
     again = generate(model, tok, [p, p], 1, cfg, seeds=[2, 3])
     assert [first[1][0], first[2][0]] == [again[0][0][0], again[1][0][0]]
+
+
+def test_a_lone_surrogate_in_a_judgment_is_written_and_read_back(tmp_path):
+    """A model can write `\\ud83d` inside a JSON string; the row must still be stored
+    (a crash here repeated on every resume) and read back unchanged."""
+    from conj_lite.jsonio import JudgmentFile, read_jsonl, write_jsonl
+
+    text = json.loads('{"rationale": "smile \\ud83d", "better_answer": 1}')["rationale"]
+    row = {"id": "p1", "text": text}
+    log = JudgmentFile(tmp_path / "judgments.jsonl")
+    log.append([row])
+    assert log.load() == [row]
+    write_jsonl(tmp_path / "pairs.jsonl", [row])
+    assert read_jsonl(tmp_path / "pairs.jsonl") == [row]
+    (tmp_path / "pairs.jsonl").read_text("utf-8")  # valid UTF-8

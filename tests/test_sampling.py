@@ -248,7 +248,7 @@ class GenerateSpy:
     def __call__(self, **kwargs):
         out = self.original(**kwargs)
         inputs = self.tokenizer.batch_decode(kwargs["input_ids"], skip_special_tokens=False)
-        self.calls.append({"inputs": inputs, "n": kwargs["num_return_sequences"], "sequences": out.shape[0]})
+        self.calls.append({"inputs": inputs, "n": kwargs.get("num_return_sequences", 1), "sequences": out.shape[0]})
         return out
 
     def __enter__(self):
@@ -327,8 +327,10 @@ def test_sample_judgments_rows_and_rerun(tiny, sample_pairs, tmp_path):
         assert r["verdict"] == read_judgment(r["text"], EN).slot
         right = true_slot(by_id[r["id"]].label, r["order"])
         assert r["hint_slot"] == {"repeat": None, "hint_true": right, "hint_reverse": 3 - right}[r["kind"]]
-    # the untrained tiny judge was warmed up on the format: some verdicts are readable
-    assert any(r["verdict"] in (1, 2) for r in rows)
+    # held to the judgment frame (the default format), every judgment has a verdict,
+    # and hint-driven ones the hinted verdict
+    assert all(r["verdict"] in (1, 2) for r in rows)
+    assert all(r["verdict"] == r["hint_slot"] for r in rows if r["kind"] != "repeat")
 
     # every generate call stayed within batch_size and the hint reached the model input
     assert all(call["sequences"] <= cfg.batch_size for call in spy.calls)
@@ -338,7 +340,7 @@ def test_sample_judgments_rows_and_rerun(tiny, sample_pairs, tmp_path):
     for text in hinted:
         assert text.rstrip().endswith("I explain why.)")
         assert text.rindex("<|im_start|>assistant") < text.index("(Hint: answer")
-    assert len(inputs) - len(hinted) == len(pairs) * 2  # one plain prompt per pair and order
+    assert len(inputs) - len(hinted) == len(pairs) * 2 * cfg.n_repeats  # one row per repeated sample
 
     # a re-run finds everything done and writes nothing
     before = out.read_bytes()
@@ -468,7 +470,7 @@ def test_prompts_too_long_to_train_on_are_left_out_and_listed(tiny, sample_pairs
     cfg = SamplingConfig(n_repeats=1, max_new_tokens=8, batch_size=8, repetition_penalty=1.0)
     out = tmp_path / "judgments.jsonl"
     summary = sample_judgments(model, tokenizer, pairs, EN, cfg, out, max_prompt_tokens=limit)
-    skipped = load_too_long(out)
+    skipped = load_too_long(out, limit)
     long_plain = {(p.id, o) for p in pairs for o in ("ab", "ba") if plain_length(p, o) > limit}
     assert long_plain <= skipped and summary.too_long == len(skipped) < 8
     rows = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
@@ -478,3 +480,9 @@ def test_prompts_too_long_to_train_on_are_left_out_and_listed(tiny, sample_pairs
     # a rerun neither samples them nor counts them as missing
     again = sample_judgments(model, tokenizer, pairs, EN, cfg, out, max_prompt_tokens=limit)
     assert (again.generated, again.too_long) == (0, 0)
+    # a higher limit brings the left-out examples back (the old list is not re-used unchecked)
+    assert load_too_long(out, lengths[-1] + 64) == set()
+    more = sample_judgments(model, tokenizer, pairs, EN, cfg, out, max_prompt_tokens=lengths[-1] + 64)
+    assert more.too_long == 0 and more.generated == 3 * len(skipped)
+    rows = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+    assert skipped <= {(r["id"], r["order"]) for r in rows}

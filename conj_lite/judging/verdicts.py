@@ -18,45 +18,13 @@ import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..frame import closing_grammar, judgment_grammar, verdict_prefix  # noqa: F401  (the one judgment frame)
 from ..prompts import JudgeTemplate, slot_to_label
 
 MODES = ("rationale", "verdict")
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_CTX = 4096
 
-
-
-def verdict_prefix(template: JudgeTemplate, rationale: str = "") -> str:
-    """The judgment's JSON up to the verdict value, spaced like
-    `prompts.judge_verdict_json`: `{"rationale": "...", "better_answer": `."""
-    return (
-        "{" + json.dumps(template.rationale_key, ensure_ascii=False) + ": "
-        + json.dumps(rationale, ensure_ascii=False) + ", "
-        + json.dumps(template.verdict_key, ensure_ascii=False) + ": "
-    )
-
-
-def _gbnf_literal(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-    return f'"{escaped}"'
-
-
-def judgment_grammar(template: JudgeTemplate) -> str:
-    """GBNF for exactly one judgment: {"<rationale_key>": "<JSON string>", "<verdict_key>": 1|2}."""
-    key_r = json.dumps(template.rationale_key, ensure_ascii=False)
-    key_v = json.dumps(template.verdict_key, ensure_ascii=False)
-    head = "{" + key_r + ': "'
-    middle = '", ' + key_v + ": "
-    return (
-        f"root ::= {_gbnf_literal(head)} char* {_gbnf_literal(middle)} [12] \"}}\"\n"
-        'char ::= [^"\\\\\\x7F\\x00-\\x1F] | "\\\\" (["\\\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])\n'
-    )
-
-
-def closing_grammar(template: JudgeTemplate) -> str:
-    """GBNF that closes a rationale string cut off at a clean point and gives the verdict."""
-    middle = '", ' + json.dumps(template.verdict_key, ensure_ascii=False) + ": "
-    return f"root ::= {_gbnf_literal(middle)} [12] \"}}\"\n"
 
 
 def split_canonical_judgment(template: JudgeTemplate, text: str) -> tuple[str | None, int | None, str | None]:
