@@ -125,12 +125,30 @@ def slot_to_label(slot: int | None, order: str) -> str | None:
     return "B" if slot == 1 else "A"
 
 
+# Text that chat templates and tokenizers read as control tokens: ChatML / Llama-3 / Phi-3
+# `<|...|>`, Gemma's turn markers, `<s>` `</s>` `<bos>` `<eos>`, Mistral's `[INST]`.
+CONTROL_TEXT = re.compile(
+    r"<\|[A-Za-z0-9_\-]{1,40}\|>|<(?:start_of_turn|end_of_turn|bos|eos|pad|unk)>|</?s>|\[/?(?:INST|SYSTEM_PROMPT|TOOL_CALLS)\]"
+)
+WORD_JOINER = "\u2060"
+
+
+def plain_text(text: str) -> str:
+    """User content as plain text: an answer that contains `<|im_end|>` would otherwise be
+    tokenized (llama.cpp with special=True, transformers, TRL) as the control token and
+    close the user turn. A word joiner after the first character keeps the text readable
+    and makes it impossible to match, the same way for training and for every backend."""
+    return CONTROL_TEXT.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
+
+
 def build_messages(template: JudgeTemplate, question: str, answer_1: str, answer_2: str) -> list[dict]:
-    """The chat messages of the plain judge prompt (no hint)."""
+    """The chat messages of the plain judge prompt (no hint); the question and answers
+    are inserted as plain text (see `plain_text`)."""
     messages = []
     if template.system:
         messages.append({"role": "system", "content": template.system})
-    messages.append({"role": "user", "content": fill(template.user, question=question, answer_1=answer_1, answer_2=answer_2)})
+    user = fill(template.user, question=plain_text(question), answer_1=plain_text(answer_1), answer_2=plain_text(answer_2))
+    messages.append({"role": "user", "content": user})
     return messages
 
 

@@ -1,0 +1,238 @@
+"""Does the Con-J loop teach a real model? SmolLM2-135M-Instruct before vs after.
+
+Trains on real pairs (Anthropic HH harmless, MIT, from ../shared/data) and judges, in
+both answer orders, pairs never trained on: a held-out split of the same source, and
+LLMBar Natural (100 pairs) for transfer. Per variant (conj, rise) and seed: one Con-J
+round with the embedded default recipe (smollm2-135m_cpu) on the training split, then
+the base model and base + adapter are judged through transformers in verdict mode
+(the same weights on both sides; only training differs). Reports accuracy,
+consistency, position bias and the unparseable rate with 95% bootstrap intervals, the
+accuracy gain with its paired interval, and the time of each stage.
+
+    python benchmarks/real_learnability.py --seeds 0 1 2 --variants conj rise \
+        --train 48 --test 100 --out runs/real-learnability
+    python benchmarks/real_learnability.py --render runs/real-learnability/results.json
+
+Runs resume: a finished variant/seed (its eval JSON exists) is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from conj_lite.data import load_pairs, write_pairs_jsonl  # noqa: E402
+from conj_lite.judging import Judge, evaluate  # noqa: E402
+from conj_lite.pipeline import ConjRun  # noqa: E402
+from conj_lite.variants import variant_overrides  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+HH = SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+LLMBAR = SHARED / "llmbar" / "Dataset" / "LLMBar" / "Natural" / "dataset.json"
+RECIPE = "smollm2-135m_cpu"
+METRICS = ("accuracy", "consistency", "position_bias", "unparseable_rate", "accuracy_prob")
+MARKER = "<!-- real-learnability -->"
+
+
+def short_pairs(pairs, tokenizer, max_chars: int) -> list:
+    """Labelled pairs whose question and answers are short enough for a quick CPU run."""
+    return [p for p in pairs if p.label in ("A", "B")
+            and len(p.question) + len(p.answer_a) + len(p.answer_b) <= max_chars]
+
+
+def split(pairs, n_train: int, n_test: int, seed: int = 0) -> tuple[list, list]:
+    """Disjoint train/test splits, in a seeded order independent of the file's."""
+    ranked = sorted(pairs, key=lambda p: hashlib.blake2b(f"{seed}|{p.id}".encode(), digest_size=8).digest())
+    if n_train + n_test > len(ranked):
+        raise SystemExit(f"only {len(ranked)} usable pairs for {n_train} + {n_test}")
+    return ranked[:n_train], ranked[n_train:n_train + n_test]
+
+
+def judge_sets(base: str, adapter, sets: dict, work: Path, n_ctx: int) -> dict:
+    out = {}
+    judge = Judge.from_hf(base, adapter=adapter, template="en", mode="verdict", n_ctx=n_ctx)
+    try:
+        for name, pairs in sets.items():
+            start = time.perf_counter()
+            report = evaluate(judge, pairs, mode="verdict", bootstrap=1000, name=name,
+                              records_path=work / f"{name}.records.jsonl")
+            out[name] = {"metrics": report.metrics, "seconds": time.perf_counter() - start,
+                         "records": [r for r in report.records]}
+    finally:
+        judge.close()
+    return out
+
+
+def paired_gain(before: list[dict], after: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Accuracy gain (per-order verdicts) with a paired bootstrap interval over pairs."""
+    def score(record) -> float:
+        label = record.get("label")
+        verdicts = [record.get("verdict_ab"), record.get("verdict_ba")]
+        return sum(v == label for v in verdicts) / 2.0
+
+    b = {r["id"]: score(r) for r in before if r.get("label") in ("A", "B")}
+    a = {r["id"]: score(r) for r in after if r.get("label") in ("A", "B")}
+    ids = sorted(set(a) & set(b))
+    diffs = [a[i] - b[i] for i in ids]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choice(diffs) for _ in diffs) / len(diffs) for _ in range(n_resamples))
+    return {"gain": sum(diffs) / len(diffs), "ci": [means[int(0.025 * n_resamples)], means[int(0.975 * n_resamples) - 1]],
+            "n": len(ids)}
+
+
+def run_one(variant: str, seed: int, train_file: Path, sets: dict, out: Path, extra: list[str]) -> dict:
+    work = out / f"{variant}-seed{seed}"
+    result_path = work / "eval.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    overrides = [f"data.path={train_file}", "data.heldout=0", f"sampling.seed={seed}", f"training.seed={seed}",
+                 f"filtering.seed={seed}", "export.enabled=false", *extra]
+    run = ConjRun.from_recipe(RECIPE, work, [*variant_overrides(variant), *overrides])
+    times = {}
+    start = time.perf_counter()
+    if run.recipe.warmup.enabled:
+        run.warmup()
+        times["warmup"] = time.perf_counter() - start
+    for stage in ("sample", "filter", "train"):
+        t = time.perf_counter()
+        getattr(run, stage)(1)
+        times[stage] = time.perf_counter() - t
+    stats = json.loads((work / "stats.json").read_text())
+    t = time.perf_counter()
+    judged = judge_sets(run.base_model(), run.final_adapter(), sets, work, run.recipe.model.max_seq_length)
+    times["eval"] = time.perf_counter() - t
+    result = {"variant": variant, "seed": seed, "times": times, "stats": stats, "judged": judged}
+    result_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def summarize(base: dict, runs: list[dict]) -> dict:
+    rows = []
+    for r in runs:
+        row = {"variant": r["variant"], "seed": r["seed"], "times": r["times"],
+               "dpo_pairs": r["stats"].get("dpo_pairs", r["stats"].get("pairs"))}
+        for name, judged in r["judged"].items():
+            row[name] = {m: judged["metrics"].get(m) for m in METRICS}
+            row[name].update({f"{m}_ci": judged["metrics"].get(f"{m}_ci") for m in METRICS})
+            row[name]["gain"] = paired_gain(base[name]["records"], judged["records"])
+            row[name]["consistency_change"] = judged["metrics"]["consistency"] - base[name]["metrics"]["consistency"]
+        rows.append(row)
+    return {"base": {name: {m: v["metrics"].get(m) for m in METRICS}
+                     | {f"{m}_ci": v["metrics"].get(f"{m}_ci") for m in METRICS} for name, v in base.items()},
+            "runs": rows}
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def ci(x) -> str:
+    return "" if not x else f" [{100 * x[0]:.1f}, {100 * x[1]:.1f}]"
+
+
+def render(results: dict) -> str:
+    meta = results["meta"]
+    lines = [MARKER, "### The real model: SmolLM2-135M-Instruct before vs after one round", "",
+             f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']}, "
+             f"trl {meta['trl']}. Command: `{meta['command']}`.", "",
+             f"Training: {meta['n_train']} HH-RLHF harmless pairs (recipe `{RECIPE}`, one round). Test: "
+             f"{meta['n_test']} held-out HH pairs and LLMBar Natural ({meta['n_llmbar']} pairs), both orders, "
+             "verdict mode through transformers. Per-order accuracy, 95% bootstrap intervals; gain = after − "
+             "before with a paired bootstrap interval.", ""]
+    base = results["summary"]["base"]
+    lines += ["| judge | set | accuracy | consistency | position bias (answer 1) | unparseable | gain (pts) | "
+              "consistency change (pts) | sample / filter / train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in base.items():
+        lines.append(f"| base | {name} | {pct(m['accuracy'])}{ci(m['accuracy_ci'])} | {pct(m['consistency'])}"
+                     f"{ci(m['consistency_ci'])} | {pct(m['position_bias'])} | {pct(m['unparseable_rate'])} | – | – | – |")
+    for r in results["summary"]["runs"]:
+        t = r["times"]
+        for name in base:
+            m = r[name]
+            g = m["gain"]
+            lines.append(
+                f"| {r['variant']} seed {r['seed']} | {name} | {pct(m['accuracy'])}{ci(m['accuracy_ci'])} | "
+                f"{pct(m['consistency'])}{ci(m['consistency_ci'])} | {pct(m['position_bias'])} | "
+                f"{pct(m['unparseable_rate'])} | {100 * g['gain']:+.1f} [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}] | "
+                f"{100 * m['consistency_change']:+.1f} | {t.get('sample', 0):.0f} / {t.get('filter', 0):.0f} / "
+                f"{t.get('train', 0):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_into_docs(results: dict, docs: Path) -> None:
+    text = docs.read_text("utf-8") if docs.is_file() else ""
+    section = render(results)
+    if MARKER in text:
+        head, _, rest = text.partition(MARKER)
+        tail = rest.split("\n### ", 1)
+        text = head + section + ("\n### " + tail[1] if len(tail) > 1 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    docs.write_text(text, "utf-8")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/real-learnability")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["conj", "rise"])
+    parser.add_argument("--train", type=int, default=48)
+    parser.add_argument("--test", type=int, default=100)
+    parser.add_argument("--max-chars", type=int, default=900, help="longest question + answers (characters)")
+    parser.add_argument("--llmbar", type=int, default=100, help="LLMBar Natural pairs to judge (0: none)")
+    parser.add_argument("--render", metavar="RESULTS_JSON", help="only render a results file into docs/benchmarks.md")
+    parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"))
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for every run (section.key=value)")
+    args = parser.parse_args(argv)
+    if args.render:
+        render_into_docs(json.loads(Path(args.render).read_text()), Path(args.docs))
+        return 0
+    import torch
+    import transformers
+    import trl
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hh = short_pairs(load_pairs(HH, skip_invalid=True, rejects_path=out / "hh-rejects.jsonl").pairs, None, args.max_chars)
+    train, test = split(hh, args.train, args.test)
+    train_file = write_pairs_jsonl(train, out / "train.jsonl")
+    sets = {"hh_heldout": test}
+    if args.llmbar:
+        sets["llmbar_natural"] = load_pairs(LLMBAR).pairs[: args.llmbar]
+    probe = ConjRun.from_recipe(RECIPE, out / "base", [f"data.path={train_file}", "data.heldout=0"])
+    base_path = out / "base" / "eval.json"
+    if base_path.is_file():
+        base = json.loads(base_path.read_text())
+    else:
+        base = judge_sets(probe.base_model(), None, sets, out / "base", probe.recipe.model.max_seq_length)
+        base_path.write_text(json.dumps(base, indent=1))
+    runs = [run_one(v, s, train_file, sets, out, args.overrides) for v in args.variants for s in args.seeds]
+    results = {
+        "meta": {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {_cores()} CPU cores, no GPU",
+                 "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+                 "command": "python benchmarks/real_learnability.py " + " ".join(argv or sys.argv[1:]),
+                 "n_train": len(train), "n_test": len(test), "n_llmbar": len(sets.get("llmbar_natural", []))},
+        "summary": summarize(base, runs),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(render(results))
+    return 0
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
