@@ -277,6 +277,10 @@ AFTER_MIN = 0.70
 
 # One Con-J round sized for two CPU cores (a few minutes); see benchmarks/learnability.py.
 RECIPE_OVERRIDES = (
+    # Free-form sampling, as in the paper: the check (and its "hint_lost" control) is
+    # about whether hints reach a judge that follows them. Held to the frame, a hint's
+    # verdict is the hinted one whether the hint arrives or not.
+    "sampling.format=free",
     "model.max_seq_length=256",
     "sampling.n_repeats=2",
     "sampling.hint_samples=1",
