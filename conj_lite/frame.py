@@ -48,8 +48,16 @@ def frame_middle(template: JudgeTemplate) -> str:
     return '", ' + json.dumps(template.verdict_key, ensure_ascii=False) + ": "
 
 
+def verdict_only_head(template: JudgeTemplate) -> str:
+    """A verdict-only judgment up to its verdict: `{"better_answer": `."""
+    return "{" + json.dumps(template.verdict_key, ensure_ascii=False) + ": "
+
+
 def verdict_prefix(template: JudgeTemplate, rationale: str = "") -> str:
-    """The frame up to the verdict value, with `rationale` as its text."""
+    """The frame up to the verdict value, with `rationale` as its text (a verdict-only
+    judge has no rationale: `{"better_answer": `)."""
+    if not template.rationale:
+        return verdict_only_head(template)
     return frame_head(template) + json.dumps(rationale, ensure_ascii=False)[1:-1] + frame_middle(template)
 
 
@@ -62,7 +70,10 @@ def verdict_rule(verdict: int | None) -> str:
 
 
 def judgment_grammar(template: JudgeTemplate, verdict: int | None = None) -> str:
-    """GBNF for exactly one judgment; `verdict` fixes the answer (hint-driven samples)."""
+    """GBNF for exactly one judgment in the template's format; `verdict` fixes the answer
+    (hint-driven samples)."""
+    if not template.rationale:
+        return f"root ::= {_gbnf_literal(verdict_only_head(template))} {verdict_rule(verdict)} \"}}\"\n"
     return (
         f"root ::= {_gbnf_literal(frame_head(template))} char* {_gbnf_literal(frame_middle(template))} "
         f"{verdict_rule(verdict)} \"}}\"\n" + _GBNF_CHAR

@@ -298,7 +298,8 @@ class ConjRun:
             llama_cpp_dir=e.llama_cpp_dir,
             verify=e.verify,
             ollama_modelfile=e.ollama_modelfile,
-            template=self.recipe.prompts.template,
+            # an adapter's own record (wording and judgment format) wins; the base gets the recipe's
+            template=None if self.final_adapter() else self.recipe.prompts.template,
             console=self.console,
         )
 

@@ -43,9 +43,17 @@ class JudgeTemplate:
     system: str | None = None
     rationale_key: str = "rationale"
     verdict_key: str = "better_answer"
+    # The judgment format the judge was trained to write: a rationale, then the verdict
+    # (`{"rationale": "...", "better_answer": k}`), or the verdict alone
+    # (`{"better_answer": k}`, filtering.rationale=false). Recorded with the adapter, the
+    # merged model and the GGUF, so a judge is read in the format it learned.
+    rationale: bool = True
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["rationale"]:  # the default format is not written: records made before it existed stay equal
+            del out["rationale"]
+        return out
 
 
 def fill(text: str, **values: object) -> str:
@@ -195,7 +203,10 @@ class ChatFormat:
         return {**row, "prompt": self.messages(row["prompt"]), "chat_template_kwargs": self.template_kwargs()}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["rationale"]:  # the default format is not written: records made before it existed stay equal
+            del out["rationale"]
+        return out
 
 
 def _render(tokenizer, messages: list[dict], date_string: str, add_generation_prompt: bool) -> str:

@@ -369,7 +369,7 @@ def write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out
         "base_model": base,
         "load_in_4bit": runtime.load_in_4bit,
         "dtype": runtime.dtype,
-        "template": recipe.prompts.template,
+        "template": recorded_template(recipe),
         "objective": recipe.training.objective,
         "init_adapter": summary.init_adapter,
         "pairs": len(pairs),
@@ -381,3 +381,8 @@ def write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out
     shutil.rmtree(adapter_dir, ignore_errors=True)
     staging.rename(adapter_dir)
 
+
+def recorded_template(recipe: Recipe) -> dict:
+    """The judge template as recorded with an adapter: the wording and the judgment format
+    this training taught (verdict-only when filtering.rationale is off)."""
+    return {**load_template(recipe.prompts.template).to_dict(), "rationale": bool(recipe.filtering.rationale)}

@@ -134,3 +134,17 @@ def test_a_lone_surrogate_in_a_judgment_is_written_and_read_back(tmp_path):
     write_jsonl(tmp_path / "pairs.jsonl", [row])
     assert read_jsonl(tmp_path / "pairs.jsonl") == [row]
     (tmp_path / "pairs.jsonl").read_text("utf-8")  # valid UTF-8
+
+
+def test_a_verdict_only_judge_has_its_own_frame():
+    from dataclasses import replace
+
+    from conj_lite.judging.verdicts import split_canonical_judgment
+
+    only = replace(EN, rationale=False)
+    assert verdict_prefix(only, "ignored") == '{"better_answer": '
+    assert judgment_grammar(only) == 'root ::= "{\\"better_answer\\": " [12] "}"\n'
+    assert split_canonical_judgment(only, '{"better_answer": 2}') == (None, 2, '{"better_answer": ')
+    assert split_canonical_judgment(only, '{"rationale": "x", "better_answer": 2}')[1] is None
+    assert "rationale" not in only.to_dict() or only.to_dict()["rationale"] is False
+    assert "rationale" not in EN.to_dict()  # the default is not written: older records stay equal

@@ -334,6 +334,19 @@ def test_verdict_only_targets_hold_no_rationale(tmp_path_factory, repo_root, tin
     for p in pairs:
         for side in ("chosen", "rejected"):
             assert list(json.loads(p[side])) == ["better_answer"], p[side]
+    # The adapter records the format it learned, and a judge opened on it reads it so:
+    # the verdict right after `{"better_answer": `, never after a rationale key.
+    from conj_lite.artifacts import describe_source
+    from conj_lite.judging import Judge
+    from conj_lite.judging.verdicts import judgment_grammar, verdict_prefix
+
+    assert describe_source(run.final_adapter())["template"]["rationale"] is False
+    with Judge.from_hf(run.final_adapter(), warn=None, max_new_tokens=16) as judge:
+        assert judge.template.rationale is False
+        assert verdict_prefix(judge.template) == '{"better_answer": '
+        assert "rationale" not in judgment_grammar(judge.template)
+        result = judge.compare("Is 2 even?", "Yes.", "No.", mode="verdict")
+        assert result.verdict in ("A", "B", "inconsistent")
 
 
 @pytest.mark.slow

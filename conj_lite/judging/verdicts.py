@@ -35,6 +35,11 @@ def split_canonical_judgment(template: JudgeTemplate, text: str) -> tuple[str | 
     head = "{" + json.dumps(template.rationale_key, ensure_ascii=False) + ': "'
     marker = ", " + json.dumps(template.verdict_key, ensure_ascii=False) + ": "
     stripped = text.strip()
+    if not template.rationale:  # `{"better_answer": k}`
+        only = verdict_prefix(template)
+        if stripped.startswith(only) and stripped[len(only):len(only) + 1] in ("1", "2"):
+            return None, int(stripped[len(only)]), only
+        return None, None, (only if stripped == "" or only.startswith(stripped) else None)
     if not stripped.startswith(head):
         return None, None, None
     try:
