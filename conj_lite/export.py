@@ -60,6 +60,8 @@ from .tiny import cache_root
 MANIFEST = "export.json"
 SDIST_ENV = "CONJ_LITE_LLAMA_SDIST"
 CONVERTER_MARKER = "conj_lite_converter.json"
+LORA_CONVERTER = "convert_lora_to_gguf.py"
+LORA_OUTTYPES = ("f16", "bf16", "f32", "q8_0")
 CONVERTER_OUTTYPES = ("f16", "bf16", "f32", "q8_0")
 MERGE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 MERGE_FORMAT = 2  # bump when merged/ gets written differently: finished merges are redone
@@ -155,6 +157,11 @@ class Converter:
     def gguf_py(self) -> Path:
         return self.root / "gguf-py"
 
+    @property
+    def lora_script(self) -> Path:
+        """llama.cpp's convert_lora_to_gguf.py (a PEFT adapter -> a GGUF LoRA)."""
+        return self.root / LORA_CONVERTER
+
 
 def installed_llama_cpp_version() -> str:
     """The installed llama-cpp-python version (without loading its shared library)."""
@@ -239,7 +246,7 @@ def sdist_version(sdist: Path) -> str:
 def _wanted(rel: str) -> bool:
     """Files of vendor/llama.cpp that the converter needs."""
     return (
-        rel == "convert_hf_to_gguf.py"
+        rel in ("convert_hf_to_gguf.py", LORA_CONVERTER)
         or rel.startswith(("conversion/", "gguf-py/gguf/", "models/templates/"))
         or rel in ("gguf-py/pyproject.toml", "LICENSE")
     )
@@ -335,19 +342,23 @@ def download_sdist(version: str, dest_dir: Path, console=None) -> Path:
 
 
 def find_converter(llama_cpp_dir: str | Path | None = None, *, sdist: str | Path | None = None,
-                   download: bool = True, console=None) -> Converter:
+                   download: bool = True, console=None, lora: bool = False) -> Converter:
     """llama.cpp's converter at the commit of the installed llama-cpp-python.
 
     Order: `llama_cpp_dir` (a checkout, source tree or sdist the user names); the cache
     (~/.cache/conj-lite/llama.cpp/llama-cpp-python-<version>); `sdist` or
     $CONJ_LITE_LLAMA_SDIST (a local sdist file or a directory holding it); else
-    `pip download` of the sdist (download=False makes that an error instead)."""
+    `pip download` of the sdist (download=False makes that an error instead).
+    lora: also needs convert_lora_to_gguf.py (a cache unpacked before it was kept is
+    unpacked again)."""
     if llama_cpp_dir:
         return converter_from_dir(llama_cpp_dir, console)
     version = installed_llama_cpp_version()
     cached = converter_cache_dir(version)
-    if (cached / CONVERTER_MARKER).is_file():
+    if (cached / CONVERTER_MARKER).is_file() and (not lora or (cached / LORA_CONVERTER).is_file()):
         return Converter(cached, version, f"cache {cached}")
+    if lora and (cached / CONVERTER_MARKER).is_file():
+        (cached / CONVERTER_MARKER).unlink()  # an older unpacking without the LoRA converter
     sdist = sdist or os.environ.get(SDIST_ENV)
     if sdist:
         return converter_from_sdist(Path(sdist), console)
@@ -638,6 +649,50 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, converter: Converter, *, o
         os.replace(final_tmp, out_path)
     finally:
         for tmp in (converted, final_tmp, metadata_file):
+            tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def convert_lora_to_gguf(adapter_dir: str | Path, out_path: str | Path, base_dir: str | Path, *,
+                         converter: Converter | None = None, outtype: str = "f16", template: JudgeTemplate | None = None,
+                         log_path: Path | None = None, console=None) -> Path:
+    """A PEFT LoRA adapter -> a GGUF LoRA with llama.cpp's own convert_lora_to_gguf.py
+    (from the same source release as the model converter), plus conj-lite's metadata
+    (the judge template). Load it on the base GGUF at run time:
+    `Judge.from_gguf(base_gguf, lora_path=out_path)` or `conj-lite serve --lora`.
+    `base_dir` is the base model's HF directory (only its config is read)."""
+    if outtype not in LORA_OUTTYPES:
+        raise InputError(f"LoRA outtype must be one of {LORA_OUTTYPES}, got {outtype!r}")
+    adapter_dir, out_path, base_dir = Path(adapter_dir), Path(out_path), Path(base_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise InputError(f"{adapter_dir}: not a LoRA adapter (no adapter_config.json)")
+    if not (base_dir / "config.json").is_file():
+        raise InputError(f"{base_dir}: the base model directory has no config.json")
+    converter = converter or find_converter(console=console, lora=True)
+    if not converter.lora_script.is_file():
+        raise InputError(f"{converter.root}: no {LORA_CONVERTER} next to the converter ({converter.source})")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = log_path or out_path.with_name(out_path.stem + ".convert.log")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(converter.gguf_py), str(converter.root),
+                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("NO_LOCAL_GGUF", None)
+    converted = out_path.with_name(out_path.name + ".convert.partial")
+    final_tmp = out_path.with_name(out_path.name + ".partial")
+    try:
+        cmd = [sys.executable, str(converter.lora_script), "--outfile", str(converted), "--outtype", outtype,
+               "--base", str(base_dir), str(adapter_dir)]
+        _run_logged(cmd, env, log_path, f"llama.cpp's LoRA converter ({converter.source})")
+        if template is None:
+            info = describe_source(adapter_dir)
+            template = resolve_template(info.get("template"))
+        extra = {GGUF_TEMPLATE_KEY: json.dumps(template.to_dict(), ensure_ascii=False),
+                 GGUF_VERSION_KEY: _conj_lite_version()}
+        cmd = [sys.executable, "-c", _ADD_METADATA, str(converted), str(final_tmp), json.dumps(extra, ensure_ascii=False)]
+        _run_logged(cmd, env, log_path, "adding conj-lite metadata with gguf-py")
+        os.replace(final_tmp, out_path)
+    finally:
+        for tmp in (converted, final_tmp):
             tmp.unlink(missing_ok=True)
     return out_path
 

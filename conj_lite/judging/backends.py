@@ -101,9 +101,15 @@ def _model_params(use_extra_bufts: bool):
 
 
 def load_llama(path: str | Path, *, n_ctx: int | None = None, n_threads: int | None = None,
-               use_extra_bufts: bool = False, verbose: bool = False):
-    """A llama_cpp.Llama for a validated GGUF file (see read_gguf_metadata)."""
+               use_extra_bufts: bool = False, verbose: bool = False, lora_path: str | Path | None = None):
+    """A llama_cpp.Llama for a validated GGUF file (see read_gguf_metadata), with the
+    GGUF LoRA adapter `lora_path` applied at run time when given."""
     meta = read_gguf_metadata(path)
+    if lora_path is not None:
+        lora_meta = read_lora_metadata(lora_path)
+        if lora_meta.get("general.architecture") != meta["general.architecture"]:
+            raise InputError(f"{lora_path}: a LoRA for {lora_meta.get('general.architecture')!r}, but {path} is "
+                             f"{meta['general.architecture']!r}")
     try:
         import llama_cpp
     except ImportError:
@@ -119,12 +125,36 @@ def load_llama(path: str | Path, *, n_ctx: int | None = None, n_threads: int | N
         try:
             llm = llama_cpp.Llama(
                 str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=threads, n_threads_batch=threads,
-                logits_all=False, verbose=verbose,
+                logits_all=False, verbose=verbose, lora_path=str(lora_path) if lora_path else None,
             )
         except ValueError as exc:
             raise InputError(f"{path}: llama.cpp cannot load this model ({exc}); is the architecture {arch!r} "
                              f"supported by llama-cpp-python {llama_cpp.__version__}?") from None
     return llm, meta
+
+
+def read_lora_metadata(path: str | Path) -> dict:
+    """The metadata of a GGUF LoRA adapter (general.type "adapter", adapter.type "lora")."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such LoRA file")
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path), "r")
+        meta = {}
+        for key, fld in reader.fields.items():
+            try:
+                meta[key] = fld.contents()
+            except Exception:
+                continue
+    except ImportError:
+        raise InputError('reading GGUF files needs the gguf package: pip install "conj-lite[export]"') from None
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise InputError(f"{path}: not a GGUF LoRA adapter (general.type {meta.get('general.type')!r})")
+    return meta
 
 
 # ---------------------------------------------------------------- parallel sequences
@@ -270,13 +300,15 @@ class GGUFBackend:
     constrained = True  # a grammar holds generation to the judgment's JSON
 
     def __init__(self, path, *, n_ctx=None, n_threads=None, use_extra_bufts=False, verbose=False,
-                 n_parallel: int = 4, parallel_ctx: int | None = None):
+                 n_parallel: int = 4, parallel_ctx: int | None = None, lora_path=None):
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.path = Path(path)
-        self.llm, self.meta = load_llama(path, n_ctx=n_ctx, n_threads=n_threads,
-                                         use_extra_bufts=use_extra_bufts, verbose=verbose)
+        self.lora_path = Path(lora_path) if lora_path else None
+        self.llm, self.meta = load_llama(path, n_ctx=n_ctx, n_threads=n_threads, use_extra_bufts=use_extra_bufts,
+                                         verbose=verbose, lora_path=lora_path)
+        self.lora_meta = read_lora_metadata(lora_path) if lora_path else {}
         self.n_ctx = self.llm.n_ctx()
         chat_template = self.meta.get("tokenizer.chat_template")
         if not chat_template:
@@ -303,8 +335,8 @@ class GGUFBackend:
         atexit.register(lambda: ref() is not None and ref().close())
 
     def default_template(self) -> dict | None:
-        """The judge template stored in the GGUF by `conj-lite export`."""
-        raw = self.meta.get(GGUF_TEMPLATE_KEY)
+        """The judge template stored in the GGUF (or its LoRA) by `conj-lite export`."""
+        raw = self.lora_meta.get(GGUF_TEMPLATE_KEY) or self.meta.get(GGUF_TEMPLATE_KEY)
         if not raw:
             return None
         try:
@@ -598,10 +630,12 @@ def open_backend(name: str, spec, **options) -> Backend:
 
 
 def open_gguf(path: str | Path, *, n_ctx: int | None = None, n_threads: int | None = None,
-              use_extra_bufts: bool = False, verbose: bool = False, n_parallel: int = 4, **_) -> GGUFBackend:
-    """llama-cpp-python on a GGUF file. Options of other backends are ignored."""
+              use_extra_bufts: bool = False, verbose: bool = False, n_parallel: int = 4,
+              lora_path: str | Path | None = None, **_) -> GGUFBackend:
+    """llama-cpp-python on a GGUF file (with a GGUF LoRA `lora_path` applied at run
+    time). Options of other backends are ignored."""
     return GGUFBackend(path, n_ctx=n_ctx, n_threads=n_threads, use_extra_bufts=use_extra_bufts, verbose=verbose,
-                       n_parallel=n_parallel)
+                       n_parallel=n_parallel, lora_path=lora_path)
 
 
 def open_hf(model_dir: str | Path, *, adapter: str | Path | None = None, base: str | None = None,

@@ -1,0 +1,78 @@
+"""LoRA judge bundles: the trained adapter as a GGUF LoRA (llama.cpp's own
+convert_lora_to_gguf.py, from the converter's source release), loaded on the base GGUF at
+run time, judges like transformers base + adapter and like the merged export."""
+
+from __future__ import annotations
+
+import pytest
+
+from conj_lite.data import load_pairs
+from conj_lite.errors import InputError
+from conj_lite.export import LORA_CONVERTER, _wanted, convert_lora_to_gguf, export_gguf, find_converter
+from conj_lite.judging import Judge
+from conj_lite.judging.backends import read_lora_metadata
+
+
+def test_the_lora_converter_is_unpacked_with_the_model_converter():
+    assert _wanted(LORA_CONVERTER) and _wanted("convert_hf_to_gguf.py")
+    assert not _wanted("convert_llama_ggml_to_gguf.py")
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_model_dir, tmp_path_factory):
+    from test_export import export_tiny
+
+    return export_tiny(tiny_model_dir, tmp_path_factory.getbasetemp() / "tiny-export")
+
+
+@pytest.fixture(scope="module")
+def bundle(exported, tiny_model_dir, tmp_path_factory):
+    """(base f16 GGUF, base q8_0 GGUF, the adapter as a GGUF LoRA)."""
+    work = tmp_path_factory.getbasetemp() / "tiny-lora"
+    base = export_gguf(tiny_model_dir, work / "base", quant_types=("q8_0",), threads=2, name="base")
+    lora = convert_lora_to_gguf(exported.merged_dir.parent / "adapter", work / "judge-lora-f16.gguf", tiny_model_dir,
+                                converter=find_converter(lora=True))
+    return base.gguf_paths["f16"], base.gguf_paths["q8_0"], lora
+
+
+@pytest.fixture(scope="module")
+def items(sample_data):
+    return [(p.question, p.answer_a, p.answer_b) for p in load_pairs(sample_data).pairs[:8]]
+
+
+@pytest.mark.slow
+def test_base_plus_lora_judges_like_transformers_base_plus_adapter(bundle, exported, tiny_model_dir, items):
+    base_f16, base_q8, lora = bundle
+    meta = read_lora_metadata(lora)
+    assert meta["adapter.type"] == "lora" and meta["adapter.lora.alpha"] == 16.0
+    assert "conj_lite.judge_template" in meta
+    with Judge.from_hf(tiny_model_dir, adapter=exported.merged_dir.parent / "adapter", n_threads=2, warn=None) as hf:
+        reference = [hf.compare(*item, mode="verdict") for item in items]
+    with Judge.from_gguf(base_f16, lora_path=lora, n_threads=2, warn=None) as judge:
+        assert judge.template.name == "en"  # from the LoRA's metadata
+        bundled = judge.compare_many(items, mode="verdict")
+        alone = [judge.compare(*item, mode="verdict") for item in items]
+    with Judge.from_gguf(exported.gguf_paths["f16"], n_threads=2, warn=None) as merged:
+        merged_results = merged.compare_many(items, mode="verdict")
+    with Judge.from_gguf(base_f16, n_threads=2, warn=None) as plain:
+        untouched = plain.compare_many(items, mode="verdict")
+    for got, ref, one, mer in zip(bundled, reference, alone, merged_results):
+        assert got.p_a == pytest.approx(ref.p_a, abs=2e-3)
+        assert got.p_a == pytest.approx(one.p_a, abs=2e-3) and got.p_a == pytest.approx(mer.p_a, abs=2e-3)
+        assert [o.slot for o in got.orders.values()] == [o.slot for o in one.orders.values()]
+    # The adapter does change the judge: without it the probabilities differ.
+    assert max(abs(a.p_a - b.p_a) for a, b in zip(bundled, untouched)) > 5e-3
+    with Judge.from_gguf(base_q8, lora_path=lora, n_threads=2, warn=None) as quantized:
+        q8 = quantized.compare_many(items, mode="verdict")
+    assert max(abs(a.p_a - b.p_a) for a, b in zip(q8, reference)) < 1e-2
+
+
+def test_a_lora_file_is_checked(tmp_path, exported):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(InputError):
+        read_lora_metadata(bad)
+    with pytest.raises(InputError, match="not a GGUF LoRA"):
+        read_lora_metadata(exported.gguf_paths["q8_0"])  # a model, not an adapter
+    with pytest.raises(InputError, match="no such LoRA"):
+        read_lora_metadata(tmp_path / "missing.gguf")
