@@ -8,6 +8,14 @@ Everything lands in `out_dir`: judgments.jsonl, pairs.jsonl, stats.json, adapter
 (merged/, gguf/). A stage whose outputs are complete is skipped, and sampling and
 training resume where they stopped.
 
+Each stage records its inputs next to its outputs and is skipped or resumed only while
+they are the same (issue 12): sampled_from.json (base model, adapter, template, data
+identity, sampling settings), filtered_from.json (filtering settings, the judgments
+file's identity), trained_from.json (the pairs file's identity, training settings, the
+adapter it continues). A stage whose inputs changed is run again: it says which inputs
+and why, and first moves its old outputs to `stale-<time>/` (kept, not deleted); the
+stages after it then see their own inputs change and follow.
+
 The variants are switches of the same path (see conj_lite.variants): a RISE warm-up
 works in `warmup/` before round 1; with `rounds: N` round k > 1 works in `round-k/`
 and samples from and continues round k-1's adapter; `rounds.json` sums them up.
@@ -16,21 +24,22 @@ and samples from and continues round k-1's adapter; `rounds.json` sums them up.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import export as export_mod
-from .artifacts import TRAIN_META
+from .artifacts import TRAIN_META, identity_changes, path_identity
 from .config import Recipe, find_recipe, load_recipe, save_recipe
 from .data import heldout_split, load_pairs
 from .errors import InputError
 from .filtering import build_pairs
-from .jsonio import write_json, write_jsonl
+from .jsonio import read_json, write_json, write_jsonl
 from .judging import Judge, evaluate
 from .models import load_for_sampling, resolve_model_path, resolve_runtime, set_cpu_threads
 from .progress import get_console, quiet_libraries, stage_progress
 from .prompts import check_chat_template, load_template
-from .sampling import JudgmentFile, load_too_long, plan_requests, row_key, sample_judgments
+from .sampling import TOO_LONG, JudgmentFile, load_too_long, plan_requests, row_key, sample_judgments
 from .training import train_adapter
 from .warmup import SFT_FILE, read_warmup_file, sft_from_pairs, warmup_from_judgments, warmup_stats, write_sft_file
 
@@ -41,8 +50,20 @@ ADAPTER = "adapter"
 WARMUP = "warmup"
 ROUNDS = "rounds.json"
 SAMPLED_FROM = "sampled_from.json"
+FILTERED_FROM = "filtered_from.json"
+TRAINED_FROM = "trained_from.json"
+STALE = "stale"
+# What each stage writes into its work directory (moved aside together when stale).
+SAMPLE_OUTPUTS = (JUDGMENTS, TOO_LONG, SAMPLED_FROM)
+FILTER_OUTPUTS = (PAIRS, STATS, SFT_FILE, FILTERED_FROM)
+TRAIN_OUTPUTS = (ADAPTER, "adapter.partial", "checkpoints", TRAINED_FROM)
 HELDOUT = "heldout.json"
 HELDOUT_DIR = "heldout"
+
+
+def _plain(value):
+    """`value` as it reads back from JSON (tuples as lists, paths as text)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def resolve_data_path(path: str, recipe_file: str | Path | None) -> str:
@@ -68,6 +89,7 @@ class ConjRun:
     _data: object = field(default=None, repr=False)
     _base: str | None = field(default=None, repr=False)
     _heldout: list = field(default_factory=list, repr=False)
+    _stale_dir: Path | None = field(default=None, repr=False)
 
     @classmethod
     def from_recipe(cls, recipe: str | Path | Recipe | None, out_dir: str | Path, overrides=(), console=None) -> "ConjRun":
@@ -136,6 +158,81 @@ class ConjRun:
 
         return report
 
+    # ------------------------------------------------------------------ provenance
+
+    def data_identity(self) -> dict:
+        """The data file (path, size, digest) and the settings that read it."""
+        d = self.recipe.data
+        return {"file": path_identity(resolve_data_path(d.path, self.recipe_file)), "settings": asdict(d)}
+
+    def model_identity(self) -> dict:
+        r = self.recipe
+        local = Path(r.model.name_or_path)
+        return {"settings": asdict(r.model),
+                "files": path_identity(local) if local.is_dir() else None,
+                "template": self.template.to_dict(), "date_string": r.prompts.date_string}
+
+    def sampling_inputs(self, adapter: Path | None) -> dict:
+        sampling = asdict(self.recipe.sampling)
+        sampling.pop("batch_size", None)  # judgments are seeded per judgment, not per batch
+        return _plain({"model": self.model_identity(), "adapter": path_identity(adapter),
+                       "data": self.data_identity(), "sampling": sampling})
+
+    def filter_inputs(self, work: Path) -> dict:
+        return _plain({"judgments": path_identity(work / JUDGMENTS), "filtering": asdict(self.recipe.filtering),
+                       "template": self.template.to_dict(), "objective": self.recipe.training.objective,
+                       "data": self.data_identity()})
+
+    def train_inputs(self, data: Path, recipe: Recipe, init_adapter: Path | None) -> dict:
+        return _plain({"data": path_identity(data), "training": asdict(recipe.training),
+                       "init_adapter": path_identity(init_adapter), "model": self.model_identity()})
+
+    def stale_dir(self) -> Path:
+        """Where this run moves outdated outputs: out_dir/stale-<time>/ (one per run)."""
+        if self._stale_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            target, n = self.out_dir / f"{STALE}-{stamp}", 1
+            while target.exists():
+                n += 1
+                target = self.out_dir / f"{STALE}-{stamp}-{n}"
+            self._stale_dir = target
+        return self._stale_dir
+
+    def set_aside(self, work: Path, names) -> Path | None:
+        """Move the outputs `names` of `work` under stale-<time>/ (same relative layout)."""
+        present = [work / name for name in names if (work / name).exists()]
+        if not present:
+            return None
+        target = self.stale_dir() / work.relative_to(self.out_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        for path in present:
+            path.rename(target / path.name)
+        return target
+
+    def stage_changes(self, work: Path, record: str, inputs: dict) -> list[str] | None:
+        """Why a stage's recorded inputs differ from `inputs` (None: no record at all)."""
+        path = work / record
+        if not path.is_file():
+            return None
+        before = read_json(path).get("inputs")
+        if before is None:
+            return [f"{record} does not record the inputs (written by an older conj-lite)"]
+        return identity_changes(before, inputs)
+
+    def redo_if_changed(self, work: Path, record: str, inputs: dict, names, stage: str, label: str,
+                        has_outputs: bool) -> bool:
+        """Set a stage's outputs aside when its inputs changed; True when it did."""
+        if not has_outputs:
+            return False
+        changes = self.stage_changes(work, record, inputs)
+        if changes == []:
+            return False
+        why = changes if changes is not None else [f"no {record} says what made them"]
+        moved = self.set_aside(work, names)
+        self.console.print(f"{stage} ({label}): inputs changed: {'; '.join(why)}; running it again "
+                           f"(the old outputs are kept in {moved})", highlight=False)
+        return True
+
     # ------------------------------------------------------------------ layout
 
     def round_dir(self, round: int = 1) -> Path:
@@ -169,9 +266,10 @@ class ConjRun:
         work.mkdir(parents=True, exist_ok=True)
         path = work / JUDGMENTS
         pairs = self.data().pairs
+        inputs = self.sampling_inputs(adapter)
         done = {row_key(r) for r in JudgmentFile(path).load()}
-        if done:
-            check_sampled_from(work, adapter)
+        if self.redo_if_changed(work, SAMPLED_FROM, inputs, SAMPLE_OUTPUTS, "sample", label, bool(done)):
+            done = set()
         max_prompt_tokens = self.recipe.model.max_seq_length - self.recipe.sampling.max_new_tokens
         if max_prompt_tokens < 1:
             raise InputError(f"sampling.max_new_tokens ({self.recipe.sampling.max_new_tokens}) leaves no room for a "
@@ -184,7 +282,7 @@ class ConjRun:
         set_cpu_threads()
         runtime = resolve_runtime(self.recipe.model)
         base = self.base_model()
-        (work / SAMPLED_FROM).write_text(json.dumps({"model": base, "adapter": adapter and str(adapter)}, indent=2))
+        write_json(work / SAMPLED_FROM, {"model": base, "adapter": adapter and str(adapter), "inputs": inputs})
         model, tokenizer = load_for_sampling(base, self.recipe.model, runtime, adapter=adapter)
         check_chat_template(tokenizer, self.template, self.recipe.prompts.date_string)
         source = f"{base} + {adapter}" if adapter else base
@@ -207,23 +305,24 @@ class ConjRun:
         judgments = JudgmentFile(work / JUDGMENTS).load()
         if not judgments:
             raise InputError(f"{work / JUDGMENTS}: no judgments; run `conj-lite sample` first")
+        inputs = self.filter_inputs(work)
+        self.redo_if_changed(work, FILTERED_FROM, inputs, FILTER_OUTPUTS, "filter", label, (work / PAIRS).is_file())
         result = build_pairs(pairs, judgments, self.template, self.recipe.filtering)
         write_jsonl(work / PAIRS, result.pairs)
         if self.recipe.training.objective == "sft":
             write_sft_file(sft_from_pairs(result.pairs), work / SFT_FILE)
         (work / STATS).write_text(json.dumps(result.stats, indent=2))
+        write_json(work / FILTERED_FROM, {"inputs": inputs})
         print_stats(result.stats, self.console, f"Con-J filtering ({label})")
         return result
 
     def filter_is_current(self, round: int = 1) -> bool:
+        """pairs.jsonl and stats.json exist and were made from today's judgments file with
+        today's filtering settings (filtered_from.json); file times do not count."""
         work = self.round_dir(round)
-        stats, judgments = work / STATS, work / JUDGMENTS
-        return (
-            stats.is_file()
-            and (work / PAIRS).is_file()
-            and judgments.is_file()
-            and stats.stat().st_mtime >= judgments.stat().st_mtime
-        )
+        if not ((work / STATS).is_file() and (work / PAIRS).is_file() and (work / JUDGMENTS).is_file()):
+            return False
+        return self.stage_changes(work, FILTERED_FROM, self.filter_inputs(work)) == []
 
     def train(self, round: int = 1):
         """S3: a round's adapter/ (resumes from checkpoints), continuing from its policy."""
@@ -232,11 +331,17 @@ class ConjRun:
         return self._train(work, data, self.recipe, self.policy(round), f"round {round}")
 
     def _train(self, work: Path, data: Path, recipe: Recipe, init_adapter: Path | None, label: str):
-        if (work / ADAPTER / TRAIN_META).is_file():
+        inputs = self.train_inputs(data, recipe, init_adapter)
+        started = any((work / name).exists() for name in (ADAPTER, "adapter.partial", "checkpoints"))
+        self.redo_if_changed(work, TRAINED_FROM, inputs, TRAIN_OUTPUTS, "train", label, started)
+        record = work / TRAINED_FROM
+        if (work / ADAPTER / TRAIN_META).is_file() and record.is_file() and read_json(record).get("complete"):
             self.console.print(f"train ({label}): adapter already in {work / ADAPTER}, skipping")
             return None
         set_cpu_threads()
+        write_json(record, {"inputs": inputs, "complete": False})  # checkpoints resume only onto the same inputs
         summary = train_adapter(recipe, self.base_model(), data, work, self.console, init_adapter=init_adapter)
+        write_json(record, {"inputs": inputs, "complete": True})
         b, a = summary.before, summary.after
         if summary.objective == "sft":
             measures = (f"SFT loss {b.get('loss', float('nan')):.4f} -> {a.get('loss', float('nan')):.4f}, "
@@ -259,9 +364,6 @@ class ConjRun:
 
         w, f = self.recipe.warmup, self.recipe.filtering
         work = self.out_dir / WARMUP
-        if (work / ADAPTER / TRAIN_META).is_file():
-            self.console.print(f"warm-up: adapter already in {work / ADAPTER}, skipping")
-            return None
         work.mkdir(parents=True, exist_ok=True)
         options = dict(max_chars=f.max_rationale_chars, rationale=f.rationale, swap_positions=w.swap_positions,
                        max_examples=w.max_examples, seed=f.seed)
@@ -369,22 +471,17 @@ class ConjRun:
         return out
 
 
-def check_sampled_from(work: Path, adapter: Path | None) -> None:
-    """Judgments already in `work` must come from the adapter the stage samples from
-    now, and be newer than it: resuming onto samples of another (or a retrained)
-    model would mix two policies in one round."""
-    record = work / SAMPLED_FROM
-    if not record.is_file():
-        return
-    before = json.loads(record.read_text("utf-8")).get("adapter")
-    now = None if adapter is None else str(adapter)
-    stale = before != now
-    if not stale and adapter is not None and (adapter / TRAIN_META).is_file():
-        stale = (adapter / TRAIN_META).stat().st_mtime > (work / JUDGMENTS).stat().st_mtime
-    if stale:
-        raise InputError(
-            f"{work / JUDGMENTS}: these judgments were sampled from {before or 'the base model'}, which has changed "
-            f"since (now {now or 'the base model'}); use a new --out, or delete {work} to sample this stage again")
+def final_adapter_of(out_dir: str | Path) -> Path | None:
+    """The adapter a finished run in `out_dir` trained last, read from its recipe.yaml:
+    round-N/adapter for `rounds: N`, warmup/adapter for `rounds: 0` with a warm-up;
+    None when out_dir holds no recipe (then out_dir/adapter is the one)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "recipe.yaml").is_file():
+        return None
+    recipe = load_recipe(out_dir / "recipe.yaml")
+    if recipe.rounds >= 1:
+        return (out_dir if recipe.rounds == 1 else out_dir / f"round-{recipe.rounds}") / ADAPTER
+    return out_dir / WARMUP / ADAPTER if recipe.warmup.enabled else None
 
 
 def print_rounds(summaries: list[dict], console) -> None:

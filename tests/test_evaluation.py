@@ -124,7 +124,7 @@ def test_names_and_fields_parsing(tmp_path):
     assert split_name("before=tiny") == ("before", "tiny")
     assert split_name("runs/a=b/adapter") == (None, "runs/a=b/adapter")
     assert default_name("runs/tiny/adapter") == "tiny/adapter"
-    assert default_name("runs/tiny/gguf/judge-q4_k_m.gguf") == "judge-q4_k_m" and default_name("tiny") == "tiny"
+    assert default_name("runs/tiny/gguf/judge-q4_k_m.gguf") == "tiny/judge-q4_k_m" and default_name("tiny") == "tiny"
     assert parse_fields("question=q, a=x,b=y,label=annotator1+annotator2") == {
         "question": "q", "a": "x", "b": "y", "label": ["annotator1", "annotator2"]}
     assert parse_fields('{"question": "q", "a": "x", "b": "y", "label": "l"}')["label"] == "l"

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import load_pairs
+from ..artifacts import fingerprint_id
 from ..errors import InputError
+from ..judging.batch import judge_provenance, meta_path
 from ..judging.evaluation import TIE_POLICIES, default_name, evaluate, file_name, print_report, split_name, write_report
 from ..judging.judge import open_judge
 from ..progress import get_console
@@ -57,7 +59,7 @@ def run(args) -> int:
         msg += f", {loaded.n_ties} ties ({args.ties})"
     console.print(msg, highlight=False)
     out = Path(args.out)
-    reports, used = {}, set()
+    reports, used, partials = {}, set(), []
     for spec in specs:
         name, spec = split_name(spec)
         name = name or default_name(spec)
@@ -66,20 +68,23 @@ def run(args) -> int:
         used.add(name)
         judge = open_judge(spec, **runtime_options(args))
         try:
+            # the judge's fingerprint is in the name of its resumable records: another judge
+            # (or the same file rebuilt) under the same name never resumes from them
+            fid = fingerprint_id(judge_provenance(judge, args.mode))
+            partials.append(out / "judgments" / f"{file_name(name)}.{fid}.partial.jsonl")
             reports[name] = evaluate(
                 judge, pairs, mode=args.mode, ties=args.ties, bootstrap=args.bootstrap, seed=args.seed,
                 probes=args.probes, risk=args.risk, calibration=args.calibration, delta=args.delta, name=name,
-                records_path=out / "judgments" / f"{file_name(name)}.partial.jsonl", data=str(args.path),
-                console=console,
+                records_path=partials[-1], data=str(args.path), console=console,
             )
             reports[name].judge = str(spec)
         finally:
             judge.close()
     paths = write_report(reports, out, plots=not args.no_plots)
-    for name in reports:
-        partial = out / "judgments" / f"{file_name(name)}.partial.jsonl"
-        if partial.exists():
-            partial.unlink()  # the finished records are in judgments/<name>.jsonl
+    for partial in partials:
+        for done in (partial, meta_path(partial)):
+            if done.exists():
+                done.unlink()  # the finished records are in judgments/<name>.jsonl (+ .meta.json)
     print_report(reports, console)
     console.print(f"eval: report in {paths['report.md']} and {paths['report.json']}", highlight=False)
     return 0

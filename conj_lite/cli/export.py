@@ -10,6 +10,7 @@ from pathlib import Path
 from ..config import ExportConfig
 from ..errors import InputError
 from ..export import CONVERTER_OUTTYPES, MERGE_DTYPES, QUANT_TYPES, export_gguf, parse_quant_types
+from ..pipeline import final_adapter_of
 from .options import add_config_args, config_from_args
 
 EXPORT_FIELDS = ("outtype", "quant_types", "llama_cpp_dir", "verify", "ollama_modelfile")
@@ -23,8 +24,10 @@ def add_command(subparsers) -> None:
         "converter (OUT/gguf/<name>-f16.gguf) and quantize it in-process (OUT/gguf/<name>-<type>.gguf). "
         "Finished outputs are skipped on a re-run. Known quantization types: " + ", ".join(QUANT_TYPES) + ".",
     )
-    p.add_argument("--out", required=True, help="run directory: reads OUT/adapter, writes OUT/merged and OUT/gguf")
-    p.add_argument("--adapter", help="LoRA adapter (or transformers model) directory; default OUT/adapter")
+    p.add_argument("--out", required=True, help="run directory: reads the adapter its recipe trained last "
+                   "(OUT/adapter, or OUT/round-N/adapter after `rounds: N`), writes OUT/merged and OUT/gguf")
+    p.add_argument("--adapter", help="LoRA adapter (or transformers model) directory; default: the run's final "
+                   "adapter (see --out)")
     p.add_argument("--base", help="base model id or path; default: the one recorded with the adapter")
     add_config_args(
         p, ExportConfig, EXPORT_FIELDS,
@@ -44,7 +47,8 @@ def add_command(subparsers) -> None:
 
 def run(args) -> int:
     out = Path(args.out)
-    adapter = Path(args.adapter) if args.adapter else out / "adapter"
+    # a run directory: the adapter its recipe trained last (round-N/adapter after `rounds: N`)
+    adapter = Path(args.adapter) if args.adapter else (final_adapter_of(out) or out / "adapter")
     if not args.adapter and not adapter.exists():
         raise InputError(f"{adapter}: no adapter here; train first (conj-lite train) or pass --adapter")
     cfg = config_from_args(ExportConfig, args, EXPORT_FIELDS)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import time
 
+from ..artifacts import fingerprint_id
 from ..errors import InputError
 from ..jsonio import JudgmentFile
 from ..judging import selective
 from ..judging.backends import BACKENDS
-from ..judging.batch import judge_file
+from ..judging.batch import judge_file, judge_provenance
 from ..judging.judge import open_judge
 from ..progress import get_console
 from .options import add_data_args, add_risk_args, add_runtime_args, data_options, runtime_options
@@ -33,6 +34,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--answer-b", help="answer B of a single pair")
     add_data_args(p, required=False)
     p.add_argument("--output", help="JSONL output (required with --data; optional for a single pair: appended)")
+    p.add_argument("--fresh", action="store_true",
+                   help="judge --data again from scratch: an existing --output (made by another judge setup or "
+                   "not) is kept as OUTPUT.stale-<time>, not resumed")
     add_runtime_args(p)
     add_risk_args(p)
     p.set_defaults(func=run)
@@ -54,7 +58,7 @@ def run(args) -> int:
         threshold = selective.threshold_from_args(args, judge, console)
         if args.path:
             summary = judge_file(judge, args.path, args.output, mode=args.mode, console=console,
-                                 model_name=str(args.model), **data_options(args))
+                                 model_name=str(args.model), fresh=args.fresh, **data_options(args))
             selective.mark_file(summary.path, threshold, console)
             acc = "n/a" if summary.accuracy is None else f"{100 * summary.accuracy:.1f}%"
             cons = "n/a" if summary.consistency is None else f"{100 * summary.consistency:.1f}%"
@@ -67,7 +71,8 @@ def run(args) -> int:
         result = judge.compare(args.question, args.answer_a, args.answer_b, mode=args.mode)
         record = selective.mark_record(result.to_record(), threshold)
         if args.output:
-            JudgmentFile(args.output).append([{"id": f"cli-{int(time.time() * 1000)}", **record}])
+            JudgmentFile(args.output).append([{"id": f"cli-{int(time.time() * 1000)}", **record,
+                                               "fingerprint": fingerprint_id(judge_provenance(judge, args.mode))}])
         ab, ba = result.orders["ab"], result.orders["ba"]
         console.print(
             f"[bold]verdict: {result.verdict}[/]  P(A better) = {result.p_a:.3f}  "

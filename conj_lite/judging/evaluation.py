@@ -45,10 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..artifacts import fingerprint_id
 from ..errors import InputError
 from ..jsonio import write_jsonl
 from ..progress import get_console, stage_progress
-from .batch import judge_pairs
+from .batch import judge_pairs, judge_provenance, write_provenance
 from .calibration import (
     DEFAULT_BINS,
     DEFAULT_DELTA,
@@ -280,6 +281,7 @@ class EvalReport:
     bootstrap: int = 0
     seed: int = 0
     data: str | None = None
+    provenance: dict | None = None  # what made the records (batch.judge_provenance)
 
     @property
     def ci(self) -> dict:
@@ -295,6 +297,8 @@ class EvalReport:
             "metrics": self.metrics, "by_subset": self.by_subset, "confusion": self.confusion,
             "reliability": self.reliability, "probes": self.probes, "selective": self.selective,
             "seconds": round(self.seconds, 3), "bootstrap": self.bootstrap, "seed": self.seed,
+            "fingerprint": fingerprint_id(self.provenance) if self.provenance else None,
+            "provenance": self.provenance,
         }
         if records:
             out["records"] = self.records
@@ -337,12 +341,18 @@ def split_name(spec: str) -> tuple[str | None, str]:
 
 
 def default_name(spec: str) -> str:
+    """A judge's column name: its file stem with the run it belongs to, so that
+    runs/a/gguf/judge-q4_k_m.gguf and runs/b/gguf/judge-q4_k_m.gguf are a/judge-q4_k_m
+    and b/judge-q4_k_m."""
     path = Path(spec)
     if spec == "tiny":
         return "tiny"
     if path.name in ("adapter", "merged") and path.parent.name:
         return f"{path.parent.name}/{path.name}"
-    return path.stem if path.suffix.lower() == ".gguf" else (path.name or spec)
+    if path.suffix.lower() == ".gguf":
+        run = path.parent.parent if path.parent.name == "gguf" else path.parent
+        return f"{run.name}/{path.stem}" if run.name else path.stem
+    return path.name or spec
 
 
 def describe_judge(judge, spec=None) -> str:
@@ -358,7 +368,7 @@ def describe_judge(judge, spec=None) -> str:
 def evaluate(judge, pairs, mode: str = "rationale", ties: str = "drop", bootstrap: int = 1000, seed: int = 0, *,
              probes: bool = False, risk: float | None = None, calibration=None, delta: float = DEFAULT_DELTA,
              name: str | None = None, records_path: str | Path | None = None, n_bins: int = DEFAULT_BINS,
-             data: str | None = None, console=None) -> EvalReport:
+             data: str | None = None, console=None, on_mismatch: str = "replace") -> EvalReport:
     """Judge every pair in both orders and measure the judge (see the module notes).
 
     judge        a Judge, or a spec for `open_judge` (opened and closed here)
@@ -369,7 +379,9 @@ def evaluate(judge, pairs, mode: str = "rationale", ties: str = "drop", bootstra
                  `calibration` (a data file, a judgments JSONL or PreferencePair
                  records) or, without one, on a seeded half of `pairs`, and its
                  coverage and error rate are reported on the other half
-    records_path JSONL of per-pair judgments; a re-run resumes from it"""
+    records_path JSONL of per-pair judgments; a re-run resumes from it when the same
+                 judge setup made it; otherwise it is set aside and judged afresh
+                 (on_mismatch="replace") or refused ("error"), see batch.check_store"""
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if ties not in TIE_POLICIES:
@@ -385,9 +397,12 @@ def evaluate(judge, pairs, mode: str = "rationale", ties: str = "drop", bootstra
     judge = open_judge(judge, mode=mode) if owned else judge
     try:
         start = time.perf_counter()
-        records = judge_pairs(judge, pairs, mode, records_path=records_path, console=console, name=name)
+        provenance = judge_provenance(judge, mode)
+        records = judge_pairs(judge, pairs, mode, records_path=records_path, console=console, name=name,
+                              on_mismatch=on_mismatch, provenance=provenance)
         report = build_report(records, name=name, judge=describe_judge(judge, spec), mode=mode, ties=ties,
                               bootstrap=bootstrap, seed=seed, n_bins=n_bins, data=data)
+        report.provenance = provenance
         if probes:
             report.probes = _probes(judge, pairs, records, mode, console, name)
         if risk is not None:
@@ -407,6 +422,14 @@ def _probes(judge, pairs, records, mode, console, name) -> dict:
         return run_probes(judge, pairs, base, mode, progress=lambda: progress.advance(task))
 
 
+def calibration_overlap(cal: list[dict], test: list[dict]) -> int:
+    """Test records that are also calibration records: the same pair texts (`key`), or
+    the same id where a calibration row carries no key."""
+    keys = {r.get("key") for r in cal if r.get("key")}
+    ids = {str(r.get("id")) for r in cal if not r.get("key")}
+    return sum(1 for r in test if (r.get("key") in keys) or (str(r.get("id")) in ids))
+
+
 def _selective(judge, records, risk, delta, calibration, mode, seed, console) -> dict:
     if calibration is None:
         cal_ids, _ = split_for_calibration([r["id"] for r in records], seed)
@@ -421,11 +444,21 @@ def _selective(judge, records, risk, delta, calibration, mode, seed, console) ->
                 calibration_records(judge, calibration, mode=mode, console=console)
         test = records
         source = str(calibration) if isinstance(calibration, (str, Path)) else f"{len(cal)} calibration pairs"
+        overlap = calibration_overlap(cal, test)
+        if test and overlap == len(test):
+            raise InputError(f"every one of the {len(test)} test pairs is also a calibration pair ({source}): the "
+                             "risk and coverage would be measured on the pairs that set the threshold; calibrate on "
+                             "other labelled pairs, or leave out --calibration to split the data in two")
+        if overlap:
+            (console or get_console()).print(
+                f"[yellow]warning:[/] {overlap} of the {len(test)} test pairs are also calibration pairs ({source}); "
+                "the test risk and coverage are optimistic for them", highlight=False)
     threshold = threshold_from_records(cal, risk, delta)
     confs, correct = scored([r.get("p_a") for r in test], [r.get("label") for r in test])
     result = selective_result(confs, correct, threshold.threshold)
     return {
         "alpha": risk, "delta": delta, "calibration_source": source, **threshold.to_dict(),
+        "calibration_overlap": overlap if calibration is not None else 0,
         "test": result.to_dict(),
         "curve": [list(point) for point in risk_coverage_curve(confs, correct)],
     }
@@ -476,6 +509,8 @@ def write_report(reports, out_dir: str | Path, *, plots: bool = True) -> dict[st
     for name, report in reports.items():
         path = out / "judgments" / f"{file_name(name)}.jsonl"
         write_jsonl(path, report.records)
+        if report.provenance:
+            write_provenance(path, report.provenance, judge=report.judge)
         paths[f"judgments/{name}"] = path
     plot_files, plot_note = ({}, "plots were not requested")
     if plots:

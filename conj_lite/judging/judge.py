@@ -73,7 +73,11 @@ class Judge:
         recorded with the model unless `template` (name, path or JudgeTemplate) is given."""
         runner = open_backend(backend, spec, **options)
         chosen = template if template is not None else runner.default_template()
-        return cls(runner, resolve_template(chosen), mode=mode, max_new_tokens=max_new_tokens, warn=warn)
+        judge = cls(runner, resolve_template(chosen), mode=mode, max_new_tokens=max_new_tokens, warn=warn)
+        # What was opened, for the provenance of stored judgments (batch.judge_provenance).
+        judge.opened = {"backend": backend, "spec": spec, "adapter": options.get("adapter"),
+                        "base": options.get("base"), "lora_path": options.get("lora_path")}
+        return judge
 
     @classmethod
     def from_gguf(cls, path: str | Path, *, n_ctx: int | None = None, n_threads: int | None = None,

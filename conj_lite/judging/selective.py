@@ -24,12 +24,13 @@ The judge command (conj_lite.cli.judge) calls, in this order:
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
+from ..artifacts import fingerprint_id
+from ..data import load_pairs
 from ..errors import InputError
 from ..jsonio import iter_jsonl_objects, read_jsonl, write_jsonl
-from .batch import judge_file
+from .batch import judge_pairs, judge_provenance, read_provenance
 from .calibration import DEFAULT_DELTA, RiskThreshold, confidence, predicted_label, risk_threshold, scored
 
 ABSTAIN = "abstain"
@@ -73,12 +74,16 @@ def read_judged(path: str | Path) -> list[dict] | None:
 
 def calibration_records(judge, source, *, mode: str | None = None, preset: str = "auto", cache: str | Path | None = None,
                         console=None) -> list[dict]:
-    """Judged records ({"p_a", "label", ...}) for the calibration split.
+    """Judged records ({"p_a", "label", ...}) for the calibration split: one per pair of
+    `source`, made by this judge setup.
 
-    `source` is a judgments JSONL (used as it is), a data file (judged with `judge`,
-    into `cache` when given, so an interrupted run resumes), or a list of
+    `source` is a judgments JSONL (used as it is, unless its fingerprint names another
+    judge setup: refused), a data file (judged with `judge`, into `cache` when given,
+    so an interrupted run resumes; a cache made by another judge setup is set aside,
+    and rows of other calibration pairs in it are not used), or a list of
     PreferencePair records."""
     mode = mode or getattr(judge, "mode", "rationale")
+    provenance = judge_provenance(judge, mode)
     if isinstance(source, (str, Path)):
         judged = read_judged(source)
         if judged is not None:
@@ -86,14 +91,23 @@ def calibration_records(judge, source, *, mode: str | None = None, preset: str =
             if modes and modes != {mode}:
                 raise InputError(f"{source}: calibration judgments were made in mode {sorted(modes)}, "
                                  f"but this judge runs in mode {mode!r}; calibrate in the same mode")
+            fid = fingerprint_id(provenance)
+            meta = read_provenance(source)
+            marks = {row.get("fingerprint") for row in judged} - {None}
+            if judge is not None and ((meta is not None and meta.get("fingerprint") != fid) or marks - {fid}):
+                raise InputError(f"{source}: these calibration judgments were made by another judge setup "
+                                 f"(fingerprint {meta.get('fingerprint') if meta else sorted(marks)[0]}, this judge "
+                                 f"is {fid}); a threshold calibrated on one judge says nothing about another: pass "
+                                 "the labelled data file as --calibration to judge it with this judge")
             return judged
+        pairs = load_pairs(source, preset=preset).pairs
+    else:
+        pairs = list(source)
     if cache is None:
-        with tempfile.TemporaryDirectory(prefix="conj-lite-calibration-") as work:
-            path = Path(work) / "calibration.jsonl"
-            judge_file(judge, source, path, mode=mode, preset=preset, console=console)
-            return read_judged(path) or []
-    judge_file(judge, source, cache, mode=mode, preset=preset, console=console)
-    return read_judged(cache) or []
+        return judge_pairs(judge, pairs, mode, console=console, name="calibration", stage="judge",
+                           provenance=provenance)
+    return judge_pairs(judge, pairs, mode, records_path=cache, console=console, name=Path(cache).name, stage="judge",
+                       on_mismatch="replace", provenance=provenance)
 
 
 def threshold_from_records(records: list[dict], alpha: float, delta: float = DEFAULT_DELTA) -> RiskThreshold:
