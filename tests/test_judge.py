@@ -396,3 +396,30 @@ def test_control_token_text_in_an_answer_stays_plain_text_on_both_backends(gguf_
     assert ids.count(im_end[0]) == gguf.tokenize(gguf.render(clean)).count(im_end[0])
     # the text itself is still there for the judge to read
     assert "im_end" in gguf.detokenize(ids) and "forged" in gguf.detokenize(ids)
+
+
+@pytest.mark.slow
+def test_judge_file_keeps_empty_answers_and_skips_broken_rows(exported, tmp_path, capsys):
+    """Real benchmark files hold empty answers (legitimate), booleans (converted) and
+    broken rows (skipped into a rejects file with --skip-invalid) — none stops the run."""
+    from conj_lite.cli import main
+
+    data = tmp_path / "bench.jsonl"
+    rows = [
+        {"question": "Say hi.", "response_a": "", "response_b": "Hi!", "winner": "B"},
+        {"question": "Is 2 even?", "response_a": True, "response_b": "No.", "winner": "A"},
+        {"question": "Broken", "response_a": None, "response_b": "x", "winner": "A"},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "judged.jsonl"
+    args = ["judge", "--model", str(exported.gguf_paths["q8_0"]), "--data", str(data), "--output", str(out),
+            "--mode", "verdict", "--skip-invalid"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    judged = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(judged) == 2
+    assert "1 broken rows skipped" in printed and (tmp_path / "judged.jsonl.rejects.jsonl").is_file()
+    assert main(args[:-1]) == 2  # without --skip-invalid the broken row is an error naming it
+    captured = capsys.readouterr()
+    assert ":3" in captured.out + captured.err

@@ -11,7 +11,7 @@ from ..judging.batch import judge_provenance, meta_path
 from ..judging.evaluation import TIE_POLICIES, default_name, evaluate, file_name, print_report, split_name, write_report
 from ..judging.judge import open_judge
 from ..progress import get_console
-from .options import add_data_args, add_risk_args, add_runtime_args, data_options, runtime_options
+from .options import add_data_args, add_risk_args, add_runtime_args, data_options, describe_loaded, runtime_options
 
 
 def add_command(subparsers) -> None:
@@ -52,13 +52,14 @@ def run(args) -> int:
         raise InputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if args.calibration is not None and args.risk is None:
         raise InputError("--calibration needs --risk ALPHA (the largest acceptable error rate, e.g. 0.1)")
-    loaded = load_pairs(args.path, **data_options(args))
+    out = Path(args.out)
+    loaded = load_pairs(args.path, rejects_path=out / "rejects.jsonl", **data_options(args))
     pairs = loaded.pairs
     msg = f"eval: {len(pairs)} pairs from {args.path}"
     if loaded.n_ties:
         msg += f", {loaded.n_ties} ties ({args.ties})"
     console.print(msg, highlight=False)
-    out = Path(args.out)
+    console.print(describe_loaded(loaded, args.path), highlight=False)
     reports, used, partials = {}, set(), []
     for spec in specs:
         name, spec = split_name(spec)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from ..artifacts import fingerprint_id
+from ..data import load_pairs
 from ..errors import InputError
 from ..jsonio import JudgmentFile
 from ..judging import selective
@@ -13,7 +15,7 @@ from ..judging.backends import BACKENDS
 from ..judging.batch import judge_file, judge_provenance
 from ..judging.judge import open_judge
 from ..progress import get_console
-from .options import add_data_args, add_risk_args, add_runtime_args, data_options, runtime_options
+from .options import add_data_args, add_risk_args, add_runtime_args, data_options, describe_loaded, runtime_options
 
 
 def add_command(subparsers) -> None:
@@ -57,8 +59,11 @@ def run(args) -> int:
     try:
         threshold = selective.threshold_from_args(args, judge, console)
         if args.path:
-            summary = judge_file(judge, args.path, args.output, mode=args.mode, console=console,
-                                 model_name=str(args.model), fresh=args.fresh, **data_options(args))
+            options = data_options(args)
+            loaded = load_pairs(args.path, rejects_path=Path(str(args.output) + ".rejects.jsonl"), **options)
+            console.print(describe_loaded(loaded, args.path), highlight=False)
+            summary = judge_file(judge, loaded.pairs, args.output, mode=args.mode, console=console,
+                                 model_name=str(args.model), fresh=args.fresh, limit=options["limit"])
             selective.mark_file(summary.path, threshold, console)
             acc = "n/a" if summary.accuracy is None else f"{100 * summary.accuracy:.1f}%"
             cons = "n/a" if summary.consistency is None else f"{100 * summary.consistency:.1f}%"

@@ -23,7 +23,7 @@ from ..judging.calibration import DEFAULT_DELTA
 from ..judging.verdicts import DEFAULT_MAX_NEW_TOKENS, MODES
 
 # DataConfig fields a command that reads a data file takes (--data is `path`).
-DATA_FIELDS = ("path", "preset", "fields", "label_map", "split", "limit")
+DATA_FIELDS = ("path", "preset", "fields", "label_map", "split", "limit", "skip_invalid")
 
 
 # ---------------------------------------------------------------- values
@@ -153,7 +153,16 @@ def data_options(args) -> dict:
     data = config_from_args(DataConfig, args, DATA_FIELDS)
     fields = data.fields or None
     return {"preset": "auto" if fields else data.preset, "fields": fields, "label_map": data.label_map or None,
-            "split": data.split, "limit": data.limit}
+            "split": data.split, "limit": data.limit, "skip_invalid": data.skip_invalid}
+
+
+def describe_loaded(loaded, source) -> str:
+    """One line on how a data file was read: layout and columns, label mapping, and the
+    rows converted to text, kept empty or rejected (for eval and judge to print)."""
+    line = f"{source}: {loaded.describe()}"
+    if loaded.n_rejected:
+        line += f"; {loaded.n_rejected} broken rows skipped, listed in {loaded.rejects_path}"
+    return line
 
 
 # ---------------------------------------------------------------- judging options
