@@ -76,3 +76,34 @@ def test_a_lora_file_is_checked(tmp_path, exported):
         read_lora_metadata(exported.gguf_paths["q8_0"])  # a model, not an adapter
     with pytest.raises(InputError, match="no such LoRA"):
         read_lora_metadata(tmp_path / "missing.gguf")
+
+
+@pytest.mark.slow
+def test_several_adapters_on_one_base_picked_per_request(bundle, items):
+    from conj_lite.cli.serve import load_adapters
+    from conj_lite.judging.serve import JudgeRequest, JudgeService, RequestError
+
+    base_f16, _, lora = bundle
+    with Judge.from_gguf(base_f16, lora_path=lora, n_threads=2, warn=None) as single:
+        expected = [r.p_a for r in single.compare_many(items[:3], mode="verdict")]
+    judge = Judge.from_gguf(base_f16, n_threads=2, warn=None)
+    plain = [r.p_a for r in judge.compare_many(items[:3], mode="verdict")]
+    load_adapters(judge, {"judge": str(lora), "again": str(lora)}, template_given=False)
+    assert judge.template.name == "en" and judge.backend.active_adapter == "judge"
+    service = JudgeService(judge, adapters=["judge", "again"])
+    try:
+        def ask(adapter):
+            request = JudgeRequest(list(items[:3]), [0, 1, 2], "verdict", False, adapter)
+            return [r["p_a"] for r in service.submit(request).result(timeout=300)]
+
+        assert ask(None) == pytest.approx(expected, abs=2e-3)  # the default: the first adapter
+        assert ask("again") == pytest.approx(expected, abs=2e-3)
+        with pytest.raises(RequestError, match="unknown adapter"):
+            ask("other")
+        judge.backend.use_adapter(None)  # the base alone again: the cached prompt is not reused
+        assert [r.p_a for r in judge.compare_many(items[:3], mode="verdict")] == pytest.approx(plain, abs=2e-3)
+        assert [judge.compare(*item, mode="verdict").p_a for item in items[:3]] == pytest.approx(plain, abs=2e-3)
+        assert ask("judge") == pytest.approx(expected, abs=2e-3)
+    finally:
+        service.close()
+        judge.close()

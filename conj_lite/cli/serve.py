@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
+from ..artifacts import GGUF_TEMPLATE_KEY, resolve_template
 from ..errors import InputError
 from ..judging import selective
 from ..judging.backends import BACKENDS
@@ -44,6 +47,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--api-key", default=None,
                    help=f"require this key (Authorization: Bearer KEY or X-API-Key) on /v1/*; default ${API_KEY_ENV}")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=FILE",
+                   help="gguf: a GGUF LoRA judge on the --model base (repeatable); requests pick one with "
+                   "\"adapter\": NAME, default the first (which --calibration calibrates)")
     p.add_argument("--parallel", type=int, default=4,
                    help="gguf: pairs decoded together (both orders each) in one llama.cpp batch (default 4)")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH,
@@ -66,18 +72,22 @@ def run(args) -> int:
     if args.parallel < 1 or args.max_batch < 1 or args.max_pairs < 1 or args.max_body_bytes < 1:
         raise InputError("--parallel, --max-batch, --max-pairs and --max-body-bytes must be at least 1")
     selective.check_risk_args(args)  # bad options fail before a model loads
+    loras = parse_loras(args.lora)
     judge = open_judge(args.model, backend=args.backend, adapter=args.adapter, base=args.base, warn=None,
                        n_parallel=args.parallel, **runtime_options(args))
     service = None
     try:
+        if loras:
+            load_adapters(judge, loras, template_given=args.template is not None)
         threshold = selective.threshold_from_args(args, judge, console)
         card = model_card(judge, args.model, threshold=threshold, calibration_source=args.calibration,
                           mode=args.mode)
         service = JudgeService(judge, threshold=threshold, threshold_mode=args.mode, card=card,
-                               max_batch=args.max_batch)
+                               max_batch=args.max_batch, adapters=list(loras))
         app = create_app(service, api_key=api_key, max_body_bytes=args.max_body_bytes, max_pairs=args.max_pairs,
                          default_mode=args.mode)
-        console.print(f"serve: {card['id']} ({args.mode} mode) on http://{args.host}:{args.port}"
+        held = f" with LoRA judges {', '.join(loras)}" if loras else ""
+        console.print(f"serve: {card['id']}{held} ({args.mode} mode) on http://{args.host}:{args.port}"
                       + (" (API key required)" if api_key else ""), highlight=False)
         serve(app, args.host, args.port, log_level=args.log_level)
         return 0
@@ -85,3 +95,38 @@ def run(args) -> int:
         if service is not None:
             service.close()
         judge.close()
+
+
+def parse_loras(values: list[str]) -> dict[str, str]:
+    """{name: file} from --lora NAME=FILE values (a bare FILE is named by its stem)."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value).stem, value
+        if not name or not path:
+            raise InputError(f"--lora {value!r}: use NAME=FILE.gguf")
+        if name in out:
+            raise InputError(f"--lora: the name {name!r} is given twice")
+        if not Path(path).is_file():
+            raise InputError(f"--lora {value}: no such file {path}")
+        out[name] = path
+    return out
+
+
+def load_adapters(judge, loras: dict[str, str], *, template_given: bool) -> None:
+    """Load the LoRA judges on the judge's base and make the first one active; unless
+    --template was given, the judge template is the one the adapters record."""
+    backend = judge.backend
+    if not hasattr(backend, "add_adapter"):
+        raise InputError("--lora needs a GGUF base (--model FILE.gguf)")
+    templates = {}
+    for name, path in loras.items():
+        meta = backend.add_adapter(name, path)
+        templates[name] = meta.get(GGUF_TEMPLATE_KEY)
+    if not template_given and any(templates.values()):
+        if len(set(templates.values())) > 1:
+            raise InputError("the --lora judges record different judge templates; serve them apart or give --template")
+        judge.template = resolve_template(json.loads(next(iter(templates.values()))))
+        backend.set_template(judge.template)
+    backend.use_adapter(next(iter(loras)))

@@ -190,6 +190,18 @@ def waves(groups: Sequence[Sequence[Sequence[int]]], n_seq: int, cells: int, ext
     return out
 
 
+def set_adapters(ctx, adapters: list, scales: list[float]) -> None:
+    """Put these LoRA adapters (llama_adapter_lora pointers) on a llama.cpp context, in
+    place of those it had (none: the base model alone)."""
+    import llama_cpp
+
+    n = len(adapters)
+    array = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*adapters)
+    weights = (ctypes.c_float * max(n, 1))(*scales)
+    if llama_cpp.llama_set_adapters_lora(ctx, array if n else None, n, weights if n else None):
+        raise RuntimeError("llama.cpp could not set the LoRA adapters on a context")
+
+
 class ParallelDecoder:
     """Several sequences decoded together in one llama.cpp context.
 
@@ -220,11 +232,7 @@ class ParallelDecoder:
             raise RuntimeError(f"llama.cpp could not create a {n_seq}-sequence context of {n_ctx} tokens")
         adapter = getattr(llm, "_lora_adapter", None)
         if adapter is not None:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
-            scales = (ctypes.c_float * 1)(llm.lora_scale)
-            if llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, scales):
-                self.close()
-                raise RuntimeError("llama.cpp could not set the LoRA adapter on the parallel context")
+            set_adapters(self.ctx, [adapter], [llm.lora_scale])
         self.n_seq, self.n_ctx, self.n_batch = n_seq, llama_cpp.llama_n_ctx(self.ctx), params.n_batch
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
@@ -254,23 +262,36 @@ class ParallelDecoder:
 
     def prefill(self, groups: Sequence[Sequence[Sequence[int]]], on_logits) -> list[list[int]]:
         """Clear the cache and evaluate every group's prompts; returns each group's
-        sequence ids. on_logits((group, member), row) at each prompt's last token."""
+        sequence ids. on_logits((group, member), row) at each prompt's last token.
+
+        Shared prefixes are evaluated once: the prefix all prompts share (the chat
+        template, system prompt and instructions) in sequence 0, copied to every other
+        sequence; then the rest of each group's own common prefix (the question, up to
+        where the two answer orders part) in the group's first sequence, copied to the
+        group's others; then each prompt's own tail."""
         total = sum(len(group) for group in groups)
         if total > self.n_seq:
             raise ValueError(f"{total} sequences for a {self.n_seq}-sequence context")
-        self._lib.llama_memory_clear(self.memory, True)
-        seq_ids, prefixes, first = [], [], []
+        lib, memory = self._lib, self.memory
+        lib.llama_memory_clear(memory, True)
+        everything = [ids for group in groups for ids in group]
+        top = shared_prefix(everything)
+        self._decode([(0, pos, token, None) for pos, token in enumerate(everything[0][:top])], None)
+        for seq in range(1, total):
+            lib.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+        seq_ids, prefixes, middle, base = [], [], [], 0
         for group in groups:
-            base = sum(len(g) for g in seq_ids)
             seq_ids.append(list(range(base, base + len(group))))
-            common = shared_prefix(group)
+            common = max(shared_prefix(group), top)
             prefixes.append(common)
-            first += [(base, pos, token, None) for pos, token in enumerate(group[0][:common])]
-        self._decode(first, None)
+            middle += [(base, pos, group[0][pos], None) for pos in range(top, common)]
+            base += len(group)
+        self._decode(middle, None)
         rest = []
         for g, (group, ids, common) in enumerate(zip(groups, seq_ids, prefixes)):
-            for seq in ids[1:] if common else ():
-                self._lib.llama_memory_seq_cp(self.memory, ids[0], seq, -1, -1)
+            if common > top:
+                for seq in ids[1:]:
+                    lib.llama_memory_seq_cp(memory, ids[0], seq, top, common)
             for m, (seq, tokens) in enumerate(zip(ids, group)):
                 last = len(tokens) - 1
                 rest += [(seq, pos, tokens[pos], (g, m) if pos == last else None) for pos in range(common, len(tokens))]
@@ -329,6 +350,9 @@ class GGUFBackend:
         self.n_parallel = max(1, int(n_parallel))
         self.parallel_ctx = parallel_ctx or 2 * self.n_ctx
         self._parallel: ParallelDecoder | None = None
+        # Named LoRA adapters loaded on the same weights (add_adapter), one active at a time.
+        self.adapters: dict[str, tuple[object, Path, dict]] = {}
+        self.active_adapter: str | None = None
         # Free the model before interpreter shutdown tears down the modules that
         # Llama.__del__ needs (else Python prints an ignored TypeError at exit).
         ref = weakref.ref(self)
@@ -466,12 +490,48 @@ class GGUFBackend:
                 _, _, p1 = self._run(ids + out[:keep], self._closing, 32, out[:keep])
         return Generation(self.detokenize(out), finished, len(out), p1)
 
+    # -- several LoRA adapters on one base
+
+    def add_adapter(self, name: str, path: str | Path) -> dict:
+        """Load the GGUF LoRA `path` on this model's weights as `name` (not yet active);
+        returns its metadata."""
+        if self.lora_path is not None:
+            raise InputError("a judge opened with lora_path holds that adapter only; open the base to add adapters")
+        meta = read_lora_metadata(path)
+        if meta.get("general.architecture") != self.meta["general.architecture"]:
+            raise InputError(f"{path}: a LoRA for {meta.get('general.architecture')!r}, but {self.path} is "
+                             f"{self.meta['general.architecture']!r}")
+        lib = self._llama_cpp
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=self.llm.verbose):
+            adapter = lib.llama_adapter_lora_init(self.llm._model.model, str(path).encode("utf-8"))
+        if not adapter:
+            raise InputError(f"{path}: llama.cpp cannot load this LoRA on {self.path} (does it fit the base?)")
+        self.adapters[name] = (adapter, Path(path), meta)  # freed with the model
+        return meta
+
+    def use_adapter(self, name: str | None) -> None:
+        """Judge with the adapter `name` (None: the base alone) from now on."""
+        if name == self.active_adapter:
+            return
+        if name is not None and name not in self.adapters:
+            raise InputError(f"unknown adapter {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
+        chosen = [self.adapters[name][0]] if name is not None else []
+        set_adapters(self.llm.ctx, chosen, [1.0] * len(chosen))
+        if self._parallel is not None:
+            set_adapters(self._parallel.ctx, chosen, [1.0] * len(chosen))
+        self.llm.reset()  # the cached prompt was computed with other weights
+        self.active_adapter = name
+
     # -- parallel sequences
 
     def parallel(self) -> ParallelDecoder:
         """The parallel decoder (2 sequences per pair, n_parallel pairs), made on first use."""
         if self._parallel is None:
             self._parallel = ParallelDecoder(self.llm, 2 * self.n_parallel, self.parallel_ctx)
+            if self.active_adapter is not None:
+                set_adapters(self._parallel.ctx, [self.adapters[self.active_adapter][0]], [1.0])
         return self._parallel
 
     def next_logits_many(self, groups: Sequence[Sequence[Sequence[int]]]) -> list[list]:

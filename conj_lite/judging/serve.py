@@ -3,7 +3,8 @@
     conj-lite serve --model judge.gguf [--risk 0.1 --calibration cal.jsonl] [--port 8080]
 
     POST /v1/judge   {"question": ..., "answer_a": ..., "answer_b": ...[, "id": ...]}
-                     or {"pairs": [{...}, ...]}; optional "mode" and "rationales" (bool)
+                     or {"pairs": [{...}, ...]}; optional "mode", "rationales" (bool) and
+                     "adapter" (which of the server's LoRA adapters judges)
                      -> {"model", "mode", "results": [one record per pair]}
     GET  /health     -> {"status": "ok", "queued": pairs waiting}
     GET  /v1/models  -> the model card: template, format, calibration, training summary
@@ -13,6 +14,10 @@ verdicts and P(answer 1), the rationales when asked for (rationale mode), and wi
 calibration the selective verdict at the server's risk level (A, B or abstain; see
 `selective`) for requests in the mode the server was calibrated in (its --mode; a
 request in the other mode gets no selective fields: the threshold would not hold).
+
+With --lora NAME=FILE (repeatable) the server holds several GGUF LoRA judges on one
+base GGUF and each request picks one by name (default: the first); the worker switches
+adapters between batches (llama_set_adapters_lora), never inside one.
 
 One worker thread owns the judge: llama.cpp contexts are not thread-safe. Requests wait
 in a queue; the worker takes what is waiting (up to `max_batch` pairs) into one
@@ -86,6 +91,7 @@ class JudgeRequest:
     ids: list
     mode: str
     rationales: bool
+    adapter: str | None = None
 
 
 def parse_request(body: bytes, default_mode: str, max_pairs: int = MAX_PAIRS) -> JudgeRequest:
@@ -102,6 +108,9 @@ def parse_request(body: bytes, default_mode: str, max_pairs: int = MAX_PAIRS) ->
     rationales = data.get("rationales", True)
     if not isinstance(rationales, bool):
         raise RequestError(400, "field 'rationales' must be true or false", field="rationales")
+    adapter = data.get("adapter")
+    if adapter is not None and not isinstance(adapter, str):
+        raise RequestError(400, "field 'adapter' must be the name of one of the server's adapters", field="adapter")
     if "pairs" in data:
         items, where = data["pairs"], "pairs[{}]."
         if not isinstance(items, list) or not items:
@@ -127,7 +136,7 @@ def parse_request(body: bytes, default_mode: str, max_pairs: int = MAX_PAIRS) ->
             raise RequestError(400, f"field '{prefix}question' is empty", field=prefix + "question")
         pairs.append(tuple(values))
         ids.append(item.get("id", n if where else None))
-    return JudgeRequest(pairs, ids, mode, rationales)
+    return JudgeRequest(pairs, ids, mode, rationales, adapter)
 
 
 # ---------------------------------------------------------------- the worker
@@ -143,8 +152,11 @@ class JudgeService:
     """A judge behind a queue: one worker thread runs every judgment (see module doc)."""
 
     def __init__(self, judge, *, threshold=None, threshold_mode: str | None = None, card: dict | None = None,
-                 max_batch: int = MAX_BATCH):
+                 max_batch: int = MAX_BATCH, adapters: list[str] | None = None):
         self.judge, self.threshold = judge, threshold
+        # LoRA adapters loaded on the judge's backend (add_adapter); the first is the
+        # default and the one the calibration was made with.
+        self.adapters = list(adapters or [])
         self.threshold_mode = threshold_mode or judge.mode
         self.card = card or {}
         self.max_batch = max(1, max_batch)
@@ -161,6 +173,12 @@ class JudgeService:
 
     def submit(self, request: JudgeRequest) -> Future:
         """The future of a request's records (list of dicts), or of a RequestError."""
+        if request.adapter is None and self.adapters:
+            request.adapter = self.adapters[0]
+        elif request.adapter is not None and request.adapter not in self.adapters:
+            known = ", ".join(self.adapters) or "none (this server runs one judge)"
+            raise RequestError(400, f"field 'adapter': unknown adapter {request.adapter!r}; known: {known}",
+                               field="adapter")
         job = _Job(request)
         with self._lock:
             self._waiting += len(request.pairs)
@@ -192,8 +210,17 @@ class JudgeService:
             with self._lock:
                 self._waiting -= size
             live = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # the gone are dropped
-            for mode in MODES:
-                self._run([j for j in live if j.request.mode == mode], mode)
+            for adapter in dict.fromkeys(j.request.adapter for j in live):
+                try:
+                    if self.adapters:
+                        self.judge.backend.use_adapter(adapter)
+                except Exception as exc:
+                    for j in live:
+                        if j.request.adapter == adapter:
+                            j.future.set_exception(exc)
+                    continue
+                for mode in MODES:
+                    self._run([j for j in live if j.request.mode == mode and j.request.adapter == adapter], mode)
             if stop:
                 return
 
@@ -241,8 +268,11 @@ class JudgeService:
             if not request.rationales or mode == "verdict":
                 record.pop("rationale_ab", None)
                 record.pop("rationale_ba", None)
-            if self.threshold is not None and mode == self.threshold_mode:
+            calibrated = mode == self.threshold_mode and (not self.adapters or request.adapter == self.adapters[0])
+            if self.threshold is not None and calibrated:
                 record = mark_record(record, self.threshold)
+            if request.adapter is not None:
+                record["adapter"] = request.adapter
             out.append({"id": pair_id, **record} if pair_id is not None else record)
         return out
 
@@ -344,7 +374,17 @@ def create_app(service: JudgeService, *, api_key: str | None = None, max_body_by
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [service.card]}
+        if not service.adapters:
+            return {"object": "list", "data": [service.card]}
+        backend = service.judge.backend
+        cards = []
+        for n, name in enumerate(service.adapters):
+            card = {**service.card, "id": name, "lora": str(backend.adapters[name][1]), "base": service.card["path"],
+                    "default": n == 0}
+            if n:  # the calibration was made with the default adapter
+                card["calibration"] = None
+            cards.append(card)
+        return {"object": "list", "data": cards}
 
     @app.post("/v1/judge")
     async def judge(request: Request):
