@@ -946,8 +946,9 @@ def export_gguf(
     result = ExportResult(merged_dir, merge.seconds, merge.skipped, files, converter.source, modelfile)
     print_export(result, console)
     if verify:
+        reference = adapter_dir if describe_source(adapter_dir)["kind"] == "adapter" else None
         result.verify = verify_export(merged_dir, {f.type: f.path for f in files}, verify, pairs=verify_data,
-                                      threads=threads or None, console=console)
+                                      threads=threads or None, reference=reference, console=console)
         print_verify(result.verify, console)
         manifest["verify"] = result.verify.to_dict()
         write_json(manifest_path, manifest)

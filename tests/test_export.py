@@ -410,3 +410,13 @@ def test_small_lora_deltas_survive_the_merge_of_a_bf16_base(tiny_model_dir, tmp_
     error = ((merged.float() - (w + delta)).norm() / delta.norm()).item()
     assert merged.dtype == torch.float16
     assert error < 0.10, f"merged delta error {error:.1%}"
+
+
+@pytest.mark.slow
+def test_export_verify_compares_with_base_plus_adapter(exported, tiny_model_dir):
+    """--verify checks the GGUFs against what training produced (base + adapter), not
+    against the merged model, which would hide what the merge lost."""
+    run_dir = exported.merged_dir.parent
+    result = export_gguf(run_dir / "adapter", run_dir, quant_types=QUANTS, ollama_modelfile=True, threads=2, verify=2)
+    assert result.verify.reference == str(run_dir / "adapter")
+    assert result.verify.files["f16"]["agreement"] == 1.0 and result.verify.files["f16"]["max_p_diff"] < 0.01

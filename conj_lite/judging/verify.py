@@ -1,10 +1,13 @@
-"""Export verification: does each GGUF file judge like the merged model it came from?
+"""Export verification: does each GGUF file judge like the model that was trained?
 
-    report = verify_export(merged_dir, {"q8_0": path, ...}, n=20)   # `conj-lite export --verify N`
+    report = verify_export(merged_dir, {"q8_0": path, ...}, n=20, reference=adapter_dir)
     report.files["q8_0"]["agreement"], report.files["q8_0"]["max_p_diff"]
 
-The merged transformers model and every GGUF judge the same pairs in verdict mode; the
-report gives the verdict agreement and the largest and mean |P(A) difference|.
+The reference is what training produced: base + LoRA adapter in full precision through
+transformers (the merged model only when the export source was a whole model). Comparing
+with the merged model would hide what merging lost. The reference and every GGUF judge
+the same pairs in verdict mode; the report gives the verdict agreement and the largest
+and mean |P(A) difference|.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from .judge import Judge
 
 @dataclass
 class VerifyReport:
-    """HF merged model vs each GGUF on the same pairs (verdict mode)."""
+    """The trained model (base + adapter, or the merged model) vs each GGUF (verdict mode)."""
 
     pairs: int
     files: dict[str, dict]  # type -> {"agreement", "max_p_diff", "mean_p_diff"}
+    reference: str = ""  # what the GGUFs were compared with
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,16 +43,18 @@ def default_verify_pairs(n: int):
 
 
 def verify_export(merged_dir: Path, files: dict[str, Path], n: int, *, pairs=None, threads: int | None = None,
-                  console=None) -> VerifyReport:
-    """Judge `n` pairs with the merged HF model and with each GGUF; compare verdicts and P(A)."""
+                  reference: str | Path | None = None, console=None) -> VerifyReport:
+    """Judge `n` pairs with the reference (`reference`: the adapter directory, judged as
+    base + adapter; default the merged model) and with each GGUF; compare verdicts and P(A)."""
     if pairs is None:
         pairs = default_verify_pairs(n)
     elif isinstance(pairs, (str, Path)):
         pairs = load_pairs(pairs, limit=n).pairs
     pairs = list(pairs)[:n]
-    reference = Judge.from_hf(merged_dir)
-    ref = [reference.compare(p.question, p.answer_a, p.answer_b, mode="verdict") for p in pairs]
-    reference.close()
+    source = reference or merged_dir
+    judge = Judge.from_hf(source)
+    ref = [judge.compare(p.question, p.answer_a, p.answer_b, mode="verdict") for p in pairs]
+    judge.close()
     out = {}
     for qtype, path in files.items():
         judge = Judge.from_gguf(path, n_threads=threads)
@@ -60,13 +66,14 @@ def verify_export(merged_dir: Path, files: dict[str, Path], n: int, *, pairs=Non
             "max_p_diff": max(diffs, default=0.0),
             "mean_p_diff": sum(diffs) / max(1, len(diffs)),
         }
-    return VerifyReport(len(pairs), out)
+    return VerifyReport(len(pairs), out, str(source))
 
 
 def print_verify(report: VerifyReport, console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"verify: merged HF model vs GGUF on {report.pairs} pairs (verdict mode)", header_style="bold")
+    table = Table(title=f"verify: {report.reference or 'the merged model'} (transformers) vs GGUF on {report.pairs} pairs "
+                        "(verdict mode)", header_style="bold")
     for column in ("file", "verdict agreement", "max |ΔP(A)|", "mean |ΔP(A)|"):
         table.add_column(column, justify="left" if column == "file" else "right")
     for qtype, row in report.files.items():
