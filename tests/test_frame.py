@@ -148,3 +148,35 @@ def test_a_verdict_only_judge_has_its_own_frame():
     assert split_canonical_judgment(only, '{"rationale": "x", "better_answer": 2}')[1] is None
     assert "rationale" not in only.to_dict() or only.to_dict()["rationale"] is False
     assert "rationale" not in EN.to_dict()  # the default is not written: older records stay equal
+
+
+def test_eos_list_and_cut():
+    """Turn ends other than tokenizer.eos_token (Llama-3 <|eot_id|>, Phi-3 <|end|>, Gemma
+    <end_of_turn>) stop a judgment; a pad token equal to an EOS is cut there, not dropped
+    from the middle of the text."""
+    from types import SimpleNamespace
+
+    from conj_lite.sampling import cut_at_eos, eos_token_ids
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[128001, 128009]))
+    tok = SimpleNamespace(eos_token_id=128001)
+    assert eos_token_ids(model, tok) == [128001, 128009]
+    assert eos_token_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=7)), SimpleNamespace(eos_token_id=2)) == [7, 2]
+    assert cut_at_eos([5, 6, 128009, 9, 128001], [128001, 128009]) == ([5, 6], "stop")
+    assert cut_at_eos([5, 6, 9], [2]) == ([5, 6, 9], "length")
+
+
+def test_top_k_is_ours_not_the_model_generation_config(tiny):
+    """top_k 0 means no top-k, even when the model's generation config sets one (Qwen2.5:
+    20): transformers 5 reads top_k=None as 'use the model's'."""
+    from conj_lite.sampling import generate
+
+    model, tok = tiny
+    saved = model.generation_config.top_k
+    model.generation_config.top_k = 1  # would make every sample the greedy one
+    try:
+        cfg = SamplingConfig(temperature=3.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=12)
+        out = generate(model, tok, [_prompt(tok, "What is 7 + 5?", "12", "13")], 6, cfg, seeds=list(range(6)))[0]
+    finally:
+        model.generation_config.top_k = saved
+    assert len({text for text, _, _ in out}) > 1
