@@ -61,6 +61,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def default_threads() -> int:
+    """The CPUs this process may run on (its affinity mask), not every logical CPU."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def memory_gb() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -198,7 +205,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=4, help="pairs per round (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per configuration; the fastest counts")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help="CPU threads (default: the CPUs this process may use, os.sched_getaffinity)")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="rationale length cap (default 256, as `conj-lite judge`)")
     parser.add_argument("--quick", action="store_true", help="2 pairs, 1 round, 64 tokens; writes nothing to docs/")
