@@ -92,9 +92,9 @@ def run(args) -> int:
         serve(app, args.host, args.port, log_level=args.log_level)
         return 0
     finally:
-        if service is not None:
-            service.close()
-        judge.close()
+        # A worker still inside a batch keeps the model: the process exit frees it.
+        if service is None or service.close():
+            judge.close()
 
 
 def parse_loras(values: list[str]) -> dict[str, str]:

@@ -185,9 +185,12 @@ class JudgeService:
         self._queue.put(job)
         return job.future
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop the worker after the batch it is on; False when it is still busy after
+        `timeout` seconds (then the judge must not be closed under it)."""
         self._queue.put(None)
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     # -- the worker thread
 
