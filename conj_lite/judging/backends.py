@@ -553,8 +553,9 @@ class GGUFBackend:
 
     def generate_many(self, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens: int) -> list[list[Generation]]:
         """generate() for many prompts decoded together (greedy, each sequence held by
-        its own grammar sampler): the same judgments as one at a time. A group's common
-        prompt prefix (the two orders of a pair) is evaluated once and copied."""
+        its own grammar sampler): the judgments of one at a time, up to floating-point
+        rounding of the batched decode (a near-tie token can go the other way). Shared
+        prompt prefixes are evaluated once and copied."""
         lib, llm = self._llama_cpp, self.llm
         decoder = self.parallel()
         groups = [[list(ids) for ids in group] for group in groups]

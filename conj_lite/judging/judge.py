@@ -233,10 +233,12 @@ class Judge:
         return hasattr(self.backend, "generate_many") and getattr(self.backend, "n_parallel", 1) > 1
 
     def compare_many(self, pairs, mode: str | None = None) -> list[JudgeResult]:
-        """Judge several (question, answer_a, answer_b) pairs: the same results as
-        compare() on each, but on a backend with parallel sequences (gguf) both orders
-        of several pairs decode together, and in verdict mode the prompt prefix the two
-        orders share is evaluated once. Other backends judge one pair at a time.
+        """Judge several (question, answer_a, answer_b) pairs: the results of compare()
+        on each, but on a backend with parallel sequences (gguf) both orders of several
+        pairs decode together, and the prompt prefixes they share are evaluated once.
+        Other backends judge one pair at a time. Batched decoding rounds floating point
+        differently, so P(A) may differ in the 4th decimal and, rarely, a rationale
+        parts from the one-at-a-time text at a near-tie token.
         `seconds` of each result is the batch's time divided among its pairs."""
         mode = mode or self.mode
         if mode not in MODES:
