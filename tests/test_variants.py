@@ -378,17 +378,28 @@ def test_cli_variant_and_round_errors(tmp_path, repo_root, capsys):
 
 
 @pytest.mark.slow
-def test_resuming_a_round_onto_samples_of_a_retrained_adapter_is_refused(tmp_path_factory, repo_root,
-                                                                          tiny_model_dir):
+def test_a_round_sampled_from_a_retrained_adapter_is_sampled_again(tmp_path_factory, repo_root,
+                                                                   tiny_model_dir):
+    """Issue 12: round 2's judgments record the digest of the adapter they were sampled
+    from; a retrained round-1 adapter re-runs round 2's sampling (the old judgments kept
+    in stale-<time>/round-2/), never a mix. A touched file with the same bytes is no change."""
     import os
 
     run = run_variant(tmp_path_factory, repo_root, "iterative")
     assert run.sample(2) is None  # complete and current: skipped
     meta = run.out_dir / "adapter" / "conj_lite_train.json"
-    later = (run.out_dir / "round-2" / "judgments.jsonl").stat().st_mtime + 10
-    os.utime(meta, (later, later))  # round 1 retrained after round 2 sampled
-    with pytest.raises(InputError, match="sampled from .*adapter.*delete"):
-        run.sample(2)
+    judgments = run.out_dir / "round-2" / "judgments.jsonl"
+    later = judgments.stat().st_mtime + 10
+    os.utime(meta, (later, later))  # the same bytes, a later time: still current
+    assert run.sample(2) is None
+    before = read_jsonl(judgments)
+    record = json.loads(meta.read_text())
+    record["retrained"] = True  # round 1 retrained after round 2 sampled: other bytes
+    meta.write_text(json.dumps(record))
+    assert run.sample(2) is not None
+    [stale] = list(run.out_dir.glob("stale-*"))
+    assert read_jsonl(stale / "round-2" / "judgments.jsonl") == before
+    assert len(read_jsonl(judgments)) == len(before)
 
 
 def test_training_files_name_the_bad_line(tmp_path):
