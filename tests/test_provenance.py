@@ -292,3 +292,37 @@ def test_identity_changes_name_the_field():
            "n_ctx": 1024}
     assert identity_changes(before, now) == ["n_ctx: was 512, now 1024"]  # a moved file is the same judge
     assert fingerprint_id(before) != fingerprint_id(now)
+
+
+PACKAGED_GGUF = sorted(Path.home().glob(".cache/conj-lite/packaged/*/base.gguf"))
+
+
+@pytest.mark.skipif(not PACKAGED_GGUF, reason="no packaged GGUF in ~/.cache/conj-lite (conj-lite packaged models)")
+def test_a_gguf_judge_is_identified_by_its_file(tmp_path):
+    """A real GGUF (the packaged SmolLM2 base, ~98 MB): its identity is read in well under
+    a second, names the file, and another file of the same size whose weights differ in
+    one byte gets another fingerprint."""
+    import time
+
+    pytest.importorskip("llama_cpp")
+    source = PACKAGED_GGUF[0]
+    start = time.perf_counter()
+    ident = path_identity(source)
+    assert time.perf_counter() - start < 2.0 and ident["digest"].startswith("s")  # sampled, not read whole
+    with open_judge(str(source), mode="verdict", n_threads=2, n_ctx=512, warn=None) as judge:
+        provenance = judge_provenance(judge, "verdict")
+    assert provenance["backend"] == "gguf" and provenance["judge"]["model"]["digest"] == ident["digest"]
+    assert provenance["n_ctx"] == 512 and provenance["max_new_tokens"] is None  # verdict mode
+    copy = tmp_path / "copy.gguf"
+    shutil.copyfile(source, copy)
+    with open(copy, "r+b") as handle:  # one byte in the first weight slice after the head
+        from conj_lite.artifacts import HEAD_BYTES, SPOT_BYTES, SPOTS
+
+        size = copy.stat().st_size
+        handle.seek(HEAD_BYTES + (size - HEAD_BYTES - SPOT_BYTES) // SPOTS + 7)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    other = dict(provenance, judge={"model": path_identity(copy)})
+    assert fingerprint_id(other) != fingerprint_id(provenance)
+    assert identity_changes(provenance, other)[0].startswith("judge.model: was ")
