@@ -52,7 +52,7 @@ def test_whole_loop_on_the_real_model(smollm2_dir, sample_data, tmp_path):
     assert all(r["verdict"] == r["hint_slot"] for r in rows if r["kind"] != "repeat")
     run.filter()
     pairs = [json.loads(line) for line in (run.out_dir / "pairs.jsonl").read_text().splitlines()]
-    hint_pairs = [p for p in pairs if p["source"] == "hint"]
+    hint_pairs = [p for p in pairs if p["kind"] == "hint"]
     assert hint_pairs, "each (true hint, reversed hint) couple is one positive and one negative"
     for p in pairs:  # the prompt is the plain judge prompt, the targets are whole frames
         assert "Hint" not in json.dumps(p["prompt"])

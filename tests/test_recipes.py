@@ -22,7 +22,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from shapes import HUB_MODELS, SHAPES, estimate_recipe  # noqa: E402
 
 RECIPES = sorted((REPO / "conj_lite" / "recipes").glob("*.yaml"))
-GPU_RECIPES = [p for p in RECIPES if p.stem != "tiny-cpu"]
+CPU_RECIPES = [p for p in RECIPES if p.stem == "tiny-cpu" or p.stem.endswith("_cpu")]
+GPU_RECIPES = [p for p in RECIPES if p not in CPU_RECIPES]
 
 # card -> (words the header names it by, compute dtype, GB the estimate may use)
 CARDS = {
@@ -59,6 +60,7 @@ def ids(paths):
 
 def test_recipes_are_shipped():
     assert REPO / "conj_lite" / "recipes" / "tiny-cpu.yaml" in RECIPES
+    assert REPO / "conj_lite" / "recipes" / "smollm2-135m_cpu.yaml" in CPU_RECIPES
     assert len(GPU_RECIPES) >= 10
     assert set(shipped_recipes()) == set(RECIPES)  # what `conj-lite recipes` lists
 
@@ -153,3 +155,13 @@ def test_overrides_still_apply_to_a_gpu_recipe():
     path = REPO / "conj_lite" / "recipes" / "qwen2.5-1.5b_t4.yaml"
     recipe = load_recipe(path, ["data.limit=20", "model.use_unsloth=no"])
     assert recipe.data.limit == 20 and recipe.model.use_unsloth in ("no", False)
+
+
+@pytest.mark.parametrize("path", CPU_RECIPES, ids=ids(CPU_RECIPES))
+def test_cpu_recipe_header_names_target_and_command(path):
+    """A CPU recipe runs on the embedded model, without a GPU and without a model hub."""
+    header = path.read_text("utf-8").split("\nname:", 1)[0]
+    assert "Target:" in header and "no GPU" in header
+    assert f"conj-lite run {path.stem} --out" in header
+    recipe = load_recipe(path)
+    assert recipe.model.name_or_path in ("tiny", "smollm2-135m") and recipe.model.load_in_4bit is False
