@@ -203,10 +203,7 @@ class ChatFormat:
         return {**row, "prompt": self.messages(row["prompt"]), "chat_template_kwargs": self.template_kwargs()}
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        if out["rationale"]:  # the default format is not written: records made before it existed stay equal
-            del out["rationale"]
-        return out
+        return asdict(self)
 
 
 def _render(tokenizer, messages: list[dict], date_string: str, add_generation_prompt: bool) -> str:
