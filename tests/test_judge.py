@@ -357,12 +357,15 @@ def test_cli_judge_with_risk_abstains_below_the_calibrated_threshold(exported, s
         accepted = threshold is not None and row["confidence"] >= threshold
         assert (row["selective_verdict"] != ABSTAIN) == accepted
 
-    # The HF backend, one pair, calibrated from the judged file above.
+    # The GGUF judge's calibration judgments say nothing about another judge: refused.
+    hf_pair = ["judge", "--model", str(exported.merged_dir), "--question", QUESTION, "--answer-a", GOOD,
+               "--answer-b", BAD, "--mode", "verdict", "--risk", "0.3", "--threads", "2"]
+    assert main([*hf_pair, "--calibration", str(cache)]) == 2
+    # The HF backend, one pair, calibrated on the labelled file (judged by this judge).
     capsys.readouterr()
-    assert main(["judge", "--model", str(exported.merged_dir), "--question", QUESTION, "--answer-a", GOOD,
-                 "--answer-b", BAD, "--mode", "verdict", "--risk", "0.3", "--calibration", str(cache),
-                 "--threads", "2"]) == 0
-    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*hf_pair, "--calibration", str(sample_data), "--output", str(tmp_path / "hf.jsonl")]) == 0
+    capsys.readouterr()
+    record = json.loads((tmp_path / "hf.jsonl").read_text().splitlines()[-1])
     assert record["selective_verdict"] in ("A", "B", ABSTAIN) and "risk_threshold" in record
     # Bad options fail before any model is loaded.
     assert main(["judge", "--model", gguf, "--question", "q", "--answer-a", "a", "--answer-b", "b",
