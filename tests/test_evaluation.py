@@ -292,7 +292,7 @@ def test_cli_eval_llmbar_natural_with_the_tiny_hf_judge(tiny_model_dir, llmbar_n
     assert code == 0
     doc = check_report_dir(out, ["tiny"], 8)
     report = doc["judges"]["tiny"]
-    assert report["probes"]["pairs"] == 8 and set(report["probes"]["injection"]) == {"overall", "ignore", "json", "system"}
+    assert report["probes"]["pairs"] == 8 and set(report["probes"]["injection"]) == {"overall", "ignore", "json", "system", "forged_turn"}
     assert report["selective"]["alpha"] == 0.3 and report["selective"]["test"]["n"] == 4
     assert not list((out / "judgments").glob("*.partial.jsonl"))
     assert "accuracy" in capsys.readouterr().err  # the rich table
@@ -302,13 +302,14 @@ def test_cli_eval_llmbar_natural_with_the_tiny_hf_judge(tiny_model_dir, llmbar_n
 def test_gguf_and_hf_judges_side_by_side_in_rationale_mode(exported, llmbar_natural, tmp_path):
     from conj_lite.data import load_pairs
 
-    pairs = load_pairs(llmbar_natural, limit=3).pairs
+    loaded = load_pairs(llmbar_natural, limit=6).pairs
+    pairs, calibration = loaded[:3], loaded[3:]  # calibration pairs apart from the test pairs (issue 12)
     reports = {}
     for name, spec in (("hf", exported.merged_dir), ("q4", exported.gguf_paths["q4_k_m"])):
         judge = open_judge(str(spec), mode="rationale", max_new_tokens=24, n_threads=2, warn=None)
         try:
             reports[name] = evaluate(judge, pairs, mode="rationale", bootstrap=100, probes=name == "q4", risk=0.3,
-                                     calibration=pairs, name=name)
+                                     calibration=calibration, name=name)
         finally:
             judge.close()
     assert reports["q4"].metrics["unparseable_rate"] == 0.0  # the grammar holds GGUF output to the format
