@@ -63,7 +63,7 @@ def test_whole_loop_on_the_real_model(smollm2_dir, sample_data, tmp_path):
     meta = json.loads((run.out_dir / "adapter" / "conj_lite_train.json").read_text())
     assert meta["summary"]["steps"] == 2
     result = run.export()
-    gguf = result.files["q8_0"] if hasattr(result, "files") else next((run.out_dir / "gguf").glob("*q8_0.gguf"))
+    gguf = result.gguf_paths["q8_0"]
     from conj_lite.artifacts import read_gguf_metadata
 
     meta = read_gguf_metadata(gguf)
@@ -71,4 +71,4 @@ def test_whole_loop_on_the_real_model(smollm2_dir, sample_data, tmp_path):
     with Judge.from_gguf(gguf, n_ctx=1024, max_new_tokens=48) as judge:
         verdict = judge.compare("What is 7 + 5?", "12", "13")
     assert verdict.verdict in ("A", "B", "inconsistent") and 0.0 <= verdict.p_a <= 1.0
-    assert json.loads(verdict.ab.text)["better_answer"] in (1, 2)
+    assert json.loads(verdict.orders["ab"].text)["better_answer"] in (1, 2)
