@@ -607,6 +607,16 @@ def _run_logged(cmd: list[str], env: dict, log_path: Path, what: str) -> None:
         raise InputError(f"{what} failed (exit code {proc.returncode}):\n{tail}\nfull log: {log_path}")
 
 
+def _add_judge_metadata(converted: Path, final_tmp: Path, out_path: Path, template, env: dict, log_path: Path) -> None:
+    """Copy `converted` with the judge template and conj-lite's version added (gguf-py's own
+    copy tool, in a subprocess), then move it into place as `out_path`."""
+    extra = {GGUF_TEMPLATE_KEY: json.dumps(template.to_dict(), ensure_ascii=False),
+             GGUF_VERSION_KEY: _conj_lite_version()}
+    cmd = [sys.executable, "-c", _ADD_METADATA, str(converted), str(final_tmp), json.dumps(extra, ensure_ascii=False)]
+    _run_logged(cmd, env, log_path, "adding conj-lite metadata with gguf-py")
+    os.replace(final_tmp, out_path)
+
+
 def convert_to_gguf(merged_dir: Path, out_path: Path, converter: Converter, *, outtype: str = "f16",
                     template: JudgeTemplate, name: str = "judge", log_path: Path | None = None) -> Path:
     """merged HF dir -> GGUF with llama.cpp's converter, plus conj-lite's metadata."""
@@ -642,11 +652,7 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, converter: Converter, *, o
             "--outtype", outtype, "--metadata", str(metadata_file), "--model-name", name,
         ]
         _run_logged(cmd, env, log_path, f"llama.cpp's converter ({converter.source})")
-        extra = {GGUF_TEMPLATE_KEY: json.dumps(template.to_dict(), ensure_ascii=False),
-                 GGUF_VERSION_KEY: _conj_lite_version()}
-        cmd = [sys.executable, "-c", _ADD_METADATA, str(converted), str(final_tmp), json.dumps(extra, ensure_ascii=False)]
-        _run_logged(cmd, env, log_path, "adding conj-lite metadata with gguf-py")
-        os.replace(final_tmp, out_path)
+        _add_judge_metadata(converted, final_tmp, out_path, template, env, log_path)
     finally:
         for tmp in (converted, final_tmp, metadata_file):
             tmp.unlink(missing_ok=True)
@@ -686,11 +692,7 @@ def convert_lora_to_gguf(adapter_dir: str | Path, out_path: str | Path, base_dir
         if template is None:
             info = describe_source(adapter_dir)
             template = resolve_template(info.get("template"))
-        extra = {GGUF_TEMPLATE_KEY: json.dumps(template.to_dict(), ensure_ascii=False),
-                 GGUF_VERSION_KEY: _conj_lite_version()}
-        cmd = [sys.executable, "-c", _ADD_METADATA, str(converted), str(final_tmp), json.dumps(extra, ensure_ascii=False)]
-        _run_logged(cmd, env, log_path, "adding conj-lite metadata with gguf-py")
-        os.replace(final_tmp, out_path)
+        _add_judge_metadata(converted, final_tmp, out_path, template, env, log_path)
     finally:
         for tmp in (converted, final_tmp):
             tmp.unlink(missing_ok=True)
