@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -53,21 +54,30 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     """Write rows as JSONL atomically: a temporary file renamed into place, so a
     reader never sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(dumps_line(row) for row in rows), "utf-8")
-    os.replace(tmp, path)
+    _replace_atomically(path, "".join(dumps_line(row) for row in rows))
     return path
 
 
 def write_json(path: str | Path, data) -> Path:
     """Write one JSON document atomically (indented)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8"),
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    _replace_atomically(
+        path, json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8"))
     return path
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    """Write text under a temporary name of this writer's own, then rename it into place.
+    Several writers of one file (every rank under `accelerate launch`) never share the
+    temporary file, so none renames away another's; the last rename wins whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: str | Path) -> dict:
