@@ -202,14 +202,15 @@ def test_concurrent_clients_and_a_client_that_leaves(server):
 
     client, base, proc, log = server
     headers = {"X-API-Key": KEY}
-    gone = []
 
-    def leave():  # a rationale-mode batch, abandoned after 0.3 s
-        try:
-            httpx.post(base + "/v1/judge", json={"pairs": [PAIR] * 4, "mode": "rationale"}, headers=headers,
-                       timeout=0.3)
-        except httpx.TimeoutException:
-            gone.append(True)
+    def leave():  # a whole rationale-mode batch sent, then the connection closed unread
+        host, port = base.removeprefix("http://").split(":")
+        body = json.dumps({"pairs": [PAIR] * 8, "mode": "rationale"}).encode()
+        head = (f"POST /v1/judge HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {KEY}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head + body)
+            return True
 
     def ask(i):
         pair = {**PAIR, "id": i} if i % 2 else {"question": "Capital of France?", "answer_a": "Paris",
@@ -220,8 +221,7 @@ def test_concurrent_clients_and_a_client_that_leaves(server):
         leaving = pool.submit(leave)
         time.sleep(0.1)
         replies = list(pool.map(ask, range(8)))
-        leaving.result()
-    assert gone == [True]
+        assert leaving.result()
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
     by_kind = {}
     for i, reply in enumerate(replies):
