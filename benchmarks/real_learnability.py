@@ -4,8 +4,8 @@ Trains on real pairs (Anthropic HH harmless, MIT, from ../shared/data) and judge
 both answer orders, pairs never trained on: a held-out split of the same source, and
 LLMBar Natural (100 pairs) for transfer. Per variant (conj, rise) and seed: one Con-J
 round with the embedded default recipe (smollm2-135m_cpu) on the training split, then
-the base model and base + adapter are judged through transformers in verdict mode
-(the same weights on both sides; only training differs). Reports accuracy,
+the packaged GGUF and the same GGUF + the trained LoRA (llama.cpp's LoRA converter) are
+judged in verdict mode (the same weights on both sides; only training differs). Reports accuracy,
 consistency, position bias and the unparseable rate with 95% bootstrap intervals, the
 accuracy gain with its paired interval, and the time of each stage.
 
@@ -23,6 +23,7 @@ import hashlib
 import json
 import platform
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from conj_lite.data import load_pairs, write_pairs_jsonl  # noqa: E402
+from conj_lite.export import convert_lora_to_gguf  # noqa: E402
 from conj_lite.judging import Judge, evaluate  # noqa: E402
-from conj_lite.pipeline import ConjRun  # noqa: E402
+from conj_lite.packaged import BASE_GGUF  # noqa: E402
+from conj_lite.pipeline import JUDGMENTS, SAMPLED_FROM, WARMUP, ConjRun  # noqa: E402
+from conj_lite.sampling import TOO_LONG  # noqa: E402
 from conj_lite.variants import variant_overrides  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -57,9 +61,12 @@ def split(pairs, n_train: int, n_test: int, seed: int = 0) -> tuple[list, list]:
     return ranked[:n_train], ranked[n_train:n_train + n_test]
 
 
-def judge_sets(base: str, adapter, sets: dict, work: Path, n_ctx: int) -> dict:
+def judge_sets(base_gguf: Path, lora_gguf: Path | None, sets: dict, work: Path, n_ctx: int = 2048) -> dict:
+    """Judge every set in verdict mode on the base GGUF, with the trained LoRA applied
+    at run time when given. The packaged GGUF holds exactly the weights the HF directory
+    was dequantized from, so before and after differ only by the adapter."""
     out = {}
-    judge = Judge.from_hf(base, adapter=adapter, template="en", mode="verdict", n_ctx=n_ctx)
+    judge = Judge.from_gguf(base_gguf, lora_path=lora_gguf, template="en", mode="verdict", n_ctx=n_ctx)
     try:
         for name, pairs in sets.items():
             start = time.perf_counter()
@@ -97,6 +104,7 @@ def run_one(variant: str, seed: int, train_file: Path, sets: dict, out: Path, ex
     overrides = [f"data.path={train_file}", "data.heldout=0", f"sampling.seed={seed}", f"training.seed={seed}",
                  f"filtering.seed={seed}", "export.enabled=false", *extra]
     run = ConjRun.from_recipe(RECIPE, work, [*variant_overrides(variant), *overrides])
+    reuse_base_samples(out / f"conj-seed{seed}", work / WARMUP if run.recipe.warmup.enabled else None)
     times = {}
     start = time.perf_counter()
     if run.recipe.warmup.enabled:
@@ -108,11 +116,26 @@ def run_one(variant: str, seed: int, train_file: Path, sets: dict, out: Path, ex
         times[stage] = time.perf_counter() - t
     stats = json.loads((work / "stats.json").read_text())
     t = time.perf_counter()
-    judged = judge_sets(run.base_model(), run.final_adapter(), sets, work, run.recipe.model.max_seq_length)
+    lora = convert_lora_to_gguf(run.final_adapter(), work / "adapter.gguf", run.base_model())
+    times["lora_to_gguf"] = time.perf_counter() - t
+    t = time.perf_counter()
+    judged = judge_sets(Path(run.base_model()) / BASE_GGUF, lora, sets, work)
     times["eval"] = time.perf_counter() - t
     result = {"variant": variant, "seed": seed, "times": times, "stats": stats, "judged": judged}
     result_path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def reuse_base_samples(donor: Path, dest: Path | None) -> None:
+    """RISE's warm-up samples the base model exactly as the Con-J run of the same seed did
+    (same model, data, settings and seed): start from those judgments. The stage's own
+    provenance check still decides; a mismatch is moved aside and sampled anew."""
+    if dest is None or not (donor / SAMPLED_FROM).is_file() or (dest / JUDGMENTS).exists():
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (JUDGMENTS, TOO_LONG, SAMPLED_FROM):
+        if (donor / name).is_file():
+            shutil.copy2(donor / name, dest / name)
 
 
 def summarize(base: dict, runs: list[dict]) -> dict:
@@ -146,7 +169,7 @@ def render(results: dict) -> str:
              f"trl {meta['trl']}. Command: `{meta['command']}`.", "",
              f"Training: {meta['n_train']} HH-RLHF harmless pairs (recipe `{RECIPE}`, one round). Test: "
              f"{meta['n_test']} held-out HH pairs and LLMBar Natural ({meta['n_llmbar']} pairs), both orders, "
-             "verdict mode through transformers. Per-order accuracy, 95% bootstrap intervals; gain = after − "
+             "verdict mode on the packaged Q4_1 GGUF (+ the LoRA as GGUF). Per-order accuracy, 95% bootstrap intervals; gain = after − "
              "before with a paired bootstrap interval.", ""]
     base = results["summary"]["base"]
     lines += ["| judge | set | accuracy | consistency | position bias (answer 1) | unparseable | gain (pts) | "
@@ -213,7 +236,7 @@ def main(argv=None) -> int:
     if base_path.is_file():
         base = json.loads(base_path.read_text())
     else:
-        base = judge_sets(probe.base_model(), None, sets, out / "base", probe.recipe.model.max_seq_length)
+        base = judge_sets(Path(probe.base_model()) / BASE_GGUF, None, sets, out / "base")
         base_path.write_text(json.dumps(base, indent=1))
     runs = [run_one(v, s, train_file, sets, out, args.overrides) for v in args.variants for s in args.seeds]
     results = {
