@@ -3,6 +3,9 @@ rationale mode and verdict mode, side by side in one run.
 
     python benchmarks/judge_cpu.py                  # the recorded run (~10 min on 2 cores)
     python benchmarks/judge_cpu.py --quick          # a smoke run (~2 min)
+    python benchmarks/judge_cpu.py --model smollm2 --pairs 8 --repeats 2 --max-new-tokens 128
+                                                    # the real model: shipped Q4_1, re-exported f16 / q8_0 /
+                                                    # q4_k_m, transformers fp32, raw llama-cpp anchor, parallel
 
 The model is a ~106M-parameter Llama built locally (conj_lite.tiny's sentencepiece
 tokenizer, random init, no warm-up; nothing is downloaded): hidden 768, 12 layers, MLP
@@ -25,15 +28,17 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-SECTION = "## Local judge on CPU (benchmarks/judge_cpu.py)"
+from report import write_section  # noqa: E402
+
+TITLE = "Local judge on CPU (benchmarks/judge_cpu.py)"
 BACKENDS = ("hf-fp32", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
 MODES = ("rationale", "verdict")
 
@@ -137,8 +142,6 @@ def markdown(report: dict) -> str:
     r, ratio = report["results"], report["ratios"]
     m, v = report["machine"], report["versions"]
     lines = [
-        SECTION,
-        "",
         f"Run {report['date']} on {m['cpu']} ({m['cores']} cores visible, {m['threads']} threads used, "
         f"{m['memory_gb']} GB RAM; load average {m['load_before']} before, {m['load_after']} after).",
         f"Command: `{report['command']}`. Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
@@ -186,19 +189,201 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text("utf-8") if path.is_file() else "# Benchmarks\n\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
+# ------------------------------------------------------------------ the real model
+
+REAL_TITLE = "Local judge on CPU: SmolLM2-135M-Instruct (benchmarks/judge_cpu.py --model smollm2)"
+REAL_FILES = ("q4_1", "f16", "q8_0", "q4_k_m")  # q4_1: the file the package ships, the bundles' base
+
+
+def data_pairs(path: Path, n: int) -> list[tuple[str, str, str]]:
+    from conj_lite.data import load_pairs
+
+    return [(p.question, p.answer_a, p.answer_b) for p in load_pairs(path).pairs[:n]]
+
+
+def timed(fn, repeats: int):
+    """(what the last call returned, the fastest call's seconds), after one untimed warm-up."""
+    fn()
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def raw_generation(judge, pairs, lengths: list[int]):
+    """The anchor: the judge's prompts through llama-cpp-python's own greedy `generate`,
+    no grammar and no reading of the text, each order run to exactly as many tokens as
+    the grammar-held judge generated for it (EOS not honoured): only the grammar and the
+    judge's bookkeeping differ."""
+    from conj_lite.prompts import ordered_answers
+
+    prompts = [judge.backend.tokenize(judge.prompt(q, *ordered_answers(a, b, order)))
+               for q, a, b in pairs for order in ("ab", "ba")]
+
+    def once() -> int:
+        total = 0
+        for ids, want in zip(prompts, lengths):
+            for n, _ in enumerate(judge.backend.llm.generate(ids, temp=0.0, top_k=1, reset=True), start=1):
+                if n >= max(want, 1):
+                    break
+            total += max(want, 1)
+        return total
+
+    return once
+
+
+def real_row(judge, pairs, mode: str, repeats: int, parallel: bool) -> dict:
+    if parallel:
+        results, seconds = timed(lambda: judge.compare_many(pairs, mode=mode), repeats)
     else:
-        following = re.search(r"^## ", text[start + len(SECTION):], re.M)
-        end = start + len(SECTION) + following.start() if following else len(text)
-        text = text[:start] + section + ("\n" + text[end:] if following else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+        results, seconds = timed(lambda: [judge.compare(*p, mode=mode) for p in pairs], repeats)
+    orders = [o for r in results for o in (r.orders["ab"], r.orders["ba"])]
+    return {"judgments_per_min": round(60.0 * len(pairs) / seconds, 2), "seconds": round(seconds, 3),
+            "gen_tokens": [o.tokens for o in orders], "verdicts": [r.verdict for r in results],
+            "p_a": [round(r.p_a, 4) for r in results], "unfinished": sum(not o.finished for o in orders)}
+
+
+def run_real(args, console) -> dict:
+    """SmolLM2 as shipped (Q4_1) and re-exported (f16, q8_0, q4_k_m), transformers fp32
+    on the same weights, raw llama-cpp-python as the anchor; one pair at a time and
+    `compare_many` (both orders of every pair in one llama.cpp batch)."""
+    from conj_lite.export import export_gguf
+    from conj_lite.judging import Judge
+    from conj_lite.packaged import BASE_GGUF, packaged_model_path
+    from conj_lite.tiny import cache_root
+
+    model_dir = packaged_model_path("smollm2-135m", console=console)
+    work = cache_root() / "bench" / "judge_cpu-smollm2"
+    exported = export_gguf(model_dir, work, quant_types=("q8_0", "q4_k_m"), template="en", threads=args.threads,
+                           console=console)
+    files = {"q4_1": model_dir / BASE_GGUF, **exported.gguf_paths}
+    pairs = data_pairs(Path(args.data), args.pairs)
+    rows, sizes = {}, {f"gguf-{t}": round(files[t].stat().st_size / 1024**2, 1) for t in REAL_FILES}
+    sizes["hf-fp32"] = round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1024**2, 1)
+
+    def report(name: str, row: dict) -> None:
+        rows[name] = row
+        console.print(f"bench: {name:28s} {row['judgments_per_min']:8.1f} judgments/min ({row['seconds']} s)",
+                      highlight=False)
+
+    with Judge.from_hf(model_dir, dtype="float32", template="en", n_threads=args.threads,
+                       max_new_tokens=args.max_new_tokens, warn=None) as judge:
+        for mode in MODES:
+            report(f"hf-fp32 {mode}", real_row(judge, pairs, mode, args.repeats, parallel=False))
+    for t in REAL_FILES:
+        with Judge.from_gguf(files[t], template="en", n_threads=args.threads, max_new_tokens=args.max_new_tokens,
+                             n_parallel=len(pairs), parallel_ctx=8192, warn=None) as judge:
+            for mode in MODES:
+                report(f"gguf-{t} {mode}", real_row(judge, pairs, mode, args.repeats, parallel=False))
+                report(f"gguf-{t} {mode} parallel", real_row(judge, pairs, mode, args.repeats, parallel=True))
+            if t == "q4_1":
+                lengths = rows["gguf-q4_1 rationale"]["gen_tokens"]
+                generated, seconds = timed(raw_generation(judge, pairs, lengths), args.repeats)
+                report("raw-q4_1 rationale", {"judgments_per_min": round(60.0 * len(pairs) / seconds, 2),
+                                              "seconds": round(seconds, 3), "gen_tokens": lengths})
+    return {"model_dir": str(model_dir), "files": {t: str(p) for t, p in files.items()}, "sizes_mb": sizes,
+            "pairs": len(pairs), "data": args.data, "rows": rows}
+
+
+def real_ratios(rows: dict) -> dict:
+    def jpm(name):
+        return rows[name]["judgments_per_min"]
+
+    out = {"grammar cost vs raw (q4_1 rationale)": round(1 - jpm("gguf-q4_1 rationale") / jpm("raw-q4_1 rationale"), 3)}
+    for t in REAL_FILES:
+        for mode in MODES:
+            out[f"gguf-{t} {mode} / hf-fp32"] = round(jpm(f"gguf-{t} {mode}") / jpm(f"hf-fp32 {mode}"), 2)
+            out[f"gguf-{t} {mode} parallel / hf-fp32"] = round(jpm(f"gguf-{t} {mode} parallel") / jpm(f"hf-fp32 {mode}"), 2)
+            one, many = rows[f"gguf-{t} {mode}"], rows[f"gguf-{t} {mode} parallel"]
+            out[f"gguf-{t} {mode} parallel: same verdicts"] = one["verdicts"] == many["verdicts"]
+        out[f"gguf-{t} verdict / rationale"] = round(jpm(f"gguf-{t} verdict") / jpm(f"gguf-{t} rationale"), 2)
+    return out
+
+
+def real_markdown(report: dict) -> str:
+    real, ratio, m = report["real"], report["ratios"], report["machine"]
+    rows = real["rows"]
+    lines = [
+        f"Run {report['date']} on {m['cpu']} ({m['cores']} cores visible, {m['threads']} threads used; load average "
+        f"{m['load_before']} before, {m['load_after']} after). Command: `{report['command']}`. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
+        "",
+        f"{real['pairs']} pairs of `{real['data']}`, each judged in both orders; rationale mode greedy, up to "
+        f"{report['max_new_tokens']} tokens per order (the model closes its rationale itself); best of "
+        f"{report['repeats']} rounds after a warm-up. `parallel` = `Judge.compare_many`: both orders of every pair "
+        "decode together in one llama.cpp batch, shared prompt prefixes evaluated once. `raw-q4_1` = "
+        "llama-cpp-python's own `generate` on the same prompts, no grammar, each order run to the token count the "
+        "judge generated.",
+        "",
+        "| backend | file | rationale j/min | × HF | parallel j/min | × HF | verdict j/min | × HF | parallel j/min "
+        "| × HF | verdict ÷ rationale | gen tokens/order |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    hf_r, hf_v = rows["hf-fp32 rationale"], rows["hf-fp32 verdict"]
+    lines.append(f"| transformers fp32 | {real['sizes_mb']['hf-fp32']:.0f} MB | {hf_r['judgments_per_min']:.1f} | 1.00 | "
+                 f"– | – | {hf_v['judgments_per_min']:.1f} | 1.00 | – | – | "
+                 f"{hf_v['judgments_per_min'] / hf_r['judgments_per_min']:.1f}× | "
+                 f"{sum(hf_r['gen_tokens']) / len(hf_r['gen_tokens']):.0f} |")
+    for t in REAL_FILES:
+        r, rp = rows[f"gguf-{t} rationale"], rows[f"gguf-{t} rationale parallel"]
+        v, vp = rows[f"gguf-{t} verdict"], rows[f"gguf-{t} verdict parallel"]
+        name = f"GGUF {t}" + (" (shipped)" if t == "q4_1" else "")
+        lines.append(
+            f"| {name} | {real['sizes_mb'][f'gguf-{t}']:.0f} MB | {r['judgments_per_min']:.1f} | "
+            f"{ratio[f'gguf-{t} rationale / hf-fp32']:.2f} | {rp['judgments_per_min']:.1f} | "
+            f"{ratio[f'gguf-{t} rationale parallel / hf-fp32']:.2f} | {v['judgments_per_min']:.1f} | "
+            f"{ratio[f'gguf-{t} verdict / hf-fp32']:.2f} | {vp['judgments_per_min']:.1f} | "
+            f"{ratio[f'gguf-{t} verdict parallel / hf-fp32']:.2f} | {ratio[f'gguf-{t} verdict / rationale']:.1f}× | "
+            f"{sum(r['gen_tokens']) / len(r['gen_tokens']):.0f} |")
+    raw = rows["raw-q4_1 rationale"]
+    lines.append(f"| raw llama-cpp-python, q4_1, no grammar | – | {raw['judgments_per_min']:.1f} | "
+                 f"{raw['judgments_per_min'] / hf_r['judgments_per_min']:.2f} | – | – | – | – | – | – | – | "
+                 f"{sum(raw['gen_tokens']) / len(raw['gen_tokens']):.0f} |")
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    best_one = max(ratio[f"gguf-{t} rationale / hf-fp32"] for t in REAL_FILES)
+    best_par = max(ratio[f"gguf-{t} rationale parallel / hf-fp32"] for t in REAL_FILES)
+    vr = min(ratio[f"gguf-{t} verdict / rationale"] for t in REAL_FILES)
+    cost = ratio["grammar cost vs raw (q4_1 rationale)"]
+    same = [t for t in REAL_FILES for mode in MODES if not ratio[f"gguf-{t} {mode} parallel: same verdicts"]]
+    lines += [
+        "",
+        f"Targets: one sequence at a time ≥ 4× transformers fp32 in rationale mode — best file {best_one:.2f}× "
+        f"({met(best_one >= 4)}); the grammar costs ≤ 10% against raw — {100 * cost:.1f}% ({met(cost <= 0.10)}); "
+        f"parallel ≥ 8× — best file {best_par:.2f}× ({met(best_par >= 8)}); verdict mode ≥ 10× rationale mode — "
+        f"lowest file {vr:.1f}× ({met(vr >= 10)}). Parallel verdicts equal to one-at-a-time verdicts: "
+        + ("every file and mode." if not same else "not for " + ", ".join(same) + " (batched decoding rounds floating point differently; a near-tie can flip)."),
+        "",
+        "Raw figures (every verdict, P(A) and token count): "
+        "[docs/benchmarks/judge_cpu_smollm2.json](benchmarks/judge_cpu_smollm2.json).",
+    ]
+    return "\n".join(lines)
+
+
+def main_real(args, console) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    real = run_real(args, console)
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python benchmarks/judge_cpu.py", *args.argv]),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "memory_gb": memory_gb(),
+                    "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()]},
+        "versions": versions(), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+        "real": real, "ratios": real_ratios(real["rows"]),
+    }
+    body = real_markdown(report)
+    console.print(body, highlight=False, markup=False)
+    if not args.quick:
+        path = write_section(REAL_TITLE, body, report, "judge_cpu_smollm2.json")
+        console.print(f"bench: wrote {path}", highlight=False)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -210,14 +395,24 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="rationale length cap (default 256, as `conj-lite judge`)")
     parser.add_argument("--quick", action="store_true", help="2 pairs, 1 round, 64 tokens; writes nothing to docs/")
-    parser.add_argument("--out", default=str(REPO / "docs"), help="docs directory to write into")
     parser.add_argument("--render", metavar="JSON", help="only rewrite the docs section from a saved raw JSON")
+    parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                        help="tiny: the ~106M random-init model (default); smollm2: the packaged real model")
+    parser.add_argument("--data", default=str(REPO / "data" / "sample_prefs.jsonl"),
+                        help="pairs to judge with --model smollm2")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.render:
-        write_section(Path(args.out) / "benchmarks.md", markdown(json.loads(Path(args.render).read_text("utf-8"))))
+        raw = json.loads(Path(args.render).read_text("utf-8"))
+        write_section(REAL_TITLE if "real" in raw else TITLE, real_markdown(raw) if "real" in raw else markdown(raw),
+                      raw, "judge_cpu_smollm2.json" if "real" in raw else "judge_cpu.json")
         return 0
     if args.quick:
         args.pairs, args.repeats, args.max_new_tokens = 2, 1, 64
+    if args.model == "smollm2":
+        from conj_lite.progress import get_console
+
+        return main_real(args, get_console())
 
     import torch
 
@@ -281,11 +476,7 @@ def main(argv=None) -> int:
     console.print(markdown(report), highlight=False, markup=False)
     if args.quick:
         return 0
-    out = Path(args.out)
-    (out / "benchmarks").mkdir(parents=True, exist_ok=True)
-    (out / "benchmarks" / "judge_cpu.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    write_section(out / "benchmarks.md", markdown(report))
-    console.print(f"bench: wrote {out / 'benchmarks' / 'judge_cpu.json'} and {out / 'benchmarks.md'}", highlight=False)
+    console.print(f"bench: wrote {write_section(TITLE, markdown(report), report, 'judge_cpu.json')}", highlight=False)
     return 0
 
 

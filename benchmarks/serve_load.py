@@ -20,7 +20,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import re
 import signal
 import socket
 import statistics
@@ -32,8 +31,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-SECTION = "## Judge service under load (benchmarks/serve_load.py)"
+TITLE = "Judge service under load (benchmarks/serve_load.py)"
+from report import write_section  # noqa: E402
+
 LLMBAR = REPO.parent / "shared" / "data" / "llmbar" / "Dataset" / "LLMBar" / "Natural" / "dataset.json"
 
 
@@ -137,8 +139,6 @@ def wait_up(base: str, proc: subprocess.Popen, log_path: Path, timeout: float = 
 def markdown(report: dict) -> str:
     r, m = report["result"], report["machine"]
     return "\n".join([
-        SECTION,
-        "",
         f"Run {report['date']}: `{report['command']}`. Server: `conj-lite serve` on 127.0.0.1 "
         f"({report['mode']} mode, --parallel {report['parallel']} pairs per llama.cpp batch, --max-batch "
         f"{report['max_batch']}, {report['threads']} threads) with {report['model']}; {report['clients']} concurrent "
@@ -158,20 +158,6 @@ def markdown(report: dict) -> str:
         "[docs/benchmarks/serve_load.json](benchmarks/serve_load.json).",
         "",
     ])
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text("utf-8") if path.is_file() else "# Benchmarks\n\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        following = re.search(r"^## ", text[start + len(SECTION):], re.M)
-        end = start + len(SECTION) + following.start() if following else len(text)
-        text = text[:start] + section + ("\n" + text[end:] if following else "")
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -198,8 +184,6 @@ def main(argv=None) -> int:
     pairs = load_pairs(data, args.pairs)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    out_dir = REPO / "docs" / "benchmarks"
-    out_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(tempfile.mkdtemp(prefix="conj-lite-serve-load-")) / "server.log"
     load_before = os.getloadavg()[0]
     proc = start_server(model, port, args, log_path)
@@ -232,8 +216,7 @@ def main(argv=None) -> int:
     }
     print(json.dumps(report, indent=2))
     if not args.no_docs:
-        (out_dir / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        write_section(REPO / "docs" / "benchmarks.md", markdown(report))
+        write_section(TITLE, markdown(report), report, "serve_load.json")
     return 0 if result["errors"] == 0 else 1
 
 

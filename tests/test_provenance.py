@@ -22,7 +22,6 @@ from conj_lite.cli import main
 from conj_lite.data import load_pairs
 from conj_lite.errors import InputError
 from conj_lite.jsonio import read_jsonl
-from conj_lite.judging import batch
 from conj_lite.judging.batch import judge_pairs, judge_provenance, meta_path
 from conj_lite.judging.evaluation import default_name, evaluate
 from conj_lite.judging.judge import open_judge
