@@ -30,24 +30,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from conj_lite.data import load_pairs, write_pairs_jsonl  # noqa: E402
 from conj_lite.export import convert_lora_to_gguf  # noqa: E402
 from conj_lite.judging import Judge, evaluate  # noqa: E402
+from conj_lite.artifacts import TRAIN_META  # noqa: E402
 from conj_lite.packaged import BASE_GGUF  # noqa: E402
 from conj_lite.pipeline import JUDGMENTS, SAMPLED_FROM, WARMUP, ConjRun  # noqa: E402
 from conj_lite.sampling import TOO_LONG  # noqa: E402
 from conj_lite.variants import variant_overrides  # noqa: E402
+from report import write_section  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 HH = SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 LLMBAR = SHARED / "llmbar" / "Dataset" / "LLMBar" / "Natural" / "dataset.json"
 RECIPE = "smollm2-135m_cpu"
 METRICS = ("accuracy", "consistency", "position_bias", "unparseable_rate", "accuracy_prob")
-MARKER = "<!-- real-learnability -->"
+TITLE = "The real model learning: SmolLM2-135M-Instruct, one Con-J round (benchmarks/real_learnability.py)"
 
 
-def short_pairs(pairs, tokenizer, max_chars: int) -> list:
+def short_pairs(pairs, max_chars: int) -> list:
     """Labelled pairs whose question and answers are short enough for a quick CPU run."""
     return [p for p in pairs if p.label in ("A", "B")
             and len(p.question) + len(p.answer_a) + len(p.answer_b) <= max_chars]
@@ -138,19 +141,34 @@ def reuse_base_samples(donor: Path, dest: Path | None) -> None:
             shutil.copy2(donor / name, dest / name)
 
 
-def summarize(base: dict, runs: list[dict]) -> dict:
+def mean_p1(records: list[dict]) -> float:
+    """Mean P(answer 1 is better) over both orders: how hard the judge leans to position 1."""
+    values = [r[k] for r in records for k in ("p1_ab", "p1_ba") if r.get(k) is not None]
+    return sum(values) / len(values)
+
+
+def train_summary(work: Path) -> dict:
+    """The DPO stage's own before/after on its training pairs (loss, reward margin, pair accuracy)."""
+    meta = work / "adapter" / TRAIN_META
+    return json.loads(meta.read_text())["summary"] if meta.is_file() else {}
+
+
+def summarize(base: dict, runs: list[dict], out: Path) -> dict:
     rows = []
     for r in runs:
         row = {"variant": r["variant"], "seed": r["seed"], "times": r["times"],
-               "dpo_pairs": r["stats"].get("dpo_pairs", r["stats"].get("pairs"))}
+               "dpo_pairs": r["stats"].get("dpo_pairs", r["stats"].get("pairs")),
+               "train": train_summary(out / f"{r['variant']}-seed{r['seed']}")}
         for name, judged in r["judged"].items():
             row[name] = {m: judged["metrics"].get(m) for m in METRICS}
             row[name].update({f"{m}_ci": judged["metrics"].get(f"{m}_ci") for m in METRICS})
             row[name]["gain"] = paired_gain(base[name]["records"], judged["records"])
             row[name]["consistency_change"] = judged["metrics"]["consistency"] - base[name]["metrics"]["consistency"]
+            row[name]["mean_p1"] = mean_p1(judged["records"])
         rows.append(row)
     return {"base": {name: {m: v["metrics"].get(m) for m in METRICS}
-                     | {f"{m}_ci": v["metrics"].get(f"{m}_ci") for m in METRICS} for name, v in base.items()},
+                     | {f"{m}_ci": v["metrics"].get(f"{m}_ci") for m in METRICS}
+                     | {"mean_p1": mean_p1(v["records"])} for name, v in base.items()},
             "runs": rows}
 
 
@@ -163,44 +181,42 @@ def ci(x) -> str:
 
 
 def render(results: dict) -> str:
-    meta = results["meta"]
-    lines = [MARKER, "### The real model: SmolLM2-135M-Instruct before vs after one round", "",
-             f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']}, "
+    meta, summary = results["meta"], results["summary"]
+    base = summary["base"]
+    lines = [f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']}, "
              f"trl {meta['trl']}. Command: `{meta['command']}`.", "",
-             f"Training: {meta['n_train']} HH-RLHF harmless pairs (recipe `{RECIPE}`, one round). Test: "
-             f"{meta['n_test']} held-out HH pairs and LLMBar Natural ({meta['n_llmbar']} pairs), both orders, "
-             "verdict mode on the packaged Q4_1 GGUF (+ the LoRA as GGUF). Per-order accuracy, 95% bootstrap intervals; gain = after − "
-             "before with a paired bootstrap interval.", ""]
-    base = results["summary"]["base"]
-    lines += ["| judge | set | accuracy | consistency | position bias (answer 1) | unparseable | gain (pts) | "
-              "consistency change (pts) | sample / filter / train s |", "|---|---|---|---|---|---|---|---|---|"]
+             f"Each run: one round of recipe `{RECIPE}` (variant conj, or rise = SFT warm-up on the base model's own "
+             f"correct judgments, then the round) on {meta['n_train']} HH-RLHF harmless pairs; the base and each "
+             f"trained judge then judge {meta['n_test']} held-out HH pairs and LLMBar Natural ({meta['n_llmbar']} "
+             "pairs, transfer) in both orders, verdict mode, on the packaged Q4_1 GGUF (+ the run's LoRA as a GGUF "
+             "LoRA). Accuracy is per order; intervals are 95% bootstrap over pairs; gain = after − before, paired "
+             "bootstrap. Answer-1 rate = verdicts for the answer shown first; mean P(1) = the verdict token's "
+             "probability of answer 1, over both orders.", "",
+             "| judge | set | accuracy | gain (pts) | consistency | Δ consistency (pts) | answer-1 rate | mean P(1) "
+             "| unparseable |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in base.items():
-        lines.append(f"| base | {name} | {pct(m['accuracy'])}{ci(m['accuracy_ci'])} | {pct(m['consistency'])}"
-                     f"{ci(m['consistency_ci'])} | {pct(m['position_bias'])} | {pct(m['unparseable_rate'])} | – | – | – |")
-    for r in results["summary"]["runs"]:
-        t = r["times"]
+        lines.append(f"| base | {name} | {pct(m['accuracy'])}{ci(m['accuracy_ci'])} | – | {pct(m['consistency'])}"
+                     f"{ci(m['consistency_ci'])} | – | {pct(m['position_bias'])} | {m['mean_p1']:.3f} | "
+                     f"{pct(m['unparseable_rate'])} |")
+    for r in summary["runs"]:
         for name in base:
-            m = r[name]
-            g = m["gain"]
+            m, g = r[name], r[name]["gain"]
             lines.append(
                 f"| {r['variant']} seed {r['seed']} | {name} | {pct(m['accuracy'])}{ci(m['accuracy_ci'])} | "
-                f"{pct(m['consistency'])}{ci(m['consistency_ci'])} | {pct(m['position_bias'])} | "
-                f"{pct(m['unparseable_rate'])} | {100 * g['gain']:+.1f} [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}] | "
-                f"{100 * m['consistency_change']:+.1f} | {t.get('sample', 0):.0f} / {t.get('filter', 0):.0f} / "
-                f"{t.get('train', 0):.0f} |")
+                f"{100 * g['gain']:+.1f} [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}] | "
+                f"{pct(m['consistency'])}{ci(m['consistency_ci'])} | {100 * m['consistency_change']:+.1f} | "
+                f"{pct(m['position_bias'])} | {m['mean_p1']:.3f} | {pct(m['unparseable_rate'])} |")
+    lines += ["", "| run | DPO pairs | steps | on its training pairs: pair accuracy, reward margin (before → after) | "
+              "time per stage (s) |", "|---|---:|---:|---|---|"]
+    for r in summary["runs"]:
+        tr, t = r.get("train") or {}, r["times"]
+        b, a = tr.get("before", {}), tr.get("after", {})
+        fit = (f"{b.get('accuracy', float('nan')):.2f} → {a.get('accuracy', float('nan')):.2f}, "
+               f"{b.get('margin', float('nan')):.3f} → {a.get('margin', float('nan')):.3f}") if tr else "–"
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in t.items())
+        lines.append(f"| {r['variant']} seed {r['seed']} | {r['dpo_pairs']} | {tr.get('steps', '–')} | {fit} | "
+                     f"{stages} |")
     return "\n".join(lines) + "\n"
-
-
-def render_into_docs(results: dict, docs: Path) -> None:
-    text = docs.read_text("utf-8") if docs.is_file() else ""
-    section = render(results)
-    if MARKER in text:
-        head, _, rest = text.partition(MARKER)
-        tail = rest.split("\n### ", 1)
-        text = head + section + ("\n### " + tail[1] if len(tail) > 1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    docs.write_text(text, "utf-8")
 
 
 def main(argv=None) -> int:
@@ -213,11 +229,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-chars", type=int, default=900, help="longest question + answers (characters)")
     parser.add_argument("--llmbar", type=int, default=100, help="LLMBar Natural pairs to judge (0: none)")
     parser.add_argument("--render", metavar="RESULTS_JSON", help="only render a results file into docs/benchmarks.md")
-    parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"))
+    parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run (section.key=value)")
     args = parser.parse_args(argv)
     if args.render:
-        render_into_docs(json.loads(Path(args.render).read_text()), Path(args.docs))
+        results = json.loads(Path(args.render).read_text())
+        print(f"wrote {write_section(TITLE, render(results), results, 'real_learnability.json')}")
         return 0
     import torch
     import transformers
@@ -225,9 +242,10 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    hh = short_pairs(load_pairs(HH, skip_invalid=True, rejects_path=out / "hh-rejects.jsonl").pairs, None, args.max_chars)
+    hh = short_pairs(load_pairs(HH, skip_invalid=True, rejects_path=out / "hh-rejects.jsonl").pairs, args.max_chars)
     train, test = split(hh, args.train, args.test)
     train_file = write_pairs_jsonl(train, out / "train.jsonl")
+    write_pairs_jsonl(test, out / "heldout.jsonl")  # for other benchmarks on the trained adapters (lora_agreement)
     sets = {"hh_heldout": test}
     if args.llmbar:
         sets["llmbar_natural"] = load_pairs(LLMBAR).pairs[: args.llmbar]
@@ -243,11 +261,14 @@ def main(argv=None) -> int:
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {_cores()} CPU cores, no GPU",
                  "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                  "command": "python benchmarks/real_learnability.py " + " ".join(argv or sys.argv[1:]),
-                 "n_train": len(train), "n_test": len(test), "n_llmbar": len(sets.get("llmbar_natural", []))},
-        "summary": summarize(base, runs),
+                 "n_train": runs[0]["stats"]["labelled_pairs"] if runs else len(train), "n_test": len(test),
+                 "n_llmbar": len(sets.get("llmbar_natural", []))},
+        "summary": summarize(base, runs, out),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(render(results))
+    if not args.no_docs:
+        print(f"wrote {write_section(TITLE, render(results), results, 'real_learnability.json')}")
     return 0
 
 
