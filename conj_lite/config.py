@@ -129,6 +129,8 @@ class TrainConfig:
     warmup_ratio: float = opt(0.1, "learning-rate warm-up")
     logging_steps: int = opt(1, "log every N steps")
     save_steps: int = opt(50, "checkpoint every N steps (resumable)")
+    eval_pairs: int = opt(64, "training pairs (a seeded sample) measured before and after training: loss, "
+                          "reward margin, pair accuracy (0: none)")
     seed: int = opt(0, "training seed")
 
 

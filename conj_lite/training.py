@@ -279,6 +279,13 @@ def pair_metrics(trainer, dataset, objective: str = "dpo+sft") -> dict:
     return out
 
 
+def eval_subset(dataset, n: int, seed: int):
+    """A seeded sample of at most n training rows, measured before and after training
+    (None for n <= 0). Every row evaluated costs a forward pass of policy and reference."""
+    n = min(len(dataset), max(0, n))
+    return dataset.shuffle(seed=seed).select(range(n)) if n else None
+
+
 def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: str | Path, console=None, *,
                   init_adapter: str | Path | None = None) -> TrainSummary:
     """Train the LoRA judge adapter into `out_dir/adapter`, resuming from checkpoints.
@@ -329,13 +336,13 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     if runtime.dtype == "fp16":
         keep_trainable_fp32(trainer.model)
 
-    eval_set = dataset.select(range(min(len(dataset), 256)))
+    eval_set = eval_subset(dataset, recipe.training.eval_pairs, recipe.training.seed)
     checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-    before = pair_metrics(trainer, eval_set, objective) if checkpoint is None else {}
+    before = pair_metrics(trainer, eval_set, objective) if checkpoint is None and eval_set else {}
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
-    after = pair_metrics(trainer, eval_set, objective)
+    after = pair_metrics(trainer, eval_set, objective) if eval_set else {}
 
     adapter_dir = out_dir / "adapter"
     path = "unsloth" if runtime.use_unsloth else ("qlora" if runtime.load_in_4bit else "lora")

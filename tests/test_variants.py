@@ -414,3 +414,19 @@ def test_training_files_name_the_bad_line(tmp_path):
         read_pairs_file(path, SFT_FIELDS)
     with pytest.raises(InputError, match="not found"):
         read_pairs_file(tmp_path / "missing.jsonl")
+
+
+def test_eval_subset_is_a_seeded_sample_capped_by_eval_pairs():
+    """training.eval_pairs bounds the before/after measurement (it cost as much as the
+    training itself on SmolLM2: 2 x 130 pairs through policy and reference)."""
+    from datasets import Dataset
+
+    from conj_lite.training import eval_subset
+
+    rows = Dataset.from_dict({"i": list(range(200))})
+    sample = eval_subset(rows, 64, seed=0)
+    assert len(sample) == 64 and len(set(sample["i"])) == 64
+    assert sample["i"] != list(range(64))  # not just the first rows (grouped by pair in pairs.jsonl)
+    assert eval_subset(rows, 64, seed=0)["i"] == sample["i"] and eval_subset(rows, 64, seed=1)["i"] != sample["i"]
+    assert len(eval_subset(rows, 500, seed=0)) == 200
+    assert eval_subset(rows, 0, seed=0) is None
