@@ -39,6 +39,7 @@ from conj_lite.artifacts import TRAIN_META  # noqa: E402
 from conj_lite.packaged import BASE_GGUF  # noqa: E402
 from conj_lite.pipeline import JUDGMENTS, SAMPLED_FROM, WARMUP, ConjRun  # noqa: E402
 from conj_lite.sampling import TOO_LONG  # noqa: E402
+from conj_lite.training import recorded_template  # noqa: E402
 from conj_lite.variants import variant_overrides  # noqa: E402
 from report import write_section  # noqa: E402
 
@@ -64,12 +65,15 @@ def split(pairs, n_train: int, n_test: int, seed: int = 0) -> tuple[list, list]:
     return ranked[:n_train], ranked[n_train:n_train + n_test]
 
 
-def judge_sets(base_gguf: Path, lora_gguf: Path | None, sets: dict, work: Path, n_ctx: int = 2048) -> dict:
+def judge_sets(base_gguf: Path, lora_gguf: Path | None, sets: dict, work: Path, template=None,
+               n_ctx: int = 2048) -> dict:
     """Judge every set in verdict mode on the base GGUF, with the trained LoRA applied
-    at run time when given. The packaged GGUF holds exactly the weights the HF directory
-    was dequantized from, so before and after differ only by the adapter."""
+    at run time when given (its recorded template then rules). The packaged GGUF holds
+    exactly the weights the HF directory was dequantized from, so before and after differ
+    only by the adapter. The base is asked in the trained judge's format (`template`):
+    after an empty rationale, or for the verdict alone when training dropped rationales."""
     out = {}
-    judge = Judge.from_gguf(base_gguf, lora_path=lora_gguf, template="en", mode="verdict", n_ctx=n_ctx)
+    judge = Judge.from_gguf(base_gguf, lora_path=lora_gguf, template=template, mode="verdict", n_ctx=n_ctx)
     try:
         for name, pairs in sets.items():
             start = time.perf_counter()
@@ -249,12 +253,13 @@ def main(argv=None) -> int:
     sets = {"hh_heldout": test}
     if args.llmbar:
         sets["llmbar_natural"] = load_pairs(LLMBAR).pairs[: args.llmbar]
-    probe = ConjRun.from_recipe(RECIPE, out / "base", [f"data.path={train_file}", "data.heldout=0"])
+    probe = ConjRun.from_recipe(RECIPE, out / "base", [f"data.path={train_file}", "data.heldout=0", *args.overrides])
     base_path = out / "base" / "eval.json"
     if base_path.is_file():
         base = json.loads(base_path.read_text())
     else:
-        base = judge_sets(Path(probe.base_model()) / BASE_GGUF, None, sets, out / "base")
+        base = judge_sets(Path(probe.base_model()) / BASE_GGUF, None, sets, out / "base",
+                          template=recorded_template(probe.recipe))
         base_path.write_text(json.dumps(base, indent=1))
     runs = [run_one(v, s, train_file, sets, out, args.overrides) for v in args.variants for s in args.seeds]
     results = {
