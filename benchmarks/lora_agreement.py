@@ -118,6 +118,11 @@ def main(argv=None) -> int:
         report["merged_q4_k_m_vs_hf"] = agreement(merged, reference)
         report["bundle_vs_merged_q4_k_m"] = agreement(bundle, merged)
     report["load_after"] = round(os.getloadavg()[0], 2)
+    from importlib import metadata
+
+    report["made_by"] = {"date": time.strftime("%Y-%m-%d %H:%M"),
+                         "command": "python benchmarks/lora_agreement.py " + " ".join(sys.argv[1:]),
+                         "versions": {n: metadata.version(n) for n in ("torch", "transformers", "peft", "llama_cpp_python")}}
     out = REPO / "docs" / "benchmarks" / "lora_agreement.json"
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(report, indent=2))
