@@ -284,7 +284,7 @@ def run_real(args, console) -> dict:
                 report("raw-q4_1 rationale", {"judgments_per_min": round(60.0 * len(pairs) / seconds, 2),
                                               "seconds": round(seconds, 3), "gen_tokens": lengths})
     return {"model_dir": str(model_dir), "files": {t: str(p) for t, p in files.items()}, "sizes_mb": sizes,
-            "pairs": len(pairs), "data": args.data, "rows": rows}
+            "pairs": len(pairs), "data": os.path.relpath(args.data, REPO), "rows": rows}
 
 
 def real_ratios(rows: dict) -> dict:
