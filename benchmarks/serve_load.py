@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 TITLE = "Judge service under load (benchmarks/serve_load.py)"
+from conj_lite.judging.serve import wait_until_up  # noqa: E402
 from report import write_section  # noqa: E402
 
 LLMBAR = REPO.parent / "shared" / "data" / "llmbar" / "Dataset" / "LLMBar" / "Natural" / "dataset.json"
@@ -120,22 +121,6 @@ def start_server(model: Path, port: int, args, log_path: Path) -> subprocess.Pop
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def wait_up(base: str, proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{log_path.read_text()}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the server did not come up")
-
-
 def markdown(report: dict) -> str:
     r, m = report["result"], report["machine"]
     return "\n".join([
@@ -188,7 +173,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     proc = start_server(model, port, args, log_path)
     try:
-        wait_up(base, proc, log_path)
+        wait_until_up(base, proc, log_path=log_path)
         import httpx
 
         httpx.post(base + "/v1/judge", json={**pairs[0], "mode": args.mode}, timeout=600)  # warm-up

@@ -16,7 +16,7 @@ import pytest
 
 from conj_lite.cli import main
 from conj_lite.errors import InputError
-from conj_lite.judging.serve import RequestError, check_bind, is_loopback, parse_request
+from conj_lite.judging.serve import RequestError, check_bind, is_loopback, parse_request, wait_until_up
 
 KEY = "test-key-123"
 PAIR = {"question": "What is 7 + 5?", "answer_a": "7 + 5 = 12.", "answer_b": "7 + 5 = 13."}
@@ -109,19 +109,11 @@ def server(exported, tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"},
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {(work / 'server.log').read_text()}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("the server did not come up")
-        time.sleep(0.5)
+    try:
+        wait_until_up(base, proc, timeout=180, log_path=work / "server.log")
+    except RuntimeError:
+        proc.kill()
+        raise
     client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
     yield client, base, proc, work / "server.log"
     client.close()
@@ -233,3 +225,16 @@ def test_concurrent_clients_and_a_client_that_leaves(server):
     assert proc.poll() is None and client.get("/health").json()["status"] == "ok"
     assert client.post("/v1/judge", json=PAIR).status_code == 200
     assert "Traceback" not in log.read_text()
+
+
+def test_wait_until_up_reports_an_exited_server_with_its_log(tmp_path):
+    pytest.importorskip("httpx")
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", "print('bad model file')"], stdout=out)
+        proc.wait(30)
+    port = free_port()  # nothing listens there
+    with pytest.raises(RuntimeError, match="(?s)exited.*bad model file"):
+        wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=5, log_path=log)
+    with pytest.raises(RuntimeError, match="did not come up"):
+        wait_until_up(f"http://127.0.0.1:{port}", None, timeout=0.5)

@@ -443,5 +443,26 @@ def serve(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log_level:
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
 
 
+def wait_until_up(base_url: str, proc=None, *, timeout: float = 300.0, log_path: Path | None = None) -> None:
+    """Wait for a starting server's GET /health to answer 200 (for scripts that start
+    `conj-lite serve` as a subprocess `proc`). RuntimeError when the process exits first
+    (with its log when `log_path` is given) or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            log = log_path.read_text("utf-8", errors="replace") if log_path and log_path.is_file() else ""
+            raise RuntimeError(f"the server exited (code {proc.returncode})" + (f":\n{log}" if log else ""))
+        try:
+            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server at {base_url} did not come up within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 __all__ = ["ABSTAIN", "JudgeService", "RequestError", "check_bind", "create_app", "model_card", "parse_request",
-           "serve"]
+           "serve", "wait_until_up"]
