@@ -174,8 +174,10 @@ def load_for_sampling(path: str, cfg: ModelConfig, runtime: Runtime, adapter: st
 
 
 def set_cpu_threads() -> None:
-    """Use every core for torch on CPU (a notebook may have set fewer)."""
+    """Use every CPU this process may run on for torch (a notebook may have set fewer)."""
     import torch
 
+    from .system import usable_cpus
+
     if not cuda_available():
-        torch.set_num_threads(int(os.environ.get("CONJ_LITE_THREADS", os.cpu_count() or 1)))
+        torch.set_num_threads(usable_cpus())

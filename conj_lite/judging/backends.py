@@ -23,7 +23,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import json
-import os
+import math
 import re
 import weakref
 from contextlib import contextmanager
@@ -33,6 +33,7 @@ from typing import Callable, Protocol, Sequence
 from ..artifacts import GGUF_TEMPLATE_KEY, describe_source, read_gguf_metadata
 from ..errors import InputError
 from ..prompts import JudgeTemplate, render_prompt
+from ..system import usable_cpus
 from .verdicts import DEFAULT_CTX, Generation, closing_grammar, judgment_grammar, p_slot1
 
 
@@ -120,7 +121,7 @@ def load_llama(path: str | Path, *, n_ctx: int | None = None, n_threads: int | N
         n_ctx = min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
     if n_ctx < 64:
         raise InputError(f"--ctx {n_ctx} is too small for a judge prompt; use at least 512")
-    threads = n_threads or os.cpu_count() or 1
+    threads = n_threads or usable_cpus()
     with _model_params(use_extra_bufts):
         try:
             llm = llama_cpp.Llama(
@@ -155,6 +156,71 @@ def read_lora_metadata(path: str | Path) -> dict:
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
         raise InputError(f"{path}: not a GGUF LoRA adapter (general.type {meta.get('general.type')!r})")
     return meta
+
+
+# ---------------------------------------------------------------- grammar-held greedy decoding
+
+
+class GreedyGrammar:
+    """Greedy decoding held to a llama.cpp grammar, checked the cheap way round.
+
+    Applying a grammar to every candidate costs a walk of the grammar for each of the
+    vocabulary's tokens (49k for SmolLM2) at every step. A model that already writes the
+    judgment's JSON rarely wants a token the grammar refuses, so: take the most likely
+    token, ask the grammar about that one token, and only when it is refused apply the
+    grammar to the whole vocabulary and take the best token left (what llama.cpp's own
+    common sampler does). The token is the one grammar-first greedy decoding picks: if
+    the best token is allowed, it is the best allowed token (ties go to the lower id in
+    both). `full_checks` counts the steps that needed the whole vocabulary."""
+
+    def __init__(self, lib, vocab, gbnf: str, n_vocab: int):
+        import numpy as np
+
+        self._lib, self._np, self.n_vocab = lib, np, n_vocab
+        self.sampler = lib.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
+        if not self.sampler:
+            raise InputError("the judge template's keys give an invalid llama.cpp grammar")
+        self._vocab = vocab
+        self._one = (lib.llama_token_data * 1)()
+        self._one_view = lib.llama_token_data_array(self._one, 1, -1, False)
+        self.steps = self.full_checks = 0
+
+    def _allowed(self, token: int, logit: float) -> bool:
+        one, view = self._one[0], self._one_view
+        one.id, one.logit, one.p = token, logit, 0.0
+        view.size, view.selected, view.sorted = 1, -1, False
+        self._lib.llama_sampler_apply(self.sampler, ctypes.byref(view))
+        return not math.isinf(self._one[0].logit)
+
+    def _best_allowed(self, logits) -> int:
+        np, lib = self._np, self._lib
+        data = np.empty(self.n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        data["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        data["logit"], data["p"] = logits, 0.0
+        view = lib.llama_token_data_array(data.ctypes.data_as(lib.llama_token_data_p), self.n_vocab, -1, False)
+        lib.llama_sampler_apply(self.sampler, ctypes.byref(view))
+        token = int(data["logit"].argmax())  # the grammar sets refused logits to -inf, in place
+        if math.isinf(float(data["logit"][token])):
+            raise RuntimeError("the judgment grammar allows no token here")
+        return token
+
+    def pick(self, ptr) -> int:
+        """The next token from a step's logits (a ctypes float pointer); the grammar
+        advances past it (not past an end-of-generation token, which ends the run)."""
+        logits = self._np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        token = int(logits.argmax())
+        self.steps += 1
+        if not self._allowed(token, float(logits[token])):
+            self.full_checks += 1
+            token = self._best_allowed(logits)
+        if not self._lib.llama_vocab_is_eog(self._vocab, token):
+            self._lib.llama_sampler_accept(self.sampler, token)
+        return token
+
+    def close(self) -> None:
+        if self.sampler:
+            self._lib.llama_sampler_free(self.sampler)
+            self.sampler = None
 
 
 # ---------------------------------------------------------------- parallel sequences
@@ -384,10 +450,15 @@ class GGUFBackend:
         """Logits of the token after `ids`, reusing the KV cache of a shared prefix."""
         import numpy as np
 
+        ptr = self._evaluate(ids)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()
+
+    def _evaluate(self, ids: Sequence[int]):
+        """Evaluate `ids` in the main context, keeping the KV cache of the prefix they
+        share with what it holds; returns the last token's logits (a float pointer)."""
         llm, ids = self.llm, list(ids)
-        cached = llm._input_ids.tolist()
         keep = 0
-        for a, b in zip(cached, ids):
+        for a, b in zip(llm._input_ids.tolist(), ids):
             if a != b:
                 break
             keep += 1
@@ -398,16 +469,12 @@ class GGUFBackend:
             llm.reset()
             keep = 0
         llm.eval(ids[keep:])
-        ptr = self._llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+        return self._llama_cpp.llama_get_logits_ith(llm.ctx, -1)
 
     def set_template(self, template: JudgeTemplate) -> None:
         """The judgment grammar, plus what is needed to read the verdict while generating."""
-        from llama_cpp.llama_grammar import LlamaGrammar
-
-        self._grammar_text = self._checked(judgment_grammar(template))
-        self._grammar = LlamaGrammar.from_string(self._grammar_text, verbose=False)
-        self._closing = LlamaGrammar.from_string(self._checked(closing_grammar(template)), verbose=False)
+        self._grammar = self._checked(judgment_grammar(template))
+        self._closing = self._checked(closing_grammar(template))
         head = ("{" + json.dumps(template.rationale_key, ensure_ascii=False) + ': "').encode("utf-8")
         marker = ('", ' + json.dumps(template.verdict_key, ensure_ascii=False) + ": ").encode("utf-8")
         body = rb'(?:[^"\\]|\\.)*'
@@ -423,23 +490,31 @@ class GGUFBackend:
         self._llama_cpp.llama_sampler_free(probe)
         return gbnf
 
-    def _run(self, ids: list[int], grammar, limit: int, before: list[int]):
-        """Greedy generation after ids under `grammar`; `before` are the tokens of the
-        judgment generated so far (ids ends with them). Returns (new tokens, finished,
-        p1), p1 read from the logits of the step that writes the verdict digit."""
-        llm, new, finished, p1 = self.llm, [], False, None
+    def _run(self, ids: list[int], grammar: str, limit: int, before: list[int]):
+        """Greedy generation after ids under `grammar` (GBNF); `before` are the tokens of
+        the judgment generated so far (ids ends with them). Returns (new tokens,
+        finished, p1), p1 read from the logits of the step that writes the verdict digit."""
+        llm, lib, new, finished, p1 = self.llm, self._llama_cpp, [], False, None
         text = llm.detokenize(before) if before else b""
-        for token in llm.generate(ids, temp=0.0, top_k=1, grammar=grammar, reset=True):
-            if self._llama_cpp.llama_vocab_is_eog(self.vocab, token):
-                finished = True
-                break
-            full = text + llm.detokenize([token])  # detokenize() joins the pieces one by one
-            if p1 is None:
-                p1 = self._watch_p1(token, text, full, lambda: self._llama_cpp.llama_get_logits_ith(llm.ctx, -1))
-            new.append(token)
-            text = full
-            if len(new) >= limit:
-                break
+        held = GreedyGrammar(lib, self.vocab, grammar, llm.n_vocab())
+        try:
+            ptr = self._evaluate(ids)
+            while True:
+                token = held.pick(ptr)
+                if lib.llama_vocab_is_eog(self.vocab, token):
+                    finished = True
+                    break
+                full = text + llm.detokenize([token])  # detokenize() joins the pieces one by one
+                if p1 is None:
+                    p1 = self._watch_p1(token, text, full, lambda: ptr)
+                new.append(token)
+                text = full
+                if len(new) >= limit:
+                    break
+                llm.eval([token])
+                ptr = lib.llama_get_logits_ith(llm.ctx, -1)
+        finally:
+            held.close()
         return new, finished, (None if p1 is None or p1 < 0 else p1)
 
     def _watch_p1(self, token: int, text: bytes, full: bytes, logits) -> float | None:
@@ -557,7 +632,7 @@ class GGUFBackend:
         rounding of the batched decode (a near-tie token can go the other way). Shared
         prompt prefixes are evaluated once and copied."""
         lib, llm = self._llama_cpp, self.llm
-        decoder = self.parallel()
+        decoder, n_vocab = self.parallel(), llm.n_vocab()
         groups = [[list(ids) for ids in group] for group in groups]
         results: list[list[Generation | None]] = [[None] * len(group) for group in groups]
         for wave in waves(groups, decoder.n_seq, decoder.n_ctx, extra=max_new_tokens):
@@ -565,7 +640,7 @@ class GGUFBackend:
             try:
                 def sample(key, row):
                     state = states[key]
-                    token = lib.llama_sampler_sample(state["chain"], decoder.ctx, row)
+                    token = state["held"].pick(decoder.logits(row))
                     if lib.llama_vocab_is_eog(self.vocab, token):
                         state["finished"] = state["done"] = True
                         return
@@ -578,12 +653,9 @@ class GGUFBackend:
 
                 members = [(g, m) for g in range(len(wave)) for m in range(len(groups[wave[g]]))]
                 for key in members:
-                    chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-                    states[key] = {"chain": chain, "new": [], "text": b"", "p1": None, "finished": False,
-                                   "done": False, "prompt": groups[wave[key[0]]][key[1]]}
-                    grammar = lib.llama_sampler_init_grammar(self.vocab, self._grammar_text.encode("utf-8"), b"root")
-                    lib.llama_sampler_chain_add(chain, grammar)
-                    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+                    states[key] = {"held": GreedyGrammar(lib, self.vocab, self._grammar, n_vocab), "new": [],
+                                   "text": b"", "p1": None, "finished": False, "done": False,
+                                   "prompt": groups[wave[key[0]]][key[1]]}
                 seq_ids = decoder.prefill([groups[i] for i in wave], sample)
                 by_seq = {seq_ids[g][m]: (g, m) for g, m in members}
                 while True:
@@ -594,7 +666,7 @@ class GGUFBackend:
                     decoder.step(live, lambda seq, row: sample(by_seq[seq], row))
             finally:
                 for state in states.values():
-                    lib.llama_sampler_free(state["chain"])
+                    state["held"].close()
             for (g, m), state in states.items():
                 p1 = state["p1"]
                 results[wave[g]][m] = self._generation(state["prompt"], state["new"], state["finished"],
