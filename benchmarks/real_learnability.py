@@ -13,7 +13,11 @@ accuracy gain with its paired interval, and the time of each stage.
         --train 48 --test 100 --out runs/real-learnability
     python benchmarks/real_learnability.py --render runs/real-learnability/results.json
 
-Runs resume: a finished variant/seed (its eval JSON exists) is not run again.
+Runs resume: a finished variant/seed (its eval JSON exists) is not run again. Runs made
+on another machine or in another session join the report with `--merge OLD_RESULTS.json`
+(e.g. docs/benchmarks/real_learnability.json): its rows for variant/seeds not run here
+are kept, provided the base judge scored exactly the same on the same sets (the same
+data, split and judge), else the merge is refused.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from conj_lite.artifacts import TRAIN_META  # noqa: E402
 from conj_lite.packaged import BASE_GGUF  # noqa: E402
 from conj_lite.pipeline import JUDGMENTS, SAMPLED_FROM, WARMUP, ConjRun  # noqa: E402
 from conj_lite.sampling import TOO_LONG  # noqa: E402
+from conj_lite.system import usable_cpus  # noqa: E402
 from conj_lite.training import recorded_template  # noqa: E402
 from conj_lite.variants import variant_overrides  # noqa: E402
 from report import write_section  # noqa: E402
@@ -187,8 +192,9 @@ def ci(x) -> str:
 def render(results: dict) -> str:
     meta, summary = results["meta"], results["summary"]
     base = summary["base"]
+    commands = "; ".join(f"`{c}`" for c in meta.get("commands") or [meta["command"]])
     lines = [f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']}, "
-             f"trl {meta['trl']}. Command: `{meta['command']}`.", "",
+             f"trl {meta['trl']}. Command{'s' if ';' in commands else ''}: {commands}.", "",
              f"Each run: one round of recipe `{RECIPE}` (variant conj, or rise = SFT warm-up on the base model's own "
              f"correct judgments, then the round) on {meta['n_train']} HH-RLHF harmless pairs; the base and each "
              f"trained judge then judge {meta['n_test']} held-out HH pairs and LLMBar Natural ({meta['n_llmbar']} "
@@ -220,7 +226,30 @@ def render(results: dict) -> str:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in t.items())
         lines.append(f"| {r['variant']} seed {r['seed']} | {r['dpo_pairs']} | {tr.get('steps', '–')} | {fit} | "
                      f"{stages} |")
+    for note in meta.get("notes", []):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def merge(results: dict, old: dict, variants: list[str], source: str) -> dict:
+    """`results` plus the runs of `old` (a results JSON) for variant/seeds not in
+    `results`; refused unless both scored the base judge identically on the same sets."""
+    new_base, old_base = results["summary"]["base"], old["summary"]["base"]
+    sizes = ("n_train", "n_test", "n_llmbar")
+    if new_base != old_base or any(results["meta"].get(k) != old["meta"].get(k) for k in sizes):
+        differ = sorted(k for k in set(new_base) | set(old_base) if new_base.get(k) != old_base.get(k))
+        raise SystemExit(f"{source}: made on other data or another base judge (base scores differ on "
+                         f"{', '.join(differ) or 'nothing'}; sizes {[old['meta'].get(k) for k in sizes]} vs "
+                         f"{[results['meta'].get(k) for k in sizes]}); not merged")
+    have = {(r["variant"], r["seed"]) for r in results["summary"]["runs"]}
+    kept = [r for r in old["summary"]["runs"] if (r["variant"], r["seed"]) not in have]
+    order = {v: i for i, v in enumerate(dict.fromkeys([*(r["variant"] for r in old["summary"]["runs"]), *variants]))}
+    runs = sorted([*kept, *results["summary"]["runs"]], key=lambda r: (order[r["variant"]], r["seed"]))
+    meta = dict(results["meta"])
+    meta["commands"] = [*(old["meta"].get("commands") or [old["meta"]["command"]]), meta.pop("command")]
+    meta["merged"] = {"from": source, "runs": [f"{r['variant']} seed {r['seed']}" for r in kept]}
+    meta["notes"] = [*old["meta"].get("notes", []), *meta.get("notes", [])]
+    return {"meta": meta, "summary": {"base": new_base, "runs": runs}}
 
 
 def main(argv=None) -> int:
@@ -234,6 +263,9 @@ def main(argv=None) -> int:
     parser.add_argument("--llmbar", type=int, default=100, help="LLMBar Natural pairs to judge (0: none)")
     parser.add_argument("--render", metavar="RESULTS_JSON", help="only render a results file into docs/benchmarks.md")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--merge", metavar="RESULTS_JSON",
+                        help="keep this earlier results file's runs for the variant/seeds not run here")
+    parser.add_argument("--note", action="append", default=[], help="a line printed under the tables (repeatable)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run (section.key=value)")
     args = parser.parse_args(argv)
     if args.render:
@@ -263,24 +295,21 @@ def main(argv=None) -> int:
         base_path.write_text(json.dumps(base, indent=1))
     runs = [run_one(v, s, train_file, sets, out, args.overrides) for v in args.variants for s in args.seeds]
     results = {
-        "meta": {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {_cores()} CPU cores, no GPU",
+        "meta": {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {usable_cpus()} CPU cores, no GPU",
                  "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                  "command": "python benchmarks/real_learnability.py " + " ".join(argv or sys.argv[1:]),
                  "n_train": runs[0]["stats"]["labelled_pairs"] if runs else len(train), "n_test": len(test),
                  "n_llmbar": len(sets.get("llmbar_natural", []))},
         "summary": summarize(base, runs, out),
     }
+    results["meta"]["notes"] = list(args.note)
+    if args.merge:
+        results = merge(results, json.loads(Path(args.merge).read_text()), args.variants, args.merge)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(render(results))
     if not args.no_docs:
         print(f"wrote {write_section(TITLE, render(results), results, 'real_learnability.json')}")
     return 0
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":
