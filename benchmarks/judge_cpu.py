@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from report import write_section  # noqa: E402
+from conj_lite.system import usable_cpus  # noqa: E402
+from report import cpu_name, memory_gb, package_versions, write_section  # noqa: E402
 
 TITLE = "Local judge on CPU (benchmarks/judge_cpu.py)"
 BACKENDS = ("hf-fp32", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
@@ -56,43 +57,8 @@ def bench_pairs(n: int) -> list[tuple[str, str, str]]:
     return [(q, good, bad) if i % 2 == 0 else (q, bad, good) for i, (q, good, bad) in enumerate(FACTS[:n])]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def default_threads() -> int:
-    """The CPUs this process may run on (its affinity mask), not every logical CPU."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
-def memory_gb() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 1024**2, 1)
-    except OSError:
-        pass
-    return None
-
-
 def versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "llama_cpp_python", "gguf"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return package_versions("torch", "transformers", "peft", "llama_cpp_python", "gguf")
 
 
 def open_judge(backend: str, model_dir: Path, gguf: dict, threads: int, max_new_tokens: int):
@@ -390,7 +356,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=4, help="pairs per round (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per configuration; the fastest counts")
-    parser.add_argument("--threads", type=int, default=default_threads(),
+    parser.add_argument("--threads", type=int, default=usable_cpus(),
                         help="CPU threads (default: the CPUs this process may use, os.sched_getaffinity)")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="rationale length cap (default 256, as `conj-lite judge`)")

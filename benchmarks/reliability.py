@@ -102,19 +102,13 @@ def kill_check(work: Path, kills: int = 3, limit: int = 6, seed: int = 0) -> dic
 
 def swap_verdict_rows(src: Path, dst: Path) -> Path:
     """A copy of the tiny model whose output rows for "1" and "2" are swapped."""
-    from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
-    shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
+    from conj_lite.tiny import swap_verdict_rows as swap
+
     tok = AutoTokenizer.from_pretrained(str(src))
     one, two = (tok("x: 1", add_special_tokens=False).input_ids[-1], tok("x: 2", add_special_tokens=False).input_ids[-1])
-    weights = load_file(str(src / "model.safetensors"))
-    head = weights["lm_head.weight"].clone()
-    head[[one, two]] = head[[two, one]]
-    weights["lm_head.weight"] = head.contiguous()
-    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
+    return swap(src, dst, one, two)
 
 
 def mismatch_check(work: Path, pairs: int = 3) -> dict:

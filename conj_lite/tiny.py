@@ -286,3 +286,20 @@ def tiny_model_path(
         path.parent.mkdir(parents=True, exist_ok=True)
         build_tiny_model(path, spec, template=template, extra_items=extra_items, progress=progress)
     return path
+
+
+def swap_verdict_rows(src: str | Path, dst: str | Path, one: int, two: int) -> Path:
+    """A copy of model directory `src` at `dst` whose output rows for the token ids `one`
+    and `two` (the verdict digits) are swapped: a judge that differs from `src` only in
+    what it answers, for provenance tests and benchmarks."""
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    weights = load_file(str(src / "model.safetensors"))
+    head = weights["lm_head.weight"].clone()
+    head[[one, two]] = head[[two, one]]
+    weights["lm_head.weight"] = head.contiguous()
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst

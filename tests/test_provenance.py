@@ -26,18 +26,7 @@ from conj_lite.judging.batch import judge_pairs, judge_provenance, meta_path
 from conj_lite.judging.evaluation import default_name, evaluate
 from conj_lite.judging.judge import open_judge
 from conj_lite.judging.selective import calibration_records
-
-
-def swap_verdict_rows(src: Path, dst: Path, one: int, two: int) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    weights = load_file(str(src / "model.safetensors"))
-    head = weights["lm_head.weight"].clone()
-    head[[one, two]] = head[[two, one]]
-    weights["lm_head.weight"] = head.contiguous()
-    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
+from conj_lite.tiny import swap_verdict_rows
 
 
 @pytest.fixture(scope="module")
