@@ -158,3 +158,24 @@ def test_recipe_date_default_is_the_prompts_default():
     from conj_lite.config import load_recipe
 
     assert load_recipe(None).prompts.date_string == DEFAULT_CHAT_DATE
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_the_gguf_judge_renders_the_prompt_training_rendered(name):
+    """The GGUF judge renders with the chat template stored in the file (llama-cpp-python's
+    Jinja formatter): it must fold the system text and pin the date as training did on the
+    model's tokenizer, or the judge is asked in words it was not trained on (Gemma 2 would
+    raise; Llama 3.x would print today's date)."""
+    from conj_lite.judging.backends import GGUFChatTemplate
+
+    file, bos, eos, fold = TEMPLATES[name]
+    tokenizer = make_tokenizer(name)
+    gguf = GGUFChatTemplate((FIXTURES / file).read_text("utf-8"), bos_token=bos or "", eos_token=eos)
+    template = load_template("en")
+    assert check_chat_template(gguf, template).fold_system is fold
+    check_chat_template(tokenizer, template)
+    messages = build_messages(template, "What is the capital of France?", "Paris.", "Lyon.")
+    prompt = render_prompt(gguf, messages)
+    assert prompt == render_prompt(tokenizer, messages)
+    if name.startswith("llama-3"):
+        assert time.strftime("%d %b %Y") not in prompt

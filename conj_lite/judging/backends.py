@@ -32,7 +32,7 @@ from typing import Callable, Protocol, Sequence
 
 from ..artifacts import GGUF_TEMPLATE_KEY, describe_source, read_gguf_metadata
 from ..errors import InputError
-from ..prompts import JudgeTemplate, render_prompt
+from ..prompts import JudgeTemplate, check_chat_template, render_prompt
 from ..system import usable_cpus
 from .verdicts import DEFAULT_CTX, Generation, closing_grammar, judgment_grammar, p_slot1
 
@@ -380,6 +380,28 @@ class ParallelDecoder:
 # ---------------------------------------------------------------- backends
 
 
+class GGUFChatTemplate:
+    """A GGUF's chat template (tokenizer.chat_template) rendered by llama-cpp-python's
+    Jinja formatter behind the one method of a Hugging Face tokenizer that the prompt
+    functions use (`apply_chat_template(..., tokenize=False)`), so that
+    `check_chat_template` and `render_prompt` treat it exactly as they treat the model's
+    tokenizer in training: the system text folded for templates that need it (Gemma 2,
+    Mistral v0.3), and `date_string` passed (Llama 3.x would print today's date)."""
+
+    def __init__(self, template: str, *, bos_token: str, eos_token: str, name: str = "the GGUF"):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.name_or_path = name
+        self._formatters = {flag: Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token,
+                                                      add_generation_prompt=flag) for flag in (False, True)}
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False,
+                            **kwargs) -> str:
+        if tokenize:
+            raise ValueError("GGUFChatTemplate renders text only; tokenize with the GGUF backend")
+        return self._formatters[bool(add_generation_prompt)](messages=messages, **kwargs).prompt
+
+
 class GGUFBackend:
     """llama-cpp-python: chat template from the GGUF, grammar-held generation."""
 
@@ -389,7 +411,6 @@ class GGUFBackend:
     def __init__(self, path, *, n_ctx=None, n_threads=None, use_extra_bufts=False, verbose=False,
                  n_parallel: int = 4, parallel_ctx: int | None = None, lora_path=None):
         import llama_cpp
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.path = Path(path)
         self.lora_path = Path(lora_path) if lora_path else None
@@ -402,12 +423,9 @@ class GGUFBackend:
             raise InputError(f"{path}: the GGUF file has no chat template (tokenizer.chat_template)")
         model = self.llm._model
         bos, eos = self.llm.token_bos(), self.llm.token_eos()
-        self.formatter = Jinja2ChatFormatter(
-            template=chat_template,
-            eos_token=model.token_get_text(eos) if eos != -1 else "",
-            bos_token=model.token_get_text(bos) if bos != -1 else "",
-            add_generation_prompt=True,
-        )
+        self.chat_template = GGUFChatTemplate(chat_template, bos_token=model.token_get_text(bos) if bos != -1 else "",
+                                              eos_token=model.token_get_text(eos) if eos != -1 else "",
+                                              name=str(self.path))
         self.vocab = model.vocab
         self._llama_cpp = llama_cpp
         self._grammar = None
@@ -435,8 +453,12 @@ class GGUFBackend:
             raise InputError(f"{self.path}: metadata {GGUF_TEMPLATE_KEY} is not valid JSON") from None
 
     def render(self, messages: list[dict]) -> str:
+        """The chat template stored in the GGUF, used as training used the model's own:
+        system text folded when the template needs it, the date pinned (render_prompt)."""
         try:
-            return self.formatter(messages=messages).prompt
+            return render_prompt(self.chat_template, messages)
+        except InputError:
+            raise
         except Exception as exc:
             raise InputError(f"{self.path}: the GGUF chat template cannot render the judge prompt: {exc}") from None
 
@@ -472,7 +494,10 @@ class GGUFBackend:
         return self._llama_cpp.llama_get_logits_ith(llm.ctx, -1)
 
     def set_template(self, template: JudgeTemplate) -> None:
-        """The judgment grammar, plus what is needed to read the verdict while generating."""
+        """The judgment grammar, plus what is needed to read the verdict while generating;
+        how the judge prompt goes through the GGUF's chat template is decided here, as
+        training decided it on the same template (check_chat_template)."""
+        check_chat_template(self.chat_template, template)
         self._grammar = self._checked(judgment_grammar(template))
         self._closing = self._checked(closing_grammar(template))
         head = ("{" + json.dumps(template.rationale_key, ensure_ascii=False) + ': "').encode("utf-8")
