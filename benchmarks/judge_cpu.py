@@ -218,6 +218,7 @@ def run_real(args, console) -> dict:
     from conj_lite.export import export_gguf
     from conj_lite.judging import Judge
     from conj_lite.packaged import BASE_GGUF, packaged_model_path
+    from conj_lite.prompts import ordered_answers
     from conj_lite.tiny import cache_root
 
     model_dir = packaged_model_path("smollm2-135m", console=console)
@@ -249,8 +250,15 @@ def run_real(args, console) -> dict:
                 generated, seconds = timed(raw_generation(judge, pairs, lengths), args.repeats)
                 report("raw-q4_1 rationale", {"judgments_per_min": round(60.0 * len(pairs) / seconds, 2),
                                               "seconds": round(seconds, 3), "gen_tokens": lengths})
+                prompt_tokens = [len(judge.backend.tokenize(judge.prompt(q, *ordered_answers(a, b, order))))
+                                 for q, a, b in pairs for order in ("ab", "ba")]
+    if args.threads > 1:  # the default thread count against one thread, same file, same pairs
+        with Judge.from_gguf(files["q8_0"], template="en", n_threads=1, max_new_tokens=args.max_new_tokens,
+                             warn=None) as judge:
+            report("gguf-q8_0 rationale, 1 thread", real_row(judge, pairs, "rationale", args.repeats, parallel=False))
     return {"model_dir": str(model_dir), "files": {t: str(p) for t, p in files.items()}, "sizes_mb": sizes,
-            "pairs": len(pairs), "data": os.path.relpath(args.data, REPO), "rows": rows}
+            "pairs": len(pairs), "data": os.path.relpath(args.data, REPO), "rows": rows,
+            "prompt_tokens": prompt_tokens}
 
 
 def real_ratios(rows: dict) -> dict:
@@ -316,6 +324,22 @@ def real_markdown(report: dict) -> str:
     vr = min(ratio[f"gguf-{t} verdict / rationale"] for t in REAL_FILES)
     cost = ratio["grammar cost vs raw (q4_1 rationale)"]
     same = [t for t in REAL_FILES for mode in MODES if not ratio[f"gguf-{t} {mode} parallel: same verdicts"]]
+    one_thread = rows.get("gguf-q8_0 rationale, 1 thread")
+    if one_thread:
+        many = rows["gguf-q8_0 rationale"]["judgments_per_min"]
+        lines += ["", f"Threads: q8_0, rationale mode, one pair at a time: {many:.1f} judgments/min with "
+                      f"{m['threads']} threads (the default: the CPUs this process may use) against "
+                      f"{one_thread['judgments_per_min']:.1f} with 1 thread ({many / one_thread['judgments_per_min']:.2f}×)."]
+    if real.get("prompt_tokens"):
+        prompt = sum(real["prompt_tokens"]) / len(real["prompt_tokens"])
+        gen = [sum(rows[f"gguf-{t} rationale"]["gen_tokens"]) / len(rows[f"gguf-{t} rationale"]["gen_tokens"])
+               for t in REAL_FILES]
+        lines += ["", f"Where verdict ÷ rationale comes from: a verdict-mode order evaluates its prompt ({prompt:.0f} "
+                      f"tokens on average, less the prefix shared with the other order) and reads one token; a "
+                      f"rationale-mode order evaluates the same prompt and then decodes one token at a time "
+                      f"({min(gen):.0f}–{max(gen):.0f} tokens here, because this model closes its rationale early). "
+                      "The ratio is about 1 + (decode time) ÷ (prompt time), so it grows with the rationale's "
+                      "length: with short rationales it cannot reach 10×, whatever the implementation."]
     lines += [
         "",
         f"Targets: one sequence at a time ≥ 4× transformers fp32 in rationale mode — best file {best_one:.2f}× "
