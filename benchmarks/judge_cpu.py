@@ -241,7 +241,8 @@ def run_real(args, console) -> dict:
             report(f"hf-fp32 {mode}", real_row(judge, pairs, mode, args.repeats, parallel=False))
     for t in REAL_FILES:
         with Judge.from_gguf(files[t], template="en", n_threads=args.threads, max_new_tokens=args.max_new_tokens,
-                             n_parallel=len(pairs), parallel_ctx=8192, warn=None) as judge:
+                             n_parallel=len(pairs), parallel_ctx=8192, parallel_verdict=True,
+                             warn=None) as judge:
             for mode in MODES:
                 report(f"gguf-{t} {mode}", real_row(judge, pairs, mode, args.repeats, parallel=False))
                 report(f"gguf-{t} {mode} parallel", real_row(judge, pairs, mode, args.repeats, parallel=True))

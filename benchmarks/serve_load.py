@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 TITLE = "Judge service under load (benchmarks/serve_load.py)"
 from conj_lite.judging.serve import wait_until_up  # noqa: E402
+from conj_lite.system import usable_cpus  # noqa: E402
 from report import write_section  # noqa: E402
 
 LLMBAR = REPO.parent / "shared" / "data" / "llmbar" / "Dataset" / "LLMBar" / "Natural" / "dataset.json"
@@ -138,8 +139,10 @@ def markdown(report: dict) -> str:
         "",
         (f"The run hit its time bound (--max-seconds): {r['unsent']} requests were not sent. " if r["unsent"] else "")
         + "One worker owns the model and takes every queued request (up to --max-batch pairs) into one "
-        "`Judge.compare_many`, so with 8 clients each llama.cpp batch holds several pairs in both orders; latency "
-        "is then about the time of one batch plus the queue ahead of it. Raw figures: "
+        "`Judge.compare_many`: in rationale mode both orders of those pairs decode together in one llama.cpp batch; "
+        "in verdict mode (prompts only, compute-bound on a CPU) the prompts go one at a time, each reusing the KV "
+        "cache of the prefix it shares with the one before, which benchmarks/kv_layout.py measures as faster. "
+        "Latency is about the time of one batch plus the queue ahead of it. Raw figures: "
         "[docs/benchmarks/serve_load.json](benchmarks/serve_load.json).",
         "",
     ])
@@ -160,9 +163,14 @@ def main(argv=None) -> int:
     parser.add_argument("--ctx", type=int)
     parser.add_argument("--max-seconds", type=float, default=1200, help="stop sending after this long")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the docs section from a saved report")
     args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+        print(f"wrote {write_section(TITLE, markdown(report), report, 'serve_load.json')}")
+        return 0
     if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        args.threads = usable_cpus()
 
     model = Path(args.model) if args.model else default_model()
     data = Path(args.data) if args.data else (LLMBAR if LLMBAR.is_file() else REPO / "data" / "sample_prefs.jsonl")
@@ -186,7 +194,7 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     load_after = os.getloadavg()[0]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cpus()
     report = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python benchmarks/serve_load.py" + ("" if argv is None and len(sys.argv) == 1
@@ -196,7 +204,9 @@ def main(argv=None) -> int:
         "mode": args.mode, "parallel": args.parallel, "max_batch": args.max_batch, "threads": args.threads,
         "clients": args.clients, "max_new_tokens": args.max_new_tokens,
         "machine": {"cores": cores, "load_before": round(load_before, 2), "load_after": round(load_after, 2),
-                    "contended": max(load_before, load_after) > cores},
+                    # other work already running at the start; the load after includes this
+                    # benchmark's own server and clients, so it says nothing about others
+                    "contended": load_before > cores},
         "result": result,
     }
     print(json.dumps(report, indent=2))

@@ -54,6 +54,7 @@ def same(one, other, p_tol=5e-3):
 def test_parallel_judgments_are_the_one_at_a_time_judgments(exported, pairs, qtype):
     # n_parallel=2: five pairs make three waves, the last one half full.
     judge = Judge.from_gguf(exported.gguf_paths[qtype], n_threads=2, max_new_tokens=40, warn=None, n_parallel=2)
+    judge.backend.parallel_verdict = True  # verdict mode too, not only rationale mode
     try:
         assert judge.parallel
         items = [(p.question, p.answer_a, p.answer_b) for p in pairs]
@@ -86,11 +87,16 @@ def test_a_judgment_cut_off_in_a_parallel_batch_is_closed_like_alone(exported, p
 
 @pytest.mark.slow
 def test_the_batch_loop_uses_parallel_judging(exported, pairs, tmp_path):
-    judge = Judge.from_gguf(exported.gguf_paths["q8_0"], n_threads=2, warn=None)
+    judge = Judge.from_gguf(exported.gguf_paths["q8_0"], n_threads=2, warn=None, parallel_verdict=True)
     try:
+        calls = []
+        many = judge.backend.next_logits_many
+        judge.backend.next_logits_many = lambda groups: calls.append(len(groups)) or many(groups)
         records = judge_pairs(judge, pairs, "verdict", records_path=tmp_path / "out.jsonl")
+        assert calls and max(calls) > 1, "several pairs went through one parallel prefill"
         judge.backend.n_parallel = 1  # one pair at a time
         assert not judge.parallel
+        calls.clear()
         alone = judge_pairs(judge, pairs, "verdict")
         assert [r["verdict"] for r in records] == [r["verdict"] for r in alone]
         assert [r["p_a"] for r in records] == pytest.approx([r["p_a"] for r in alone], abs=5e-3)

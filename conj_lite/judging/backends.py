@@ -409,7 +409,7 @@ class GGUFBackend:
     constrained = True  # a grammar holds generation to the judgment's JSON
 
     def __init__(self, path, *, n_ctx=None, n_threads=None, use_extra_bufts=False, verbose=False,
-                 n_parallel: int = 4, parallel_ctx: int | None = None, lora_path=None):
+                 n_parallel: int = 4, parallel_ctx: int | None = None, lora_path=None, parallel_verdict: bool = False):
         import llama_cpp
 
         self.path = Path(path)
@@ -433,6 +433,12 @@ class GGUFBackend:
         # orders each, in a second context on the same weights, made on first use.
         self.n_parallel = max(1, int(n_parallel))
         self.parallel_ctx = parallel_ctx or 2 * self.n_ctx
+        # Verdict mode only evaluates prompts, and on a CPU that is compute-bound: one prompt
+        # at a time in the main context, reusing the KV cache of the prefix it shares with
+        # the prompt before, beats the prompts together in one batch (which attend over the
+        # whole unified cache): benchmarks/kv_layout.py, docs/benchmarks.md. So
+        # Judge.compare_many judges verdict mode one pair at a time unless this is set.
+        self.parallel_verdict = bool(parallel_verdict)
         self._parallel: ParallelDecoder | None = None
         # Named LoRA adapters loaded on the same weights (add_adapter), one active at a time.
         self.adapters: dict[str, tuple[object, Path, dict]] = {}
@@ -789,11 +795,13 @@ def open_backend(name: str, spec, **options) -> Backend:
 
 def open_gguf(path: str | Path, *, n_ctx: int | None = None, n_threads: int | None = None,
               use_extra_bufts: bool = False, verbose: bool = False, n_parallel: int = 4,
+              parallel_ctx: int | None = None, parallel_verdict: bool = False,
               lora_path: str | Path | None = None, **_) -> GGUFBackend:
     """llama-cpp-python on a GGUF file (with a GGUF LoRA `lora_path` applied at run
     time). Options of other backends are ignored."""
     return GGUFBackend(path, n_ctx=n_ctx, n_threads=n_threads, use_extra_bufts=use_extra_bufts, verbose=verbose,
-                       n_parallel=n_parallel, lora_path=lora_path)
+                       n_parallel=n_parallel, parallel_ctx=parallel_ctx, parallel_verdict=parallel_verdict,
+                       lora_path=lora_path)
 
 
 def open_hf(model_dir: str | Path, *, adapter: str | Path | None = None, base: str | None = None,

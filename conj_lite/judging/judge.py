@@ -236,7 +236,9 @@ class Judge:
         """Judge several (question, answer_a, answer_b) pairs: the results of compare()
         on each, but on a backend with parallel sequences (gguf) both orders of several
         pairs decode together, and the prompt prefixes they share are evaluated once.
-        Other backends judge one pair at a time. Batched decoding rounds floating point
+        Other backends judge one pair at a time, and so does verdict mode on gguf unless
+        the backend's `parallel_verdict` is set (on a CPU the prompts alone, reusing the
+        cached prefix, are faster than together: benchmarks/kv_layout.py). Batched decoding rounds floating point
         differently, so P(A) may differ in the 4th decimal and, rarely, a rationale
         parts from the one-at-a-time text at a near-tie token.
         `seconds` of each result is the batch's time divided among its pairs."""
@@ -244,7 +246,8 @@ class Judge:
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
         pairs = list(pairs)
-        if not self.parallel or len(pairs) == 0:
+        together = self.parallel and (mode != "verdict" or getattr(self.backend, "parallel_verdict", False))
+        if not together or len(pairs) == 0:
             return [self.compare(q, a, b, mode=mode) for q, a, b in pairs]
         start = time.perf_counter()
         fitted = []
