@@ -290,7 +290,10 @@ def real_markdown(report: dict) -> str:
         f"{report['repeats']} rounds after a warm-up. `parallel` = `Judge.compare_many`: both orders of every pair "
         "decode together in one llama.cpp batch, shared prompt prefixes evaluated once. `raw-q4_1` = "
         "llama-cpp-python's own `generate` on the same prompts, no grammar, each order run to the token count the "
-        "judge generated.",
+        "judge generated. The verdict `parallel` columns batch the prompts too (`parallel_verdict=True`); by "
+        "default `compare_many` judges verdict mode one prompt at a time (see benchmarks/kv_layout.py). "
+        "Rationale mode on transformers generates freely (no frame) and writes longer rationales than the "
+        "grammar-held GGUF judge, so its judgments/min ratio also counts those extra tokens.",
         "",
         "| backend | file | rationale j/min | × HF | parallel j/min | × HF | verdict j/min | × HF | parallel j/min "
         "| × HF | verdict ÷ rationale | gen tokens/order |",
@@ -344,7 +347,9 @@ def real_markdown(report: dict) -> str:
     lines += [
         "",
         f"Targets: one sequence at a time ≥ 4× transformers fp32 in rationale mode — best file {best_one:.2f}× "
-        f"({met(best_one >= 4)}); the grammar costs ≤ 10% against raw — {100 * cost:.1f}% ({met(cost <= 0.10)}); "
+        f"({met(best_one >= 4)}); the grammar costs ≤ 10% against raw — {100 * cost:.1f}% ({met(cost <= 0.10)}"
+        + ("; negative: the judge's own greedy loop is leaner than `generate`'s sampler chain" if cost < 0 else "")
+        + "); "
         f"parallel ≥ 8× — best file {best_par:.2f}× ({met(best_par >= 8)}); verdict mode ≥ 10× rationale mode — "
         f"lowest file {vr:.1f}× ({met(vr >= 10)}). Parallel verdicts equal to one-at-a-time verdicts: "
         + ("every file and mode." if not same else "not for " + ", ".join(same) + " (batched decoding rounds floating point differently; a near-tie can flip)."),
