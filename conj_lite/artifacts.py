@@ -2,7 +2,8 @@
 
     adapter/  conj_lite_train.json   (TRAIN_META: base model, template, 4-bit, ...)  by conj_lite.training
     merged/   conj_lite_merge.json   (MERGE_META: written last, marks a complete merge) by conj_lite.export
-    *.gguf    conj_lite.judge_template, conj_lite.version   (GGUF metadata keys)     by conj_lite.export
+    *.gguf    conj_lite.judge_template, conj_lite.chat_date, conj_lite.version
+                                             (GGUF metadata keys)                        by conj_lite.export
 
 `describe_source` tells what a training output directory is (adapter or model, its
 base and judge template); `resolve_template` turns what was recorded back into a
@@ -25,6 +26,9 @@ TRAIN_META = "conj_lite_train.json"  # written by conj_lite.training next to the
 MERGE_META = "conj_lite_merge.json"  # written last into merged/: its presence marks completion
 GGUF_TEMPLATE_KEY = "conj_lite.judge_template"
 GGUF_VERSION_KEY = "conj_lite.version"
+# The date training gave chat templates that print one (prompts.date_string; Llama 3.x):
+# the judge renders its prompts with the same date.
+GGUF_CHAT_DATE_KEY = "conj_lite.chat_date"
 GGUF_MAGIC = b"GGUF"
 
 
@@ -33,7 +37,8 @@ GGUF_MAGIC = b"GGUF"
 
 def describe_source(path: str | Path) -> dict:
     """What a training output is: {"kind": "adapter"|"model", "base": ..., "template": ...,
-    "load_in_4bit": ...}. InputError for a directory that is neither."""
+    "chat_date": ..., "load_in_4bit": ...} (chat_date: the date training gave the chat
+    template, None when not recorded). InputError for a directory that is neither."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such adapter or model directory")
@@ -45,12 +50,12 @@ def describe_source(path: str | Path) -> dict:
         base = meta.get("base_model") or adapter_cfg.get("base_model_name_or_path")
         if not base:
             raise InputError(f"{path}: the adapter does not name its base model; pass --base")
-        return {"kind": "adapter", "base": base, "template": meta.get("template"),
+        return {"kind": "adapter", "base": base, "template": meta.get("template"), "chat_date": meta.get("chat_date"),
                 "load_in_4bit": bool(meta.get("load_in_4bit", False))}
     if (path / "config.json").is_file():
         merge_meta = read_json(path / MERGE_META) if (path / MERGE_META).is_file() else {}
         return {"kind": "model", "base": str(path), "template": merge_meta.get("template") or meta.get("template"),
-                "load_in_4bit": False}
+                "chat_date": merge_meta.get("chat_date") or meta.get("chat_date"), "load_in_4bit": False}
     raise InputError(
         f"{path}: not a model directory: no adapter_config.json (a LoRA adapter) and no config.json (a transformers model)"
     )

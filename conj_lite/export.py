@@ -42,6 +42,7 @@ from typing import Iterable, Sequence
 
 from . import __version__
 from .artifacts import (
+    GGUF_CHAT_DATE_KEY,
     GGUF_TEMPLATE_KEY,
     GGUF_VERSION_KEY,
     MERGE_META,
@@ -54,7 +55,7 @@ from .errors import InputError
 from .judging.verify import VerifyReport, print_verify, verify_export
 from .jsonio import read_json, write_json
 from .progress import get_console
-from .prompts import JudgeTemplate
+from .prompts import DEFAULT_CHAT_DATE, JudgeTemplate
 from .tiny import cache_root
 
 MANIFEST = "export.json"
@@ -566,6 +567,7 @@ def merge_adapter(source: str | Path, merged_dir: str | Path, *, base: str | Non
         "trained_in_4bit": info["load_in_4bit"],
         "dtype": str(torch_dtype).replace("torch.", ""),
         "template": template.to_dict(),
+        "chat_date": info.get("chat_date") or DEFAULT_CHAT_DATE,
         "add_bos_token": add_bos,
         "add_eos_token": add_eos,
         "seconds": round(seconds, 2),
@@ -607,10 +609,13 @@ def _run_logged(cmd: list[str], env: dict, log_path: Path, what: str) -> None:
         raise InputError(f"{what} failed (exit code {proc.returncode}):\n{tail}\nfull log: {log_path}")
 
 
-def _add_judge_metadata(converted: Path, final_tmp: Path, out_path: Path, template, env: dict, log_path: Path) -> None:
-    """Copy `converted` with the judge template and conj-lite's version added (gguf-py's own
-    copy tool, in a subprocess), then move it into place as `out_path`."""
+def _add_judge_metadata(converted: Path, final_tmp: Path, out_path: Path, template, env: dict, log_path: Path,
+                        chat_date: str | None = None) -> None:
+    """Copy `converted` with the judge template, the chat date training used and
+    conj-lite's version added (gguf-py's own copy tool, in a subprocess), then move it
+    into place as `out_path`."""
     extra = {GGUF_TEMPLATE_KEY: json.dumps(template.to_dict(), ensure_ascii=False),
+             GGUF_CHAT_DATE_KEY: chat_date or DEFAULT_CHAT_DATE,
              GGUF_VERSION_KEY: _conj_lite_version()}
     cmd = [sys.executable, "-c", _ADD_METADATA, str(converted), str(final_tmp), json.dumps(extra, ensure_ascii=False)]
     _run_logged(cmd, env, log_path, "adding conj-lite metadata with gguf-py")
@@ -652,7 +657,7 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, converter: Converter, *, o
             "--outtype", outtype, "--metadata", str(metadata_file), "--model-name", name,
         ]
         _run_logged(cmd, env, log_path, f"llama.cpp's converter ({converter.source})")
-        _add_judge_metadata(converted, final_tmp, out_path, template, env, log_path)
+        _add_judge_metadata(converted, final_tmp, out_path, template, env, log_path, merge_meta.get("chat_date"))
     finally:
         for tmp in (converted, final_tmp, metadata_file):
             tmp.unlink(missing_ok=True)
@@ -689,10 +694,10 @@ def convert_lora_to_gguf(adapter_dir: str | Path, out_path: str | Path, base_dir
         cmd = [sys.executable, str(converter.lora_script), "--outfile", str(converted), "--outtype", outtype,
                "--base", str(base_dir), str(adapter_dir)]
         _run_logged(cmd, env, log_path, f"llama.cpp's LoRA converter ({converter.source})")
+        info = describe_source(adapter_dir)
         if template is None:
-            info = describe_source(adapter_dir)
             template = resolve_template(info.get("template"))
-        _add_judge_metadata(converted, final_tmp, out_path, template, env, log_path)
+        _add_judge_metadata(converted, final_tmp, out_path, template, env, log_path, info.get("chat_date"))
     finally:
         for tmp in (converted, final_tmp):
             tmp.unlink(missing_ok=True)

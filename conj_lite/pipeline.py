@@ -419,7 +419,7 @@ class ConjRun:
         out = {"pairs": len(pairs), "mode": "verdict", "base": self.base_model(), "adapter": str(adapter)}
         for name, with_adapter in (("before", None), ("after", adapter)):
             judge = Judge.from_hf(self.base_model(), adapter=with_adapter, template=self.template, mode="verdict",
-                                  n_ctx=self.recipe.model.max_seq_length)
+                                  n_ctx=self.recipe.model.max_seq_length, chat_date=self.recipe.prompts.date_string)
             try:
                 report = evaluate(judge, pairs, mode="verdict", bootstrap=1000, name=name, console=self.console,
                                   records_path=self.out_dir / HELDOUT_DIR / f"{name}.jsonl")

@@ -377,6 +377,7 @@ def write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out
         "load_in_4bit": runtime.load_in_4bit,
         "dtype": runtime.dtype,
         "template": recorded_template(recipe),
+        "chat_date": recipe.prompts.date_string,
         "objective": recipe.training.objective,
         "init_adapter": summary.init_adapter,
         "pairs": len(pairs),

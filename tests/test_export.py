@@ -29,6 +29,9 @@ from conj_lite.export import (
 )
 from conj_lite.prompts import load_template
 
+# Recorded by make_adapter as training records recipe.prompts.date_string: not the default,
+# so a judge that rendered with the default date would be seen.
+TRAIN_CHAT_DATE = "1 Jan 2030"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUANTS = ("q8_0", "q4_k_m")
 
@@ -48,7 +51,7 @@ def make_adapter(base: Path, out: Path) -> Path:
     staging = out.with_name(out.name + ".partial")
     get_peft_model(model, config).save_pretrained(staging)
     AutoTokenizer.from_pretrained(base).save_pretrained(staging)
-    meta = {"base_model": str(base), "load_in_4bit": False, "template": "en"}
+    meta = {"base_model": str(base), "load_in_4bit": False, "template": "en", "chat_date": TRAIN_CHAT_DATE}
     (staging / "conj_lite_train.json").write_text(json.dumps(meta))
     staging.rename(out)
     return out
@@ -278,11 +281,28 @@ def test_gguf_carries_chat_template_special_tokens_and_judge_template(exported, 
         assert fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
         assert fields["tokenizer.ggml.add_bos_token"] is False  # like the HF tokenizer
         assert json.loads(fields["conj_lite.judge_template"]) == template.to_dict()
+        assert fields["conj_lite.chat_date"] == TRAIN_CHAT_DATE  # the date training gave the chat template
         assert fields["general.name"] == "judge"
     q4 = gguf_fields(exported.gguf_paths["q4_k_m"])["_tensor_types"]
     assert q4["blk.0.attn_q.weight"] == "Q4_K" and q4["blk.0.attn_norm.weight"] == "F32"
     q8 = exported.files[1]
     assert q8.tensor_types.get("Q8_0", 0) >= 14 and q8.fallbacks == []
+
+
+@pytest.mark.slow
+def test_judges_render_with_the_date_training_recorded(exported):
+    """A recipe's prompts.date_string reaches the judge on both backends: through the
+    adapter's conj_lite_train.json (transformers) and the GGUF's conj_lite.chat_date."""
+    from conj_lite.judging import Judge
+    from conj_lite.prompts import chat_format
+
+    assert json.loads((exported.merged_dir / MERGE_META).read_text())["chat_date"] == TRAIN_CHAT_DATE
+    with Judge.from_gguf(exported.gguf_paths["q8_0"], n_threads=2, warn=None) as judge:
+        assert chat_format(judge.backend.chat_template).date_string == TRAIN_CHAT_DATE
+    with Judge.from_hf(exported.merged_dir.parent / "adapter", n_threads=2, warn=None) as judge:
+        assert chat_format(judge.backend.tokenizer).date_string == TRAIN_CHAT_DATE
+    with Judge.from_hf(exported.merged_dir, n_threads=2, warn=None) as judge:  # the merged model records it too
+        assert chat_format(judge.backend.tokenizer).date_string == TRAIN_CHAT_DATE
 
 
 @pytest.mark.slow

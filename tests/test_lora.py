@@ -46,6 +46,7 @@ def test_base_plus_lora_judges_like_transformers_base_plus_adapter(bundle, expor
     meta = read_lora_metadata(lora)
     assert meta["adapter.type"] == "lora" and meta["adapter.lora.alpha"] == 16.0
     assert "conj_lite.judge_template" in meta
+    assert meta["conj_lite.chat_date"] == "1 Jan 2030"  # from the adapter's conj_lite_train.json
     with Judge.from_hf(tiny_model_dir, adapter=exported.merged_dir.parent / "adapter", n_threads=2, warn=None) as hf:
         reference = [hf.compare(*item, mode="verdict") for item in items]
     with Judge.from_gguf(base_f16, lora_path=lora, n_threads=2, warn=None) as judge:

@@ -54,6 +54,7 @@ def test_training_moved_lora_weights_and_grew_the_margin(trained_run):
     assert after["margin"] > before["margin"]
     assert after["accuracy"] > before["accuracy"]
     assert meta["history"], "no training log"
+    assert meta["chat_date"] == trained_run.recipe.prompts.date_string
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ..artifacts import GGUF_TEMPLATE_KEY, resolve_template
+from ..artifacts import GGUF_CHAT_DATE_KEY, GGUF_TEMPLATE_KEY, resolve_template
 from ..errors import InputError
 from ..judging import selective
 from ..judging.backends import BACKENDS
@@ -120,13 +120,18 @@ def load_adapters(judge, loras: dict[str, str], *, template_given: bool) -> None
     backend = judge.backend
     if not hasattr(backend, "add_adapter"):
         raise InputError("--lora needs a GGUF base (--model FILE.gguf)")
-    templates = {}
+    templates, dates = {}, set()
     for name, path in loras.items():
         meta = backend.add_adapter(name, path)
         templates[name] = meta.get(GGUF_TEMPLATE_KEY)
+        dates.add(meta.get(GGUF_CHAT_DATE_KEY) or backend.chat_date)
+    if len(dates) > 1:
+        raise InputError(f"the --lora judges were trained with different chat dates ({', '.join(sorted(dates))}); "
+                         "serve them apart")
+    backend.chat_date = dates.pop()
     if not template_given and any(templates.values()):
         if len(set(templates.values())) > 1:
             raise InputError("the --lora judges record different judge templates; serve them apart or give --template")
         judge.template = resolve_template(json.loads(next(iter(templates.values()))))
-        backend.set_template(judge.template)
+    backend.set_template(judge.template)  # the adapters' template and chat date
     backend.use_adapter(next(iter(loras)))

@@ -30,9 +30,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from ..artifacts import GGUF_TEMPLATE_KEY, describe_source, read_gguf_metadata
+from ..artifacts import GGUF_CHAT_DATE_KEY, GGUF_TEMPLATE_KEY, describe_source, read_gguf_metadata
 from ..errors import InputError
-from ..prompts import JudgeTemplate, check_chat_template, render_prompt
+from ..prompts import DEFAULT_CHAT_DATE, JudgeTemplate, check_chat_template, render_prompt
 from ..system import usable_cpus
 from .verdicts import DEFAULT_CTX, Generation, closing_grammar, judgment_grammar, p_slot1
 
@@ -426,6 +426,9 @@ class GGUFBackend:
         self.chat_template = GGUFChatTemplate(chat_template, bos_token=model.token_get_text(bos) if bos != -1 else "",
                                               eos_token=model.token_get_text(eos) if eos != -1 else "",
                                               name=str(self.path))
+        # The date training gave the chat template (export records it): prompts render as trained.
+        self.chat_date = (self.lora_meta.get(GGUF_CHAT_DATE_KEY) or self.meta.get(GGUF_CHAT_DATE_KEY)
+                          or DEFAULT_CHAT_DATE)
         self.vocab = model.vocab
         self._llama_cpp = llama_cpp
         self._grammar = None
@@ -502,8 +505,8 @@ class GGUFBackend:
     def set_template(self, template: JudgeTemplate) -> None:
         """The judgment grammar, plus what is needed to read the verdict while generating;
         how the judge prompt goes through the GGUF's chat template is decided here, as
-        training decided it on the same template (check_chat_template)."""
-        check_chat_template(self.chat_template, template)
+        training decided it on the same template and date (check_chat_template)."""
+        check_chat_template(self.chat_template, template, self.chat_date)
         self._grammar = self._checked(judgment_grammar(template))
         self._closing = self._checked(closing_grammar(template))
         head = ("{" + json.dumps(template.rationale_key, ensure_ascii=False) + ': "').encode("utf-8")
@@ -719,8 +722,10 @@ class HFBackend:
     name = "hf"
     constrained = False  # free generation: the reply is read with parsing.parse_verdict
 
-    def __init__(self, model, tokenizer, *, n_ctx: int | None = None, source: str = "", template=None):
+    def __init__(self, model, tokenizer, *, n_ctx: int | None = None, source: str = "", template=None,
+                 chat_date: str | None = None):
         self.model, self.tokenizer, self.source, self.template = model, tokenizer, source, template
+        self.chat_date = chat_date or DEFAULT_CHAT_DATE  # the date training gave the chat template
         limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CTX
         self.n_ctx = n_ctx if n_ctx else min(DEFAULT_CTX, limit)
         self.device = next(model.parameters()).device
@@ -729,8 +734,10 @@ class HFBackend:
         """The judge template recorded with the model or adapter (name, dict or None)."""
         return self.template
 
-    def set_template(self, template: JudgeTemplate) -> None:  # free generation; parse_verdict reads it
-        pass
+    def set_template(self, template: JudgeTemplate) -> None:
+        """Free generation (parse_verdict reads the reply); the prompt goes through the
+        tokenizer's chat template as training decided it, with the date training used."""
+        check_chat_template(self.tokenizer, template, self.chat_date)
 
     def render(self, messages: list[dict]) -> str:
         return render_prompt(self.tokenizer, messages)
@@ -796,19 +803,25 @@ def open_backend(name: str, spec, **options) -> Backend:
 def open_gguf(path: str | Path, *, n_ctx: int | None = None, n_threads: int | None = None,
               use_extra_bufts: bool = False, verbose: bool = False, n_parallel: int = 4,
               parallel_ctx: int | None = None, parallel_verdict: bool = False,
-              lora_path: str | Path | None = None, **_) -> GGUFBackend:
+              lora_path: str | Path | None = None, chat_date: str | None = None, **_) -> GGUFBackend:
     """llama-cpp-python on a GGUF file (with a GGUF LoRA `lora_path` applied at run
-    time). Options of other backends are ignored."""
-    return GGUFBackend(path, n_ctx=n_ctx, n_threads=n_threads, use_extra_bufts=use_extra_bufts, verbose=verbose,
-                       n_parallel=n_parallel, parallel_ctx=parallel_ctx, parallel_verdict=parallel_verdict,
-                       lora_path=lora_path)
+    time). `chat_date` overrides the date the file records. Options of other backends
+    are ignored."""
+    backend = GGUFBackend(path, n_ctx=n_ctx, n_threads=n_threads, use_extra_bufts=use_extra_bufts, verbose=verbose,
+                          n_parallel=n_parallel, parallel_ctx=parallel_ctx, parallel_verdict=parallel_verdict,
+                          lora_path=lora_path)
+    if chat_date:
+        backend.chat_date = chat_date
+    return backend
 
 
 def open_hf(model_dir: str | Path, *, adapter: str | Path | None = None, base: str | None = None,
-            n_ctx: int | None = None, n_threads: int | None = None, dtype: str = "float32", **_) -> HFBackend:
+            n_ctx: int | None = None, n_threads: int | None = None, dtype: str = "float32",
+            chat_date: str | None = None, **_) -> HFBackend:
     """transformers: a merged model directory, a LoRA adapter directory (its base is read
     from conj_lite_train.json / adapter_config.json, or `base`), `model_dir` = base with
-    `adapter`, or a hub model id. Options of other backends are ignored."""
+    `adapter`, or a hub model id. `chat_date` overrides the date training recorded.
+    Options of other backends are ignored."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -850,7 +863,8 @@ def open_hf(model_dir: str | Path, *, adapter: str | Path | None = None, base: s
         raise InputError(f"{tok_dir}: cannot load the tokenizer: {exc}") from None
     if not getattr(tokenizer, "chat_template", None):
         raise InputError(f"{tok_dir}: the tokenizer has no chat template")
-    return HFBackend(model, tokenizer, n_ctx=n_ctx, source=str(model_dir), template=info.get("template"))
+    return HFBackend(model, tokenizer, n_ctx=n_ctx, source=str(model_dir), template=info.get("template"),
+                     chat_date=chat_date or info.get("chat_date"))
 
 
 register_backend("gguf", open_gguf)
