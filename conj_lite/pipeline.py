@@ -287,8 +287,9 @@ class ConjRun:
         check_chat_template(tokenizer, self.template, self.recipe.prompts.date_string)
         source = f"{base} + {adapter}" if adapter else base
         self.console.print(f"sample ({label}): from {source}", highlight=False)
+        # unsloth's fast inference keeps its own cache: its prompts are not shared (untested here)
         summary = sample_judgments(model, tokenizer, pairs, self.template, self.recipe.sampling, path, self.console,
-                                   max_prompt_tokens=max_prompt_tokens)
+                                   max_prompt_tokens=max_prompt_tokens, share_prompts=not runtime.use_unsloth)
         self.console.print(
             f"sample ({label}): {summary.generated} new judgments in {summary.seconds:.1f}s "
             f"({summary.per_second:.2f}/s), {summary.total} in {path}"

@@ -131,31 +131,52 @@ def closing_budget(tokenizer, template: JudgeTemplate) -> int:
     return len(tokenizer(frame_middle(template) + "1}", add_special_tokens=False).input_ids) + 2
 
 
+def shared_prompt_cache(model, input_ids, attention_mask, n: int):
+    """The KV cache of every prompt but its last token, evaluated once per prompt and
+    repeated n times along the batch (rows prompt-major, as generate's inputs); generate
+    then evaluates only the last token of each row. Positions as generate counts them
+    with left padding (the attention mask's running sum)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+          logits_to_keep=1)
+    cache.batch_repeat_interleave(n)
+    return cache
+
+
 def generate(model, tokenizer, prompts: list[str], n: int, cfg: SamplingConfig, *, seeds: list[int] | None = None,
-             grammars: list[str | None] | None = None, max_new_tokens: int | None = None, closing_tokens: int = 0):
+             grammars: list[str | None] | None = None, max_new_tokens: int | None = None, closing_tokens: int = 0,
+             share_prompts: bool = True):
     """Sample `n` continuations per prompt in one batched call.
 
     `seeds` (default: cfg.seed + row) and `grammars` (None: free text) are per sequence,
     prompt-major: sequence j of prompt i is row i * n + j. Returns, per prompt, a list of
-    (text, finish_reason, new_token_count)."""
+    (text, finish_reason, new_token_count). With `share_prompts` each prompt is evaluated
+    once for its n samples (shared_prompt_cache); the samples are the same either way."""
     import torch
 
     if seeds is None:
         seeds = [cfg.seed + row for row in range(len(prompts) * n)]
 
     device = next(model.parameters()).device
-    # Each prompt repeated n times: transformers refuses num_return_sequences > 1 without
-    # do_sample, and expands the inputs the same way itself.
-    enc = tokenizer([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True,
-                    add_special_tokens=False).to(device)
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     eos = eos_token_ids(model, tokenizer)
     budget = max_new_tokens or cfg.max_new_tokens
     sampler = FrameSampler(tokenizer, grammars or [None] * len(seeds), seeds, temperature=cfg.temperature,
                            top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=budget, eos_ids=eos,
                            closing_tokens=closing_tokens)
     with torch.inference_mode():
+        # The n samples of a prompt share its prompt: evaluate it once, then copy its KV
+        # cache n times (else each copy is evaluated again, n times the prompt's compute).
+        inputs = {k: v.repeat_interleave(n, dim=0) for k, v in enc.items()}
+        share = share_prompts and n > 1 and enc["input_ids"].shape[1] > 1
+        cache = shared_prompt_cache(model, enc["input_ids"], enc["attention_mask"], n) if share else None
         out = model.generate(
-            **enc,
+            **inputs,
+            past_key_values=cache,
             do_sample=False,  # FrameSampler draws every token; generate takes its choice
             logits_processor=[sampler],
             repetition_penalty=cfg.repetition_penalty,
@@ -214,7 +235,7 @@ class SampleSummary:
 
 
 def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: SamplingConfig, out_path, console=None,
-                     max_prompt_tokens: int | None = None) -> SampleSummary:
+                     max_prompt_tokens: int | None = None, share_prompts: bool = True) -> SampleSummary:
     """Run the whole sampling plan into `out_path`, skipping what is already there.
 
     With `max_prompt_tokens` (model.max_seq_length - sampling.max_new_tokens), examples
@@ -254,7 +275,7 @@ def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: Samp
                      for i in batch for k in requests[i].samples]
             grammars = [judgment_grammar(template, requests[i].hint_slot) for i in batch for _ in range(n)] if framed else None
             outputs = generate(model, tokenizer, [prompts[i] for i in batch], n, cfg, seeds=seeds, grammars=grammars,
-                               closing_tokens=closing)
+                               closing_tokens=closing, share_prompts=share_prompts)
             rows = []
             for i, samples in zip(batch, outputs):
                 req = requests[i]

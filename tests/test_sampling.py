@@ -296,6 +296,34 @@ def test_batched_greedy_matches_one_at_a_time(tiny):
     assert batched == alone
 
 
+@pytest.mark.slow
+def test_the_samples_of_a_prompt_share_one_evaluation_of_it(tiny):
+    """generate evaluates each prompt once and copies its KV cache to its n samples: the
+    same samples (framed, seeded, repetition penalty on) as the prompt repeated n times and
+    evaluated n times, with the prompts evaluated in len(prompts) rows, not n times as many."""
+    from conj_lite.frame import judgment_grammar
+    from conj_lite.sampling import generate
+
+    model, tokenizer = tiny
+    prompts = [render_prompt(tokenizer, build_messages(EN, "2 + 2?", "4", "5")),
+               render_prompt(tokenizer, build_messages(EN, "Explain photosynthesis. " * 4, "Plants make sugar.", "?"))]
+    n = 3
+    seeds, grammars = list(range(len(prompts) * n)), [judgment_grammar(EN, None)] * (len(prompts) * n)
+    cfg = SamplingConfig(temperature=1.0, top_p=0.95, repetition_penalty=1.2, max_new_tokens=16)
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        shared = generate(model, tokenizer, prompts, n, cfg, seeds=seeds, grammars=grammars)
+    finally:
+        hook.remove()
+    repeated = generate(model, tokenizer, [p for p in prompts for _ in range(n)], 1, cfg, seeds=seeds, grammars=grammars)
+    assert [s for samples in shared for s in samples] == [samples[0] for samples in repeated]
+    longest = max(len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts)
+    assert shapes[0] == (len(prompts), longest - 1)  # every prompt but its last token, once
+    assert all(shape == (len(prompts) * n, 1) for shape in shapes[1:])  # then one token per sample
+
+
 def planned_keys(pairs, cfg):
     return set(keys_of(plan_requests(pairs, EN, cfg)))
 
