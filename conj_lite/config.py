@@ -64,6 +64,12 @@ class DataConfig:
     skip_invalid: bool = opt(False, "write bad rows to a rejects file instead of stopping")
     heldout: int = opt(0, "keep N labelled pairs (chosen by a hash of their ids) out of sampling and training; "
                        "`conj-lite run` judges them before and after training and prints what changed")
+    task: str = opt("preference", "preference: judge the data's own pairs; relevance: each question's own reply "
+                    "against a reply to another question (seeded; conj_lite/relevance.py), an easier real signal")
+    max_chars: int | None = opt(None, "leave out pairs whose question and answers are longer (characters) than this")
+    pairs_per_question: int = opt(1, "relevance task: training pairs built per question (each with another wrong "
+                                  "answer)")
+    seed: int = opt(0, "seed of the relevance task's wrong answers and slots")
 
 
 @dataclass
@@ -105,6 +111,7 @@ class FilterConfig:
 
 OBJECTIVES = ("dpo+sft", "dpo", "sft")
 SAMPLING_FORMATS = ("frame", "free")
+DATA_TASKS = ("preference", "relevance")
 
 
 @dataclass
@@ -298,6 +305,8 @@ def check_recipe(recipe: Recipe) -> None:
         )
     if recipe.data.heldout < 0:
         raise InputError(f"data.heldout: expected 0 or more, got {recipe.data.heldout}")
+    if recipe.data.task not in DATA_TASKS:
+        raise InputError(f"data.task: expected one of {list(DATA_TASKS)}, got {recipe.data.task!r}")
     if sampling.format not in SAMPLING_FORMATS:
         raise InputError(f"sampling.format: expected one of {list(SAMPLING_FORMATS)}, got {sampling.format!r}")
     if sampling.top_k < 0:

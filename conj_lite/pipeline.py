@@ -39,6 +39,7 @@ from .judging import Judge, evaluate
 from .models import load_for_sampling, resolve_model_path, resolve_runtime, set_cpu_threads
 from .progress import get_console, quiet_libraries, stage_progress
 from .prompts import check_chat_template, load_template
+from .relevance import pair_chars, relevance_split
 from .sampling import TOO_LONG, JudgmentFile, load_too_long, plan_requests, row_key, sample_judgments
 from .training import train_adapter
 from .warmup import SFT_FILE, read_warmup_file, sft_from_pairs, warmup_from_judgments, warmup_stats, write_sft_file
@@ -125,8 +126,17 @@ class ConjRun:
                 limit=d.limit,
             )
             result = self._data
-            result.pairs, self._heldout = heldout_split(result.pairs, d.heldout)
-            msg = f"data: {len(result.pairs)} pairs from {d.path}"
+            if d.task == "relevance":
+                sources = len(result.pairs)
+                result.pairs, self._heldout = relevance_split(result.pairs, d.heldout, seed=d.seed,
+                                                              per_question=d.pairs_per_question, max_chars=d.max_chars)
+                msg = (f"data: {len(result.pairs)} relevance pairs (each question's own reply against another "
+                       f"question's) built from {sources} pairs of {d.path}")
+            else:
+                if d.max_chars is not None:
+                    result.pairs = [p for p in result.pairs if pair_chars(p) <= d.max_chars]
+                result.pairs, self._heldout = heldout_split(result.pairs, d.heldout)
+                msg = f"data: {len(result.pairs)} pairs from {d.path}"
             if self._heldout:
                 msg += f" (+{len(self._heldout)} held out for the before/after check)"
             if result.n_ties:
