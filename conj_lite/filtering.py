@@ -9,7 +9,8 @@ can be read. Per pair and order, as in the Con-J reference:
   hint     one (true-hint positive, reversed-hint negative) pair
 
 With `rationale: false` (the verdict-only ablation) every target is the verdict alone,
-and the (positive, unknown) pair is left out.
+and the (positive, unknown) pair is left out. A pair whose texts an example already has
+is not emitted twice (verdict-only, that leaves one pair per example).
 
 Every DPO pair's prompt is the plain judge prompt, without the hint, in the same
 order: the model learns to reach the right verdict without being told. Only a
@@ -75,6 +76,17 @@ class Labelled:
     status: str
 
 
+def distinct(items: list[Labelled], template: JudgeTemplate, cfg: FilterConfig) -> list[Labelled]:
+    """The first of each training target text: samples that read the same teach the same."""
+    seen, out = set(), []
+    for item in items:
+        text = clean_judgment(item.verdict, template, cfg.max_rationale_chars, cfg.rationale)
+        if text not in seen:
+            seen.add(text)
+            out.append(item)
+    return out
+
+
 @dataclass
 class FilterResult:
     pairs: list[dict]
@@ -98,23 +110,30 @@ def build_pairs(pairs, judgments: list[dict], template: JudgeTemplate, cfg: Filt
         groups[(row["id"], row["order"])][row["kind"]].append(item)
 
     out = []
+    seen: set[tuple] = set()
     cap = cfg.max_rationale_chars
 
     def emit(kind, pair_id, order, chosen: Labelled, rejected: Labelled):
         pair = by_id[pair_id]
         answer_1, answer_2 = ordered_answers(pair.answer_a, pair.answer_b, order)
+        chosen_text = clean_judgment(chosen.verdict, template, cap, cfg.rationale)
         rejected_text = (
             clip_text(rejected.row.get("text", ""), cap + 200)
             if rejected.status == UNKNOWN
             else clean_judgment(rejected.verdict, template, cap, cfg.rationale)
         )
+        # The same texts twice would only weigh one example double: verdict-only, every
+        # (positive, negative) pair of an example is the same pair, the hint pair too.
+        if (pair_id, order, chosen_text, rejected_text) in seen:
+            return
+        seen.add((pair_id, order, chosen_text, rejected_text))
         out.append(
             {
                 "id": pair_id,
                 "order": order,
                 "kind": kind,
                 "prompt": build_messages(template, pair.question, answer_1, answer_2),
-                "chosen": clean_judgment(chosen.verdict, template, cap, cfg.rationale),
+                "chosen": chosen_text,
                 "rejected": rejected_text,
                 "chosen_key": [chosen.row["kind"], chosen.row["sample"]],
                 "rejected_key": [rejected.row["kind"], rejected.row["sample"]],
@@ -123,8 +142,8 @@ def build_pairs(pairs, judgments: list[dict], template: JudgeTemplate, cfg: Filt
 
     for (pair_id, order), kinds in sorted(groups.items()):
         repeats = sorted(kinds.get("repeat", []), key=lambda x: x.row["sample"])
-        pos = [x for x in repeats if can_be_chosen(x, cfg)]
-        neg = [x for x in repeats if x.status == NEGATIVE]
+        pos = distinct([x for x in repeats if can_be_chosen(x, cfg)], template, cfg)
+        neg = distinct([x for x in repeats if x.status == NEGATIVE], template, cfg)
         unk = [x for x in repeats if x.status == UNKNOWN]
         rng.shuffle(pos)
         rng.shuffle(neg)

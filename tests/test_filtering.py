@@ -108,8 +108,8 @@ def test_read_judgment_uses_the_template_keys():
 def test_repeat_pairs_capped_at_k():
     # p1 in order ab: the true slot is 1. Five positives, four negatives.
     texts = [
-        verdict_json(1), verdict_json(2), fenced(1), verdict_json(2), verdict_json(1),
-        fenced(2), verdict_json(1), verdict_json(2), verdict_json(1),
+        verdict_json(1, "a"), verdict_json(2, "b"), fenced(1), verdict_json(2, "c"), verdict_json(1, "d"),
+        fenced(2), verdict_json(1, "e"), verdict_json(2, "f"), verdict_json(1, "g"),
     ]
     rows = repeats("p1", "ab", texts)
     for k, expected in [(3, 3), (1, 1), (10, 4), (0, 0)]:
@@ -320,7 +320,7 @@ def test_judgment_stats_by_hand():
     rows = (
         # p1 (A), order ab, true slot 1: pos, neg, unknown, pos; true hint followed, reversed hint followed
         repeats("p1", "ab", [verdict_json(1), verdict_json(2), TRUNCATED, fenced(1)])
-        + hint_rows("p1", "ab", verdict_json(1), verdict_json(2))
+        + hint_rows("p1", "ab", verdict_json(1, "As hinted, 1."), verdict_json(2, "As hinted, 2."))
         # p1, order ba, true slot 2: two positives; true hint (2) not followed, reversed (1) followed
         + repeats("p1", "ba", [verdict_json(2), verdict_json(2)])
         + hint_rows("p1", "ba", verdict_json(1), verdict_json(1))
@@ -370,7 +370,7 @@ def test_a_verdict_recovered_from_broken_text_is_never_a_chosen_target():
     assert read_judgment(broken, EN).slot == 1 and read_judgment(broken, EN).method not in ("json", "embedded_json")
     rows = repeats("p1", "ab", [broken, verdict_json(2)]) + [
         row("p1", "ab", "hint_true", 0, broken),
-        row("p1", "ab", "hint_reverse", 0, verdict_json(2)),
+        row("p1", "ab", "hint_reverse", 0, verdict_json(2, "As hinted, answer 2.")),
     ]
     strict = build_pairs(PAIRS, rows, EN, FilterConfig())
     assert strict.pairs == []  # both positives are broken: no demonstration to learn from
@@ -380,3 +380,34 @@ def test_a_verdict_recovered_from_broken_text_is_never_a_chosen_target():
     # a fenced or embedded JSON object is well formed
     ok = build_pairs(PAIRS, repeats("p1", "ab", [fenced(1), verdict_json(2)]), EN, FilterConfig())
     assert len(ok.pairs) == 1
+
+
+# ---------------------------------------------------------------- one pair per distinct texts
+
+
+def test_verdict_only_gives_one_pair_per_example_not_one_per_sample():
+    # p1 in order ab: two right and two wrong repeats and a hint couple. With rationales
+    # these are three different pairs; verdict-only they are the same texts three times.
+    rows = (repeats("p1", "ab", [verdict_json(1, "It is Canberra."), verdict_json(2, "Sydney is bigger."),
+                                 verdict_json(1, "Canberra, yes."), verdict_json(2, "Sydney.")])
+            + hint_rows("p1", "ab", verdict_json(1, "Canberra is right."), verdict_json(2, "Sydney is right.")))
+    with_rationale = build_pairs(PAIRS, rows, EN, FilterConfig(max_pairs=2))
+    assert [p["kind"] for p in with_rationale.pairs] == ["repeat", "repeat", "hint"]
+    verdict_only = build_pairs(PAIRS, rows, EN, FilterConfig(max_pairs=2, rationale=False))
+    (pair,) = verdict_only.pairs
+    assert (pair["chosen"], pair["rejected"]) == ('{"better_answer": 1}', '{"better_answer": 2}')
+    assert verdict_only.stats["dpo_pairs"] == 1 and verdict_only.stats["examples_without_pair"] == 0
+
+
+def test_repeats_that_read_the_same_give_one_pair():
+    same = [verdict_json(1, "Canberra."), verdict_json(1, "Canberra."), verdict_json(2, "Sydney."),
+            verdict_json(2, "Sydney.")]
+    result = build_pairs(PAIRS, repeats("p1", "ab", same), EN, FilterConfig(max_pairs=3))
+    assert len(result.pairs) == 1
+
+
+def test_the_same_texts_in_the_two_orders_are_two_pairs():
+    rows = hint_rows("p1", "ab", verdict_json(1, "A."), verdict_json(2, "B.")) + hint_rows(
+        "p1", "ba", verdict_json(2, "A."), verdict_json(1, "B."))
+    result = build_pairs(PAIRS, rows, EN, FilterConfig(rationale=False))
+    assert sorted(p["order"] for p in result.pairs) == ["ab", "ba"]
