@@ -125,6 +125,8 @@ class TrainConfig:
     max_steps: int = opt(-1, "stop after this many steps (-1: use epochs)")
     batch_size: int = opt(1, "pairs per device step")
     grad_accum: int = opt(8, "gradient accumulation steps")
+    orders_together: bool = opt(True, "each optimizer step holds both answer orders of its pairs (a seeded order "
+                                "of pairs, taken in sequence); false: shuffled rows")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")
     lora_dropout: float = opt(0.05, "LoRA dropout")

@@ -80,6 +80,15 @@ def judgment_grammar(template: JudgeTemplate, verdict: int | None = None) -> str
     )
 
 
+def forced_judgment(template: JudgeTemplate, verdict: int | None) -> str | None:
+    """The one text the frame allows when it leaves the model no choice (verdict-only with
+    the verdict fixed: a hint-driven sample), else None. Such a judgment is written, not
+    generated: the model could only produce these exact characters."""
+    if template.rationale or verdict is None:
+        return None
+    return verdict_only_head(template) + f"{verdict_rule(verdict)[1:-1]}}}"
+
+
 def closing_grammar(template: JudgeTemplate, verdict: int | None = None) -> str:
     """GBNF that closes a rationale cut off at a clean point and gives the verdict."""
     return f"root ::= {_gbnf_literal(frame_middle(template))} {verdict_rule(verdict)} \"}}\"\n"

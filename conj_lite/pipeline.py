@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import export as export_mod
@@ -41,6 +42,7 @@ from .progress import get_console, quiet_libraries, stage_progress
 from .prompts import check_chat_template, load_template
 from .relevance import pair_chars, relevance_split
 from .sampling import TOO_LONG, JudgmentFile, load_too_long, plan_requests, row_key, sample_judgments
+from .system import children_peak_rss_bytes, peak_rss_bytes, release_memory, reset_peak_rss
 from .training import train_adapter
 from .warmup import SFT_FILE, read_warmup_file, sft_from_pairs, warmup_from_judgments, warmup_stats, write_sft_file
 
@@ -60,6 +62,7 @@ FILTER_OUTPUTS = (PAIRS, STATS, SFT_FILE, FILTERED_FROM)
 TRAIN_OUTPUTS = (ADAPTER, "adapter.partial", "checkpoints", TRAINED_FROM)
 HELDOUT = "heldout.json"
 HELDOUT_DIR = "heldout"
+COSTS = "costs.json"
 
 
 def _plain(value):
@@ -91,6 +94,7 @@ class ConjRun:
     _base: str | None = field(default=None, repr=False)
     _heldout: list = field(default_factory=list, repr=False)
     _stale_dir: Path | None = field(default=None, repr=False)
+    costs: list = field(default_factory=list, repr=False)
 
     @classmethod
     def from_recipe(cls, recipe: str | Path | Recipe | None, out_dir: str | Path, overrides=(), console=None) -> "ConjRun":
@@ -109,7 +113,10 @@ class ConjRun:
 
     @property
     def template(self):
-        return load_template(self.recipe.prompts.template)
+        """The judge template in the format this run trains: with `filtering.rationale:
+        false` the judge writes the verdict alone, so it is sampled and judged that way too
+        (sampling a rationale that training throws away would only cost time)."""
+        return replace(load_template(self.recipe.prompts.template), rationale=self.recipe.filtering.rationale)
 
     def data(self):
         """The preference pairs (cached), ties included."""
@@ -371,8 +378,6 @@ class ConjRun:
     def warmup(self):
         """RISE stage 1: warmup/sft.jsonl of correct judgments (both orders), then an
         SFT-only adapter in warmup/adapter that round 1 samples from and continues."""
-        from dataclasses import replace
-
         w, f = self.recipe.warmup, self.recipe.filtering
         work = self.out_dir / WARMUP
         work.mkdir(parents=True, exist_ok=True)
@@ -441,28 +446,62 @@ class ConjRun:
         print_before_after(out, self.console)
         return out
 
+    @contextmanager
+    def cost(self, stage: str):
+        """Record a stage's wall time and peak resident memory into `costs` (and
+        costs.json); what the stage leaves behind is freed before the next one."""
+        release_memory()
+        windowed = reset_peak_rss()
+        children = children_peak_rss_bytes()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            peak = peak_rss_bytes()
+            child = children_peak_rss_bytes()
+            self.costs.append({"stage": stage, "seconds": round(seconds, 1), "peak_rss_gb": round(peak / 1e9, 2),
+                               "child_peak_rss_gb": round(child / 1e9, 2) if child > children else None,
+                               "peak_is_per_stage": windowed})
+            write_json(self.out_dir / COSTS, {"stages": self.costs})
+            release_memory()
+
     def run_all(self, export: bool | None = None):
         """All stages in order, skipping the complete ones: the warm-up (RISE), then
-        `rounds` rounds of sample -> filter -> train, then export."""
+        `rounds` rounds of sample -> filter -> train, then export; ends with what each
+        stage cost (time, peak memory)."""
         r = self.recipe
+        self.costs = []
         if r.rounds == 0 and not r.warmup.enabled:
             self.console.print("rounds: 0, the untrained judge: nothing to sample or train")
+        with self.cost("model + data"):
+            self.base_model()
+            self.data()
         if r.warmup.enabled:
-            self.warmup()
+            with self.cost("warm-up"):
+                self.warmup()
         for n in range(1, r.rounds + 1):
-            self.sample(n)
-            if self.filter_is_current(n):
-                self.console.print(f"filter (round {n}): {self.round_dir(n) / PAIRS} is up to date, skipping")
-            else:
-                self.filter(n)
-            self.train(n)
+            suffix = f" (round {n})" if r.rounds > 1 else ""
+            with self.cost("sample" + suffix):
+                self.sample(n)
+            with self.cost("filter" + suffix):
+                if self.filter_is_current(n):
+                    self.console.print(f"filter (round {n}): {self.round_dir(n) / PAIRS} is up to date, skipping")
+                else:
+                    self.filter(n)
+            with self.cost("train" + suffix):
+                self.train(n)
         if r.rounds > 1 or r.warmup.enabled:
             print_rounds(self.round_summaries(), self.console)
+        result = None
         if r.data.heldout:
-            self.before_after()
+            with self.cost("judge held-out"):
+                self.before_after()
         if r.export.enabled if export is None else export:
-            return self.export()
-        return None
+            with self.cost("export"):
+                result = self.export()
+        print_costs(self.costs, self.console)
+        return result
 
     def round_summaries(self) -> list[dict]:
         """Per stage (warm-up, round 1..N): where it sampled from, its filtering stats and
@@ -518,6 +557,26 @@ def print_rounds(summaries: list[dict], console) -> None:
         table.add_row(entry["stage"], source, pct(stats.get("base_agreement")), pct(stats.get("unknown_rate")),
                       str(examples), str(train.get("steps", "-")), measure)
     console.print(table)
+
+
+def print_costs(costs: list[dict], console) -> None:
+    """The closing table of `conj-lite run`: wall time and peak memory per stage."""
+    from rich.table import Table
+
+    table = Table(title="what each stage cost")
+    for column in ("stage", "wall time", "peak RSS"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for c in costs:
+        peak = f"{c['peak_rss_gb']:.2f} GB"
+        if c.get("child_peak_rss_gb"):
+            peak += f" (converter {c['child_peak_rss_gb']:.2f} GB)"
+        table.add_row(c["stage"], f"{c['seconds']:.0f} s", peak)
+    total = sum(c["seconds"] for c in costs)
+    table.add_row("[bold]total[/]", f"[bold]{total // 60:.0f} min {total % 60:.0f} s[/]",
+                  f"[bold]{max((c['peak_rss_gb'] for c in costs), default=0):.2f} GB[/]")
+    console.print(table)
+    if costs and not all(c["peak_is_per_stage"] for c in costs):
+        console.print("peak RSS: this system cannot reset the peak, so each row is the peak of the run so far")
 
 
 def print_stats(stats: dict, console, title: str = "Con-J filtering") -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .config import SamplingConfig
 from .filtering import read_judgment
-from .frame import FrameSampler, frame_middle, judgment_grammar, sample_seed
+from .frame import FrameSampler, forced_judgment, frame_middle, judgment_grammar, sample_seed
 from .jsonio import JudgmentFile
 from .progress import stage_progress
 from .prompts import JudgeTemplate, build_messages, hint_prefix, ordered_answers, render_prompt, true_slot
@@ -221,6 +221,12 @@ def over_length(requests: list[Request], lengths: list[int], max_prompt_tokens: 
     return {(r.pair_id, r.order) for r, n in zip(requests, lengths) if n > max_prompt_tokens}
 
 
+def judgment_row(req: Request, sample: int, text: str, finish: str, new_tokens: int, template: JudgeTemplate) -> dict:
+    """One line of judgments.jsonl."""
+    return {"id": req.pair_id, "order": req.order, "kind": req.kind, "sample": sample, "hint_slot": req.hint_slot,
+            "text": text, "verdict": read_judgment(text, template).slot, "finish": finish, "new_tokens": new_tokens}
+
+
 @dataclass
 class SampleSummary:
     path: Path
@@ -263,12 +269,22 @@ def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: Samp
         keep = [i for i, r in enumerate(requests) if (r.pair_id, r.order) not in too_long]
         requests, prompts, lengths = [requests[i] for i in keep], [prompts[i] for i in keep], [lengths[i] for i in keep]
     total = len(done) + sum(len(r.samples) for r in requests)
-    batches = make_batches(requests, lengths, max(1, cfg.batch_size))
     framed = cfg.format == "frame"
+    # verdict-only hint samples: the frame leaves one text, written without the model
+    forced = [forced_judgment(template, r.hint_slot) if framed else None for r in requests]
+    free = [i for i, text in enumerate(forced) if text is None]
+    batches = [[free[i] for i in batch]
+               for batch in make_batches([requests[i] for i in free], [lengths[i] for i in free], max(1, cfg.batch_size))]
     closing = closing_budget(tokenizer, template) if framed else 0
     start, generated = time.perf_counter(), 0
     with stage_progress("sampling", console) as progress:
         task = progress.add_task("judgments", total=total, completed=len(done), resumed=len(done))
+        rows = [judgment_row(r, index, text, "stop", len(tokenizer(text, add_special_tokens=False).input_ids), template)
+                for r, text in zip(requests, forced) if text is not None for index in r.samples]
+        if rows:
+            store.append(rows)
+            generated += len(rows)
+            progress.update(task, advance=len(rows))
         for batch in batches:
             n = len(requests[batch[0]].samples)
             seeds = [sample_seed(cfg.seed, requests[i].pair_id, requests[i].order, requests[i].kind, k)
@@ -276,24 +292,9 @@ def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: Samp
             grammars = [judgment_grammar(template, requests[i].hint_slot) for i in batch for _ in range(n)] if framed else None
             outputs = generate(model, tokenizer, [prompts[i] for i in batch], n, cfg, seeds=seeds, grammars=grammars,
                                closing_tokens=closing, share_prompts=share_prompts)
-            rows = []
-            for i, samples in zip(batch, outputs):
-                req = requests[i]
-                for index, (text, finish, n_tokens) in zip(req.samples, samples):
-                    verdict = read_judgment(text, template)
-                    rows.append(
-                        {
-                            "id": req.pair_id,
-                            "order": req.order,
-                            "kind": req.kind,
-                            "sample": index,
-                            "hint_slot": req.hint_slot,
-                            "text": text,
-                            "verdict": verdict.slot,
-                            "finish": finish,
-                            "new_tokens": n_tokens,
-                        }
-                    )
+            rows = [judgment_row(requests[i], index, text, finish, n_tokens, template)
+                    for i, samples in zip(batch, outputs)
+                    for index, (text, finish, n_tokens) in zip(requests[i].samples, samples)]
             store.append(rows)
             generated += len(rows)
             progress.update(task, advance=len(rows))

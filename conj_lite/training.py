@@ -24,17 +24,20 @@ fp16 loss scaling cannot handle.
 from __future__ import annotations
 
 import json
+import math
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .artifacts import TRAIN_META
 from .config import Recipe, save_recipe
 from .errors import InputError
+from .frame import frame_head, verdict_only_head
 from .jsonio import iter_jsonl_objects
 from .models import Runtime, import_unsloth_first, load_causal_lm, load_tokenizer, resolve_runtime
 from .progress import stage_progress
-from .prompts import check_chat_template, load_template
+from .prompts import JudgeTemplate, check_chat_template, load_template, render_prompt
 
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -55,6 +58,46 @@ def read_pairs_file(path: str | Path, required: tuple[str, ...] = PAIR_FIELDS) -
     return rows
 
 
+def judgment_head(template: JudgeTemplate) -> str:
+    """The start of every judgment in the frame, which the grammar writes, not the model:
+    `{"rationale": "`, or `{"better_answer": ` verdict-only."""
+    return frame_head(template) if template.rationale else verdict_only_head(template)
+
+
+def turn_end(tokenizer) -> str:
+    """What the chat template writes after an assistant reply, up to its EOS token
+    (ChatML: `<|im_end|>`); TRL adds the EOS itself when the text lacks it."""
+    sentinel = "\u2063conj-lite\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": sentinel}],
+                                         tokenize=False)
+    end = text[text.index(sentinel) + len(sentinel):]
+    eos = tokenizer.eos_token or ""
+    return end[: end.index(eos) + len(eos)] if eos and eos in end else end.rstrip()
+
+
+def frame_rows(rows: list[dict], tokenizer, template: JudgeTemplate, fields: tuple[str, ...]) -> list[dict] | None:
+    """TRL text rows whose prompt ends with the judgment's fixed head, so that training
+    spends itself on what the model chooses (the rationale and the verdict), never on the
+    frame the grammar writes at sampling and judging time. Verdict-only, chosen and
+    rejected are then the verdict token and the turn's end: the DPO term and the SFT
+    term act on the verdict alone, and the prompt is exactly what the verdict-mode judge
+    reads P(1) vs P(2) after. None when some judgment does not start with the head
+    (free-form samples): those train as chat rows."""
+    head = judgment_head(template)
+    if not all(str(row[k]).startswith(head) for row in rows for k in fields):
+        return None
+    end = turn_end(tokenizer)
+    bos = tokenizer.bos_token
+    strip_bos = bool(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]  # TRL tokenizes with it
+    out = []
+    for row in rows:
+        prompt = render_prompt(tokenizer, row["prompt"], head)
+        if strip_bos and prompt.startswith(bos):
+            prompt = prompt[len(bos):]
+        out.append({"prompt": prompt, **{k: row[k][len(head):] + end for k in fields}})
+    return out
+
+
 def to_preference_rows(pairs: list[dict]) -> list[dict]:
     """TRL's conversational preference format: the chat template renders prompt and
     judgment exactly as the sampler and the judge do."""
@@ -71,6 +114,35 @@ def to_preference_rows(pairs: list[dict]) -> list[dict]:
 def to_sft_rows(rows: list[dict]) -> list[dict]:
     """TRL's conversational prompt-completion format (the loss is on the completion)."""
     return [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows]
+
+
+def training_order(rows: list[dict], seed: int, passes: int = 1) -> list[int]:
+    """Row indices in the order training visits them: the rows of one pair side by side,
+    its answer orders alternating, the pairs in a seeded order drawn anew for each pass.
+    Taken in sequence, a step of an even number of rows holds both orders of its pairs,
+    so the step's push on "answer 1 vs answer 2" cancels unless the answers earn it. (A
+    shuffled step of 4 rows is often mostly one order: training then mostly moves the
+    model's position prior, which is what SmolLM2 runs did.)"""
+    groups: dict[str, dict[str, list[int]]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(str(row.get("id", i)), {}).setdefault(str(row.get("order", "")), []).append(i)
+    out = []
+    for n in range(passes):
+        ids = sorted(groups)
+        random.Random(f"{seed}|{n}").shuffle(ids)
+        for pair_id in ids:
+            by_order = [groups[pair_id][order] for order in sorted(groups[pair_id])]
+            for k in range(max(map(len, by_order))):
+                out += [rows_of_order[k] for rows_of_order in by_order if k < len(rows_of_order)]
+    return out
+
+
+def passes_needed(n_rows: int, recipe: Recipe) -> int:
+    """Whole passes over the rows that the recipe's epochs or max_steps take."""
+    t = recipe.training
+    if t.max_steps > 0:
+        return max(1, math.ceil(t.max_steps * t.batch_size * t.grad_accum / max(1, n_rows)))
+    return max(1, math.ceil(t.epochs))
 
 
 def keep_trainable_fp32(model) -> int:
@@ -315,9 +387,18 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     # TRL starts the completion where they part (Mistral v0.3, Gemma 2): fold the system
     # text when needed, and pin the date templates print (Llama 3.x).
     chat = check_chat_template(tokenizer, load_template(recipe.prompts.template), recipe.prompts.date_string)
-    rows = to_sft_rows(pairs) if sft else to_preference_rows(pairs)
-    dataset = Dataset.from_list([chat.training_row(row) for row in rows])
+    template = replace(load_template(recipe.prompts.template), rationale=recipe.filtering.rationale)
+    rows = frame_rows(pairs, tokenizer, template, SFT_FIELDS[1:] if sft else PAIR_FIELDS[1:])
+    if rows is None:
+        rows = [chat.training_row(row) for row in (to_sft_rows(pairs) if sft else to_preference_rows(pairs))]
+    dataset = Dataset.from_list(rows)
     args = trainer_config(recipe, runtime, out_dir, gradient_checkpointing)
+    train_set = dataset
+    if recipe.training.orders_together:
+        passes = passes_needed(len(pairs), recipe)
+        train_set = dataset.select(training_order(pairs, recipe.training.seed, passes))
+        args.train_sampling_strategy = "sequential"
+        args.num_train_epochs = recipe.training.epochs / passes  # the passes are in train_set
     if sft:
         from trl import SFTTrainer as trainer_class
     else:
@@ -325,7 +406,7 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     trainer = trainer_class(
         model=model,
         args=args,
-        train_dataset=dataset,
+        train_dataset=train_set,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[rich_callback(console)],

@@ -35,3 +35,14 @@ def tiny_model_dir() -> Path:
 
     torch.set_num_threads(2)
     return tiny_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real default model, SmolLM2-135M-Instruct, built from its registry package (cached)."""
+    import torch
+
+    from conj_lite.packaged import packaged_model_path
+
+    torch.set_num_threads(2)
+    return packaged_model_path("smollm2-135m")

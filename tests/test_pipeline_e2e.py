@@ -41,6 +41,29 @@ def test_run_writes_every_output(trained_run):
 
 
 @pytest.mark.slow
+def test_the_run_says_what_each_stage_cost(trained_run):
+    costs = json.loads((trained_run.out_dir / "costs.json").read_text())["stages"]
+    assert [c["stage"] for c in costs] == ["model + data", "sample", "filter", "train"]
+    assert all(c["seconds"] >= 0 and c["peak_rss_gb"] > 0.05 for c in costs)
+    assert all(c["peak_is_per_stage"] for c in costs)  # Linux resets the peak per stage
+    # the training stage holds a model and an optimizer; filtering only reads JSON
+    by_stage = {c["stage"]: c for c in costs}
+    assert by_stage["train"]["seconds"] > by_stage["filter"]["seconds"]
+
+
+def test_the_peak_window_starts_again_after_a_reset():
+    from conj_lite.system import peak_rss_bytes, release_memory, reset_peak_rss
+
+    block = bytearray(300 * 2**20)  # touch 300 MB
+    block[:: 4096] = b"x" * len(block[:: 4096])
+    high = peak_rss_bytes()
+    del block
+    release_memory()
+    assert reset_peak_rss()
+    assert peak_rss_bytes() < high - 200 * 2**20
+
+
+@pytest.mark.slow
 def test_training_moved_lora_weights_and_grew_the_margin(trained_run):
     from safetensors.torch import load_file
 

@@ -7,17 +7,9 @@ import json
 
 import pytest
 
-from conj_lite.packaged import BASE_GGUF, packaged_model_path
+from conj_lite.packaged import BASE_GGUF
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    import torch
-
-    torch.set_num_threads(2)
-    return packaged_model_path("smollm2-135m")
 
 
 def test_the_built_directory_is_an_ordinary_hf_model(smollm2_dir):

@@ -514,3 +514,31 @@ def test_prompts_too_long_to_train_on_are_left_out_and_listed(tiny, sample_pairs
     assert more.too_long == 0 and more.generated == 3 * len(skipped)
     rows = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
     assert skipped <= {(r["id"], r["order"]) for r in rows}
+
+
+@pytest.mark.slow
+def test_a_verdict_only_hint_sample_is_the_text_generation_would_write(tiny, sample_pairs, tmp_path):
+    """Verdict-only, a hint-driven sample has its verdict fixed, so the frame allows one
+    text: it is written without the model, and it is what held generation writes."""
+    from dataclasses import replace
+
+    from conj_lite.frame import forced_judgment, judgment_grammar
+    from conj_lite.sampling import generate, sample_judgments
+
+    model, tokenizer = tiny
+    only = replace(EN, rationale=False)
+    cfg = SamplingConfig(n_repeats=1, hint_samples=1, max_new_tokens=16, repetition_penalty=1.0)
+    prompt = render_prompt(tokenizer, build_messages(only, "2 + 2?", "4", "5"), hint_prefix(only, 2))
+    (generated,) = generate(model, tokenizer, [prompt], 1, cfg, grammars=[judgment_grammar(only, 2)])[0]
+    assert generated[0] == forced_judgment(only, 2) == '{"better_answer": 2}'
+    assert forced_judgment(EN, 2) is None and forced_judgment(only, None) is None
+    with GenerateSpy(model, tokenizer) as spy:
+        summary = sample_judgments(model, tokenizer, sample_pairs[:4], only, cfg, tmp_path / "j.jsonl")
+    rows = JudgmentFile(tmp_path / "j.jsonl").load()
+    hints = [r for r in rows if r["kind"] != "repeat"]
+    assert hints and all(r["text"] == forced_judgment(only, r["hint_slot"]) and r["verdict"] == r["hint_slot"]
+                         for r in hints)
+    assert all(r["new_tokens"] == generated[2] for r in hints)
+    assert summary.generated == len(rows)
+    # only the repeats went through generate
+    assert sum(call["sequences"] for call in spy.calls) == sum(r["kind"] == "repeat" for r in rows)

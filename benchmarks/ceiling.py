@@ -1,0 +1,217 @@
+"""The supervised ceiling: can SmolLM2-135M-Instruct learn a judging task at all?
+
+Cheap on purpose, so that it can run at budgets the Con-J loop cannot afford: one
+forward pass per example, cross-entropy on the verdict token alone (the judge prompt in
+the recipe's template, verdict-only, ending `{"better_answer": `), both answer orders of
+every pair in the same step, plain PyTorch (full fine-tuning or a peft LoRA), no
+sampling, no DPO. Held-out pairs are judged in both orders every `--eval-every` steps:
+per-order accuracy, the both-order decision (P(answer A) averaged over the orders),
+consistency and the answer-1 rate, with 95% bootstrap intervals (conj_lite.judging).
+
+If this curve stays at chance, no loop built on the same model, task and budget can
+learn it; if it rises, a loop that does not has a defect to find.
+
+    python benchmarks/ceiling.py --task relevance --steps 150 --out runs/ceiling
+    python benchmarks/ceiling.py --render runs/ceiling/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from conj_lite.data import load_pairs  # noqa: E402
+from conj_lite.frame import verdict_only_head  # noqa: E402
+from conj_lite.judging.evaluation import PairOutcome, metrics_with_cis  # noqa: E402
+from conj_lite.models import load_tokenizer  # noqa: E402
+from conj_lite.packaged import packaged_model_path  # noqa: E402
+from conj_lite.prompts import build_messages, check_chat_template, load_template, ordered_answers, render_prompt, true_slot  # noqa: E402
+from conj_lite.relevance import relevance_split  # noqa: E402
+from conj_lite.system import usable_cpus  # noqa: E402
+from report import cpu_name, today, versions, write_section  # noqa: E402
+
+HH_SINGLE = REPO / "data" / "hh_harmless_single_turn.jsonl.gz"
+TITLE = "The supervised ceiling: can SmolLM2-135M learn to judge? (benchmarks/ceiling.py)"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def task_pairs(task: str, n_test: int, max_chars: int, seed: int):
+    """(train, test) pairs: the relevance task from the shipped HH single-turn file."""
+    if task != "relevance":
+        raise SystemExit(f"unknown task {task!r}")
+    sources = load_pairs(HH_SINGLE).pairs
+    return relevance_split(sources, n_test, seed=seed, per_question=4, max_chars=max_chars)
+
+
+class VerdictModel:
+    """The model, its prompts and the two verdict tokens' logits at the verdict position."""
+
+    def __init__(self, path: str, template: str, mode: str, r: int, bf16: bool):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.tokenizer = load_tokenizer(path)
+        self.template = replace(load_template(template), rationale=False)
+        check_chat_template(self.tokenizer, self.template)
+        self.head = verdict_only_head(self.template)
+        self.ids = [self.tokenizer(str(k), add_special_tokens=False).input_ids for k in (1, 2)]
+        assert all(len(i) == 1 for i in self.ids), self.ids
+        self.ids = [i[0] for i in self.ids]
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if mode == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS,
+                                                     task_type="CAUSAL_LM"))
+        else:
+            model.get_input_embeddings().weight.requires_grad_(False)  # tied with the output head: keep it
+        self.model, self.bf16 = model, bf16
+
+    def prompt(self, pair, order: str) -> str:
+        answer_1, answer_2 = ordered_answers(pair.answer_a, pair.answer_b, order)
+        return render_prompt(self.tokenizer, build_messages(self.template, pair.question, answer_1, answer_2), self.head)
+
+    def logits(self, texts: list[str]):
+        torch = self.torch
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(**enc, logits_to_keep=1)
+        return out.logits[:, -1, self.ids].float()
+
+    def judge(self, pairs, batch: int = 16) -> list[PairOutcome]:
+        torch = self.torch
+        self.model.eval()
+        rows = [(p, order) for p in pairs for order in ("ab", "ba")]
+        p1 = []
+        with torch.no_grad():
+            for i in range(0, len(rows), batch):
+                logits = self.logits([self.prompt(p, o) for p, o in rows[i:i + batch]])
+                p1 += torch.softmax(logits, -1)[:, 0].tolist()
+        self.model.train()
+        out = []
+        for k, pair in enumerate(pairs):
+            p1_ab, p1_ba = p1[2 * k], p1[2 * k + 1]
+            verdict_ab = "A" if p1_ab > 0.5 else "B"
+            verdict_ba = "B" if p1_ba > 0.5 else "A"
+            out.append(PairOutcome(pair.id, pair.label, verdict_ab, verdict_ba, (p1_ab + 1 - p1_ba) / 2))
+        return out
+
+
+def train(args, seed: int, out: Path) -> dict:
+    import torch
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(usable_cpus())
+    train_pairs, test_pairs = task_pairs(args.task, args.test, args.max_chars, args.data_seed)
+    model_dir = str(packaged_model_path("smollm2-135m"))
+    vm = VerdictModel(model_dir, args.template, args.mode, args.lora_r, args.bf16)
+    params = [p for p in vm.model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    curve, start = [], time.perf_counter()
+
+    def record(step: int):
+        t = time.perf_counter()
+        metrics = metrics_with_cis(vm.judge(test_pairs), "drop", 1000, 0)
+        point = {"step": step, "pairs": step * args.batch, "examples": 2 * step * args.batch,
+                 "train_seconds": round(t - start - sum(p["eval_seconds"] for p in curve), 1),
+                 "eval_seconds": round(time.perf_counter() - t, 1),
+                 **{k: metrics[k] for k in ("accuracy", "accuracy_ci", "accuracy_prob", "accuracy_prob_ci",
+                                            "consistency", "position_bias")}}
+        curve.append(point)
+        print(f"seed {seed} step {step:4d} ({point['pairs']:5d} pairs): accuracy {point['accuracy']:.3f} "
+              f"both-order {point['accuracy_prob']:.3f} consistency {point['consistency']:.3f} "
+              f"answer-1 {point['position_bias']:.3f}  [{point['train_seconds']:.0f}s training]", flush=True)
+        (out / f"seed{seed}.json").write_text(json.dumps(curve, indent=1))
+
+    record(0)
+    for step in range(1, args.steps + 1):
+        batch = [train_pairs[order[(step - 1) * args.batch + j] % len(train_pairs)] for j in range(args.batch)]
+        texts, targets = [], []
+        for pair in batch:  # both orders of every pair in the same step
+            for o in ("ab", "ba"):
+                texts.append(vm.prompt(pair, o))
+                targets.append(true_slot(pair.label, o) - 1)
+        loss = torch.nn.functional.cross_entropy(vm.logits(texts), torch.tensor(targets))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in optim.param_groups:
+            group["lr"] = args.lr * min(1.0, step / args.warmup)
+        optim.step()
+        optim.zero_grad()
+        if step % args.eval_every == 0 or step == args.steps:
+            record(step)
+    return {"seed": seed, "curve": curve, "n_train": len(train_pairs), "n_test": len(test_pairs)}
+
+
+def render(results: dict) -> str:
+    meta = results["meta"]
+    lines = [f"{meta['date']}, {meta['machine']}, {meta['versions']}. Command: `{meta['command']}`.", "",
+             f"Task: {meta['task_text']} Training: {meta['method']}", "",
+             "| seed | pairs seen (x2 orders) | training s | accuracy (per order) | both-order decision | "
+             "consistency | answer-1 rate |", "|---|---:|---:|---|---|---:|---:|"]
+    for run in results["runs"]:
+        for p in run["curve"]:
+            ci = p["accuracy_ci"] or [float("nan")] * 2
+            cj = p["accuracy_prob_ci"] or [float("nan")] * 2
+            lines.append(f"| {run['seed']} | {p['pairs']} | {p['train_seconds']:.0f} | {100 * p['accuracy']:.1f} "
+                         f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] | {100 * p['accuracy_prob']:.1f} "
+                         f"[{100 * cj[0]:.1f}, {100 * cj[1]:.1f}] | {100 * p['consistency']:.1f} | "
+                         f"{100 * p['position_bias']:.1f} |")
+    return "\n".join(lines + ["", *meta.get("notes", [])]) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="relevance")
+    parser.add_argument("--mode", choices=("full", "lora"), default="full")
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=8, help="pairs per step (each in both orders)")
+    parser.add_argument("--warmup", type=int, default=10, help="steps of linear learning-rate warm-up")
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--test", type=int, default=100, help="held-out questions")
+    parser.add_argument("--max-chars", type=int, default=600)
+    parser.add_argument("--template", default="en")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/ceiling")
+    parser.add_argument("--note", action="append", default=[])
+    parser.add_argument("--render", metavar="RESULTS_JSON")
+    args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        print(f"wrote {write_section(TITLE, render(results), results, 'ceiling.json')}")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [train(args, seed, out) for seed in args.seeds]
+    method = (f"{'full fine-tuning (embeddings frozen)' if args.mode == 'full' else f'LoRA r={args.lora_r}'}, AdamW "
+              f"lr {args.lr:g} ({args.warmup} warm-up steps), {args.batch} pairs per step in both orders, "
+              f"{'bf16 autocast' if args.bf16 else 'fp32'}, cross-entropy on the verdict token.")
+    results = {"meta": {
+        "date": today(), "machine": f"{cpu_name()}, {usable_cpus()} cores, no GPU",
+        "versions": versions("torch", "transformers", "peft"),
+        "command": "python benchmarks/ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "task_text": (f"relevance pairs from the shipped HH harmless single-turn file (question + replies ≤ "
+                      f"{args.max_chars} characters): {runs[0]['n_train']} training pairs, {runs[0]['n_test']} "
+                      "held-out pairs on questions never trained on, template `" + args.template + "` verdict-only."),
+        "method": method, "notes": args.note}, "runs": runs}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""conj_lite.training: the order training visits its rows in, and what a step holds."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+
+from conj_lite.config import load_recipe
+from conj_lite.training import passes_needed, training_order
+
+
+def rows(n_pairs: int, per_order: int = 1) -> list[dict]:
+    return [{"id": f"p{i}", "order": order, "k": k} for i in range(n_pairs) for order in ("ab", "ba")
+            for k in range(per_order)]
+
+
+def test_every_step_of_two_rows_holds_both_orders_of_one_pair():
+    data = rows(50)
+    order = training_order(data, seed=0)
+    assert sorted(order) == list(range(len(data)))  # each row once per pass
+    for step in range(0, len(order), 2):
+        a, b = (data[i] for i in order[step:step + 2])
+        assert a["id"] == b["id"] and {a["order"], b["order"]} == {"ab", "ba"}
+
+
+def test_steps_of_four_are_balanced_between_the_orders():
+    data = rows(40)
+    order = training_order(data, seed=1)
+    for step in range(0, len(order), 4):
+        assert Counter(data[i]["order"] for i in order[step:step + 4]) == {"ab": 2, "ba": 2}
+
+
+def test_the_pairs_come_in_a_seeded_order_drawn_anew_each_pass():
+    data = rows(30, per_order=2)
+    one = training_order(data, seed=0, passes=2)
+    assert one == training_order(data, seed=0, passes=2)
+    assert one != training_order(data, seed=1, passes=2)
+    first, second = one[: len(data)], one[len(data):]
+    assert sorted(first) == sorted(second) == list(range(len(data))) and first != second
+    # several rows of one order alternate with the other order's
+    ids = [data[i]["id"] for i in first]
+    start = ids.index(ids[0])
+    assert [data[i]["order"] for i in first[start:start + 4]] == ["ab", "ba", "ab", "ba"]
+
+
+def test_a_shuffle_would_not_hold_the_orders_together():
+    # the failure mode the order exists for: a seeded plain shuffle leaves many steps one-sided
+    import random
+
+    data = rows(40)
+    shuffled = list(range(len(data)))
+    random.Random(0).shuffle(shuffled)
+    one_sided = sum(len({data[i]["order"] for i in shuffled[s:s + 4]}) == 1 for s in range(0, len(data), 4))
+    assert one_sided > 0
+
+
+def test_passes_cover_max_steps():
+    recipe = load_recipe(None, ["training.batch_size=4", "training.grad_accum=2", "training.max_steps=25"])
+    assert passes_needed(100, recipe) == 2  # 200 rows for 25 steps of 8
+    assert passes_needed(100, load_recipe(None, ["training.epochs=2.5"])) == 3
+    assert passes_needed(100, load_recipe(None, [])) == 1
+
+
+# ---------------------------------------------------------------- what a judgment trains
+
+
+def verdict_only_rows(tokenizer, template, n: int = 2):
+    from conj_lite.prompts import build_messages
+
+    return [{"prompt": build_messages(template, f"Is {k} even?", "Yes.", "No."),
+             "chosen": '{"better_answer": 1}', "rejected": '{"better_answer": 2}'} for k in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir):
+    from conj_lite.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def test_the_turn_ends_where_the_chat_template_ends_it(tiny_tokenizer):
+    from conj_lite.training import turn_end
+
+    end = turn_end(tiny_tokenizer)
+    assert end.endswith(tiny_tokenizer.eos_token) or end.strip() == end
+    reply = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "R"}], tokenize=False)
+    assert "R" + end in reply
+
+
+@pytest.mark.slow
+def test_verdict_only_dpo_trains_the_verdict_in_the_context_the_judge_reads(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """TRL's own tokenization of the rows: the completion is the verdict and the turn's
+    end, the prompt is token for token what the verdict-mode judge reads P(1) after."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from conj_lite.frame import verdict_prefix
+    from conj_lite.prompts import check_chat_template, load_template, render_prompt
+    from conj_lite.training import frame_rows
+
+    template = replace(load_template("en"), rationale=False)
+    check_chat_template(tiny_tokenizer, template)
+    pairs = verdict_only_rows(tiny_tokenizer, template)
+    rows = frame_rows(pairs, tiny_tokenizer, template, ("chosen", "rejected"))
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_length=1024),
+                         train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)
+    example = trainer.train_dataset[0]
+    judged = render_prompt(tiny_tokenizer, pairs[0]["prompt"], verdict_prefix(template))
+    assert example["prompt_ids"] == tiny_tokenizer(judged, add_special_tokens=False).input_ids
+    one, two = (tiny_tokenizer("1", add_special_tokens=False).input_ids[-1],
+                tiny_tokenizer("2", add_special_tokens=False).input_ids[-1])
+    assert example["chosen_ids"][0] == one and example["rejected_ids"][0] == two
+    assert example["chosen_ids"][1:] == example["rejected_ids"][1:]  # nothing else differs
+    assert example["chosen_ids"][-1] == tiny_tokenizer.eos_token_id and len(example["chosen_ids"]) <= 4
+
+
+def test_free_form_judgments_keep_chat_rows(tiny_tokenizer):
+    from conj_lite.prompts import check_chat_template, load_template
+    from conj_lite.training import frame_rows
+
+    template = load_template("en")
+    check_chat_template(tiny_tokenizer, template)
+    pairs = [{"prompt": verdict_only_rows(tiny_tokenizer, template, 1)[0]["prompt"],
+              "chosen": '{"rationale": "Yes.", "better_answer": 1}', "rejected": "I think answer 2."}]
+    assert frame_rows(pairs, tiny_tokenizer, template, ("chosen", "rejected")) is None
+    framed = [{**pairs[0], "rejected": '{"rationale": "No.", "better_answer": 2}'}]
+    (row,) = frame_rows(framed, tiny_tokenizer, template, ("chosen", "rejected"))
+    assert row["prompt"].endswith('{"rationale": "') and row["chosen"].startswith('Yes.", "better_answer": 1}')
+
+
+@pytest.mark.slow
+def test_smollm2_rows_end_with_im_end(smollm2_dir):
+    from conj_lite.models import load_tokenizer
+    from conj_lite.prompts import check_chat_template, load_template
+    from conj_lite.training import frame_rows, turn_end
+
+    tokenizer = load_tokenizer(str(smollm2_dir))
+    assert turn_end(tokenizer) == "<|im_end|>"
+    template = replace(load_template("en"), rationale=False)
+    check_chat_template(tokenizer, template)
+    (row,) = frame_rows(verdict_only_rows(tokenizer, template, 1), tokenizer, template, ("chosen", "rejected"))
+    assert row["prompt"].startswith("<|im_start|>system") and row["prompt"].endswith('<|im_start|>assistant\n{"better_answer": ')
+    assert (row["chosen"], row["rejected"]) == ("1}<|im_end|>", "2}<|im_end|>")
