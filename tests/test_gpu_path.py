@@ -89,8 +89,12 @@ def marked_4bit(monkeypatch):
 def test_4bit_training_load_keeps_16bit_weights_frozen(tiny_model_dir, monkeypatch):
     """Nothing of the loaded base is cast to fp32 for QLoRA (peft's
     prepare_model_for_kbit_training did: embeddings, LM head and norms, +2 GiB on a 7B),
-    and all of it is frozen: only the LoRA weights peft adds will train."""
+    and all of it is frozen: only the LoRA weights peft adds will train. What it holds is
+    what benchmarks/shapes.py counts for its weights (16-bit here: linears included)."""
     import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from shapes import Shape, weight_bytes
 
     marked_4bit(monkeypatch)
     recipe = load_recipe(None, ["model.dtype=bf16", "training.gradient_checkpointing=true"])
@@ -99,6 +103,11 @@ def test_4bit_training_load_keeps_16bit_weights_frozen(tiny_model_dir, monkeypat
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in model.parameters())
     assert peft_config is not None and checkpointing is True
+    c = model.config
+    shape = Shape("llama", c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+                  c.num_key_value_heads, c.vocab_size, c.tie_word_embeddings, head_dim=c.head_dim)
+    held = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "norm" not in n)
+    assert held == weight_bytes(shape, load_in_4bit=False)  # norms aside (a few KB)
 
 
 def preference_rows(n: int) -> list[dict]:
