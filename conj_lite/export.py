@@ -556,7 +556,6 @@ def merge_adapter(source: str | Path, merged_dir: str | Path, *, base: str | Non
         meta = read_json(done)
         return MergeResult(merged_dir, 0.0, True, meta.get("dtype", dtype), fingerprint)
 
-    import torch
     from transformers import AutoConfig, AutoTokenizer
 
     start = time.perf_counter()
