@@ -22,6 +22,13 @@ quantize run in-process) and the largest resident set any child reached (the con
 gguf-py's metadata copy), sampled every 20 ms. (`getrusage` is no use here: a child
 inherits its parent's high-water mark across fork and exec.) Results: the "Export"
 section of docs/benchmarks.md and docs/benchmarks/export_<shape>.json.
+
+    python benchmarks/export_time.py --ram                    # host RAM of export, 1.5B and 3B shapes
+
+`--ram` runs merge + convert (the phases that hold the model; quantizing holds about half)
+once per shape, each in a fresh process, and writes the "Export host RAM" section and
+docs/benchmarks/export_ram.json: peak RSS over the 16-bit checkpoint size, the factor
+`benchmarks/shapes.py` (EXPORT_RAM_FACTOR) turns into each recipe header's export RAM.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from report import machine, today, versions, write_section  # noqa: E402
 from shapes import SHAPES, checkpoint_dir, random_checkpoint  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RAM_SHAPES = "qwen2.5-1.5b,qwen2.5-3b"
 
 
 def make_adapter(base: Path, out: Path, r: int) -> Path:
@@ -102,13 +110,35 @@ class ChildMemory(threading.Thread):
         return round(self.peak / 1024**3, 2)
 
 
+class AnonMemory(threading.Thread):
+    """Samples this process's anonymous resident memory (RssAnon: what the kernel cannot
+    drop, unlike pages of mapped files); keeps the largest."""
+
+    def __init__(self, interval: float = 0.02):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.done = interval, 0, threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            time.sleep(self.interval)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        return round(self.peak / 1024**3, 2)
+
+
 def worker(args) -> int:
     """One export_gguf call; prints its timings and peak resident memory as JSON."""
     from conj_lite.export import export_gguf
 
     quants = [q for q in args.quants.split(",") if q]
-    children = ChildMemory()
+    children, anon = ChildMemory(), AnonMemory()
     children.start()
+    anon.start()
     start = time.perf_counter()
     result = export_gguf(args.adapter, args.run_dir, quant_types=quants, threads=args.threads)
     wall = time.perf_counter() - start
@@ -117,6 +147,7 @@ def worker(args) -> int:
         "merge_s": None if result.merge_skipped else round(result.merge_seconds, 2),
         "files": {f.type: {"seconds": None if f.skipped else round(f.seconds, 2), "bytes": f.size} for f in result.files},
         "peak_rss_self_gb": high_water_gb(),
+        "peak_anon_self_gb": anon.stop(),
         "peak_rss_children_gb": children.stop(),
     }
     print("RESULT " + json.dumps(out), flush=True)
@@ -146,6 +177,88 @@ def gb(n: int) -> str:
     return f"{n / 1024**3:.2f} GB"
 
 
+RAM_TITLE = "Export host RAM (benchmarks/export_time.py --ram)"
+
+
+def ram(args) -> int:
+    """Merge + convert of each shape in a fresh process: peak RSS over the 16-bit size."""
+    from shapes import EXPORT_RAM_FACTOR, recipe_export_ram
+
+    import report
+
+    previous = report.DOCS / "benchmarks" / "export_ram.json"
+    # Shapes measured before (another run) stay in the table unless measured again now.
+    raw = json.loads(previous.read_text()) if previous.is_file() and not args.no_write else {"shapes": {}}
+    baseline = baseline_rss_gb() if args.shapes else max(e["baseline_rss_gb"] for e in raw["shapes"].values())
+    for shape in filter(None, args.shapes.split(",")):  # --shapes "": only write the section again
+        before = [round(x, 2) for x in os.getloadavg()]
+        base = random_checkpoint(shape, "bfloat16")
+        bench = checkpoint_dir(shape, "bfloat16").parent / f"export-{shape}"
+        adapter = make_adapter(base, bench / "adapter", args.lora_r)
+        run_dir = bench / "run-ram"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+        phase = run_phase(adapter, run_dir, [], args.threads)
+        peak = max(phase["peak_rss_self_gb"], phase["peak_rss_children_gb"])
+        entry = {"date": today(), "machine": machine(), "load_before": before,
+                 "load_after": [round(x, 2) for x in os.getloadavg()], "baseline_rss_gb": baseline,
+                 "command": f"python benchmarks/export_time.py --ram --shapes {shape}",
+                 "params": SHAPES[shape].params(), "checkpoint_bytes": size, **phase,
+                 "peak_gb": peak, "factor": round(peak / (size / 1024**3), 3),
+                 "merge_factor": round(phase["peak_rss_self_gb"] / (size / 1024**3), 3),
+                 "merge_anon_factor": round(phase["peak_anon_self_gb"] / (size / 1024**3), 3),
+                 "convert_factor": round(phase["peak_rss_children_gb"] / (size / 1024**3), 3)}
+        raw["shapes"][shape] = entry
+        print(f"{shape}: {json.dumps(entry)}", flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    factor = max(e["factor"] for e in raw["shapes"].values())
+    raw["factor"] = factor
+    if args.no_write:
+        print(json.dumps(raw, indent=2))
+        return 0
+    rows = []
+    for shape, e in sorted(raw["shapes"].items(), key=lambda kv: kv[1]["params"]):
+        rows.append(f"| {shape} | {e['params'] / 1e9:.2f}B | {e['checkpoint_bytes'] / 1024**3:.2f} | {e['merge_s']:.0f} | "
+                    f"{e['peak_rss_self_gb']:.2f} ({e['merge_factor']:.2f}×) | "
+                    f"{e['peak_anon_self_gb']:.2f} ({e['merge_anon_factor']:.2f}×) | {e['files']['f16']['seconds']:.0f} | "
+                    f"{e['peak_rss_children_gb']:.2f} ({e['convert_factor']:.2f}×) | {e['date']}, "
+                    f"{', '.join(map(str, e['load_before']))} / {', '.join(map(str, e['load_after']))} |")
+    from conj_lite.config import load_recipe
+
+    recipes = sorted((REPO / "conj_lite" / "recipes").glob("*_*.yaml"))
+    recipe_rows = []
+    for path in recipes:
+        stated = recipe_export_ram(load_recipe(path))
+        if stated:
+            recipe_rows.append(f"`{path.stem}` {stated[0]:.1f} GB")
+    body = f"""
+Machine: {machine()}. Versions: {versions('torch', 'transformers', 'peft', 'safetensors', 'llama_cpp_python', 'gguf')}.
+Command: `python benchmarks/export_time.py --ram --shapes SHAPE`, one shape at a time (other work shared the
+cores: load average before / after in the table).
+
+Each shape: a random bf16 checkpoint (`shapes.random_checkpoint`) and a LoRA adapter (r={args.lora_r}, all seven projections,
+marked as trained in 4-bit), then `conj_lite.export.export_gguf` merge + convert to f16 in a fresh process. The merge
+reads the base into float16 (pread, tensor by tensor) and adds each LoRA delta in float32. Peak RSS is the exporting
+process's VmHWM (merge) and the converter child's largest resident set (sampled every 20 ms); anonymous is the merge's
+RssAnon peak (sampled), the part the kernel cannot drop. Both include the libraries (a process that only imports
+them peaks at {baseline:.2f} GB). Factors are over the 16-bit checkpoint size; GB are 2^30 bytes. The converter reads the
+merged files through mmap, so its resident set shrinks when the kernel reclaims those pages for other processes (this
+machine's 23 GB were shared with other jobs): its figure is a floor; the merge's is the peak.
+
+| shape | parameters | 16-bit checkpoint, GB | merge, s | merge peak RSS, GB | merge peak anonymous, GB | convert, s | converter peak RSS, GB | date, load average |
+|---|---:|---:|---:|---:|---:|---:|---:|---|
+{chr(10).join(rows)}
+
+Export needs **{factor:.2f}×** the 16-bit size of host RAM (the largest factor above); `benchmarks/shapes.py`
+(`EXPORT_RAM_FACTOR = {EXPORT_RAM_FACTOR}`) states each recipe's export RAM from it: {', '.join(recipe_rows)}.
+(Before, the merge loaded the base in float32: 2× the 16-bit size for the weights alone; on the 100 MiB model
+of tests/test_export.py that path peaked at 3.1× against 1.6× now.)
+"""
+    path = write_section(RAM_TITLE, body, raw, "export_ram.json")
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
@@ -153,12 +266,16 @@ def main(argv=None) -> int:
     parser.add_argument("--quants", default="q8_0,q4_k_m")
     parser.add_argument("--threads", type=int, default=0, help="quantization threads (0: all cores)")
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch docs/")
+    parser.add_argument("--ram", action="store_true", help="host RAM of merge + convert, per shape (--shapes)")
+    parser.add_argument("--shapes", default=RAM_SHAPES, help="with --ram: comma-separated shapes")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--adapter", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.ram:
+        return ram(args)
 
     import torch
 

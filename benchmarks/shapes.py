@@ -11,7 +11,9 @@ The estimate is arithmetic, not a measurement. Plain path (transformers + bitsan
 
   weights      linear layers in NF4: 0.5 byte/param x 1.1 (block constants, double
                quantization, slack); embeddings and an untied LM head stay 16-bit
-               (bitsandbytes quantizes linear layers only, and skips the LM head)
+               (bitsandbytes quantizes linear layers only, and skips the LM head), and
+               nothing is upcast to fp32 (`weight_bytes`; the GPU check records the real
+               bytes by dtype)
   LoRA         r x (in + out) per adapted projection: fp32 weight + fp32 gradient +
                two 8-bit Adam states = 10 bytes/param
   activations  TRL runs chosen and rejected as one batch: 2 x batch x seq tokens.
@@ -109,6 +111,7 @@ SHAPES: dict[str, Shape] = {
     "llama-3.2-3b": Shape("llama", 3072, 8192, 28, 24, 8, 128256, True, head_dim=128),
     "llama-3.1-8b": Shape("llama", 4096, 14336, 32, 32, 8, 128256, False),
     "mistral-7b": Shape("mistral", 4096, 14336, 32, 32, 8, 32768, False),
+    "smollm2-135m": Shape("llama", 576, 1536, 30, 9, 3, 49152, True),  # the packaged real model
 }
 
 # Hub ids the recipes use -> shape.
@@ -135,10 +138,17 @@ class MemoryEstimate:
         return max(self.train_gb, self.sample_gb)
 
 
+def weight_bytes(shape: Shape, load_in_4bit: bool = True) -> float:
+    """The base weights the training path holds: linear layers in NF4 (or 16-bit), the
+    embeddings and an untied LM head in 16-bit, nothing upcast to fp32 (conj_lite.training
+    does not call peft's prepare_model_for_kbit_training; tests/test_gpu_path.py)."""
+    return shape.linear_params() * (NF4_BYTES if load_in_4bit else 2) + shape.embedding_params() * 2
+
+
 def estimate(shape: Shape, *, seq: int, batch: int = 1, lora_r: int = 16, targets=ALL_TARGETS,
              gradient_checkpointing: bool = True, sampling_batch: int = 16, load_in_4bit: bool = True) -> MemoryEstimate:
     """Peak GPU memory of sampling and of QLoRA DPO+SFT training, in GB (see module doc)."""
-    weight_bytes = shape.linear_params() * (NF4_BYTES if load_in_4bit else 2) + shape.embedding_params() * 2
+    weights = weight_bytes(shape, load_in_4bit)
     lora = shape.lora_params(lora_r, targets) * LORA_BYTES
     tokens = 2 * batch * seq  # chosen + rejected in one forward
     per_layer = tokens * (16 * shape.hidden + 6 * shape.intermediate) * 2
@@ -154,10 +164,10 @@ def estimate(shape: Shape, *, seq: int, batch: int = 1, lora_r: int = 16, target
         return sum(terms) * FRAGMENTATION / GB + CUDA_CONTEXT_GB
 
     parts = {name: round(value / GB, 2) for name, value in (
-        ("weights", weight_bytes), ("lora_and_optimizer", lora), ("activations", activations),
+        ("weights", weights), ("lora_and_optimizer", lora), ("activations", activations),
         ("logits", logits), ("kv_cache", kv_cache), ("prefill", prefill))}
-    return MemoryEstimate(parts, round(total(weight_bytes, lora, activations, logits), 1),
-                          round(total(weight_bytes, kv_cache, prefill), 1))
+    return MemoryEstimate(parts, round(total(weights, lora, activations, logits), 1),
+                          round(total(weights, kv_cache, prefill), 1))
 
 
 def estimate_recipe(recipe) -> MemoryEstimate:
@@ -169,6 +179,22 @@ def estimate_recipe(recipe) -> MemoryEstimate:
         gradient_checkpointing=t.gradient_checkpointing is not False, sampling_batch=recipe.sampling.batch_size,
         load_in_4bit=recipe.model.load_in_4bit is not False,
     )
+
+
+# Host RAM of export (merge + convert) over the 16-bit checkpoint size: the largest factor
+# `benchmarks/export_time.py --ram` measured (docs/benchmarks/export_ram.json, checked by
+# tests/test_recipes.py). Recipe headers state factor x 16-bit size.
+EXPORT_RAM_FACTOR = 1.3
+
+
+def recipe_export_ram(recipe, factor: float = EXPORT_RAM_FACTOR) -> tuple[float, float] | None:
+    """(host RAM export needs, 16-bit size of the model), GB, for a recipe whose model is in
+    HUB_MODELS (None otherwise)."""
+    name = HUB_MODELS.get(recipe.model.name_or_path)
+    if name is None:
+        return None
+    size = SHAPES[name].params() * 2 / GB
+    return round(factor * size, 1), round(size, 1)
 
 
 def checkpoint_dir(name: str, dtype: str) -> Path:

@@ -15,6 +15,17 @@ Prints one line `RESULT {json}`: peak GPU memory (allocated and reserved, after
 `--memory-cap-gb` caps the CUDA caching allocator (`set_per_process_memory_fraction`)
 to emulate a smaller card; running out of it is reported as `"fits": false`.
 Each run is a fresh process so that peaks and unsloth's patches never leak between runs.
+
+What the figures see. `max_memory_allocated` counts PyTorch's tensors; `max_memory_reserved`
+adds what its caching allocator holds (the card must have that). Neither sees the CUDA
+context and library workspaces (cuBLAS, about 0.5 GB, `shapes.CUDA_CONTEXT_GB`), nor
+memory allocated outside PyTorch's allocator: bitsandbytes' paged optimizers
+(`paged_adamw_8bit`) keep their states in CUDA managed memory, which the driver pages
+between host and card and which the allocator cap does not limit either (for LoRA r=16
+on a 7B, about 80 MB). `peak_process_gb` is what the driver reports for this process
+(NVML, sampled every 50 ms: context, allocator pool, other device allocations).
+Also recorded: the loaded model's weights by dtype (what the training path really holds)
+and the dtypes of the trainable parameters when training starts.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -81,8 +93,9 @@ def high_water_gb() -> float:
     return float("nan")
 
 
-def timed_progress(times: list[float], sync):
-    """Wrap conj_lite.training's progress-bar callback so each optimizer step is timestamped."""
+def timed_progress(times: list[float], sync, seen: dict):
+    """Wrap conj_lite.training's progress-bar callback so each optimizer step is timestamped
+    (and the trainable parameters' dtypes are recorded in `seen` when training starts)."""
     from conj_lite import training
 
     original = training.rich_callback
@@ -94,6 +107,9 @@ def timed_progress(times: list[float], sync):
         def begin(args, state, control, **kwargs):
             sync()
             times.append(time.perf_counter())
+            model = kwargs.get("model")
+            if model is not None:
+                seen["trainable_dtypes"] = dtype_counts(p for p in model.parameters() if p.requires_grad)
             return on_train_begin(args, state, control, **kwargs)
 
         def step(args, state, control, **kwargs):
@@ -105,6 +121,60 @@ def timed_progress(times: list[float], sync):
         return callback
 
     training.rich_callback = make
+
+
+def dtype_counts(params) -> dict:
+    out: dict[str, int] = {}
+    for p in params:
+        out[str(p.dtype).replace("torch.", "")] = out.get(str(p.dtype).replace("torch.", ""), 0) + p.numel()
+    return out
+
+
+def record_loaded_weights(seen: dict):
+    """Wrap conj_lite.training.load_for_training: the loaded model's weights, GB by dtype
+    (4-bit weights are uint8 storage), as training holds them."""
+    from conj_lite import training
+
+    original = training.load_for_training
+
+    def load(*args, **kwargs):
+        model, *rest = original(*args, **kwargs)
+        by_dtype: dict[str, float] = {}
+        for p in model.parameters():
+            key = str(p.dtype).replace("torch.", "")
+            by_dtype[key] = by_dtype.get(key, 0.0) + p.numel() * p.element_size() / 1024**3
+        seen["weights_gb_by_dtype"] = {k: round(v, 3) for k, v in by_dtype.items()}
+        return (model, *rest)
+
+    training.load_for_training = load
+
+
+class ProcessMemory(threading.Thread):
+    """This process's GPU memory as the driver reports it (NVML), sampled; keeps the largest."""
+
+    def __init__(self, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.done, self.error = interval, 0, threading.Event(), None
+
+    def run(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("LOCAL_RANK", 0)))
+            pid = os.getpid()
+            while not self.done.is_set():
+                for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid == pid and proc.usedGpuMemory:
+                        self.peak = max(self.peak, proc.usedGpuMemory)
+                time.sleep(self.interval)
+        except Exception as exc:  # noqa: BLE001 - no NVML (or pid namespaces): the figure is missing
+            self.error = f"{type(exc).__name__}: {exc}"[:200]
+
+    def stop(self) -> float | None:
+        self.done.set()
+        self.join(timeout=2)
+        return round(self.peak / 1024**3, 3) if self.peak else None
 
 
 def run(args) -> dict:
@@ -141,11 +211,16 @@ def run(args) -> dict:
         "export": {"enabled": False},
     })
     times: list[float] = []
-    timed_progress(times, sync)
+    seen: dict = {}
+    timed_progress(times, sync, seen)
+    record_loaded_weights(seen)
     from conj_lite.training import train_adapter
 
+    process_memory = None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        process_memory = ProcessMemory()
+        process_memory.start()
     result = {"seq": args.seq, "dtype": args.dtype, "unsloth": args.unsloth, "grad_accum": args.grad_accum,
               "steps": args.steps, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
               "memory_cap_gb": args.memory_cap_gb if cuda else None}
@@ -159,6 +234,10 @@ def run(args) -> dict:
     if cuda:
         result["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
         result["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1024**3, 3)
+        result["peak_process_gb"] = process_memory.stop()
+        if process_memory.error:
+            result["peak_process_error"] = process_memory.error
+    result.update(seen)
     result["peak_rss_gb"] = high_water_gb()  # host RAM: VmHWM, since exec (getrusage would count the parent)
     steps = [b - a for a, b in zip(times, times[1:])]
     result["step_seconds"] = [round(s, 4) for s in steps]

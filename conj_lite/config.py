@@ -46,7 +46,8 @@ class ModelConfig:
     name_or_path: str = opt("tiny", "a Hugging Face model id or local directory; 'tiny' builds a small local model")
     tiny: TinyConfig = field(default_factory=TinyConfig, metadata={"help": "shapes of the tiny local model"})
     load_in_4bit: bool | None = opt(None, "4-bit NF4 QLoRA; default: on when CUDA is available")
-    dtype: str = opt("auto", "compute dtype: auto (bf16 if supported, else fp16 on CUDA; fp32 on CPU), bf16, fp16, fp32")
+    dtype: str = opt("auto", "compute dtype: auto (bf16 on CUDA compute capability 8.0+, fp16 on older cards, fp32 on CPU), "
+                     "bf16, fp16, fp32")
     use_unsloth: str | bool = opt("auto", "auto (when installed and on CUDA), yes, no")
     max_seq_length: int = opt(2048, "longest prompt+judgment in tokens")
     trust_remote_code: bool = opt(False, "passed to from_pretrained")

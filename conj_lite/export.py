@@ -477,6 +477,58 @@ def _merge_dtype(base_config, dtype: str):
     return torch.float16
 
 
+def _checkpoint_files(base: str) -> list[Path]:
+    """The safetensors shards of a local or hub-cached checkpoint; [] if it has none."""
+    root = Path(base)
+    if not root.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            # the files from_pretrained would fetch (not e.g. Mistral's consolidated.safetensors)
+            root = Path(snapshot_download(base, allow_patterns=[
+                "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]))
+        except Exception:  # offline and not cached, not a hub id: from_pretrained says why
+            return []
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return [root / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+    return [root / "model.safetensors"] if (root / "model.safetensors").is_file() else []
+
+
+def load_base_16bit(base: str, dtype):
+    """The base model converted to `dtype` as it is read, holding about one copy of the
+    model in memory.
+
+    transformers reads safetensors through mmap, and converting (bf16 checkpoint -> f16)
+    touches every page of the mapping, so the process's resident set peaks at the file
+    plus the converted copy (2x the 16-bit size). Read with pread instead (the backend
+    transformers itself uses on Windows), tensor by tensor, only the converted copy stays."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    files = _checkpoint_files(base)
+    config = AutoConfig.from_pretrained(base)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None) if files else None
+    if model_class is None:
+        return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    from safetensors import safe_open
+
+    try:
+        handles = [safe_open(str(f), framework="pt", backend="pread") for f in files]
+    except TypeError:  # a safetensors without the pread backend
+        return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    try:
+        state = {key: h.get_slice(key) for h in handles for key in h.keys()}  # read when loaded
+        model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    finally:
+        for h in handles:
+            h.__exit__(None, None, None)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(base)
+    except OSError:  # the checkpoint has none
+        pass
+    return model
+
+
 @dataclass
 class MergeResult:
     merged_dir: Path
@@ -504,8 +556,7 @@ def merge_adapter(source: str | Path, merged_dir: str | Path, *, base: str | Non
         meta = read_json(done)
         return MergeResult(merged_dir, 0.0, True, meta.get("dtype", dtype), fingerprint)
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     start = time.perf_counter()
     try:
@@ -518,17 +569,22 @@ def merge_adapter(source: str | Path, merged_dir: str | Path, *, base: str | Non
             "export: training used a 4-bit base; merging into the 16-bit base weights instead", highlight=False
         )
     try:
-        # The merge itself in float32: W + BA rounded once to the saved dtype. Merged in
-        # 16 bits, small deltas vanish (delta std 1e-4 on weights of std 0.02: 33% error
-        # in bf16 against 4% merged in fp32 and saved as f16).
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, low_cpu_mem_usage=True)
+        # The base in the saved dtype (no float32 copy of the model: that needed twice the
+        # host RAM). The merge is still float32 arithmetic, module by module: peft keeps the
+        # loaded LoRA weights in float32, so each W16 += scale * B @ A is computed in
+        # float32 and rounded once to 16 bits. Rounding the delta to 16 bits first would
+        # lose small deltas (delta std 1e-4 on weights of std 0.02: 33% error in bf16,
+        # 4% merged in float32 and saved as f16).
+        model = load_base_16bit(base, torch_dtype)
     except (OSError, ValueError) as exc:
         raise InputError(f"{base}: cannot load the base model: {exc}") from None
     if info["kind"] == "adapter":
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, str(source))
+            # autocast_adapter_dtype: LoRA weights in float32 whatever the base's dtype (the
+            # float32 merge above relies on it)
+            model = PeftModel.from_pretrained(model, str(source), autocast_adapter_dtype=True)
         except (RuntimeError, ValueError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise InputError(

@@ -50,18 +50,44 @@ def unsloth_available() -> bool:
     return cuda_available() and importlib.util.find_spec("unsloth") is not None
 
 
-def resolve_runtime(cfg: ModelConfig) -> Runtime:
-    """Pick device, dtype, 4-bit and unsloth from the recipe and the hardware."""
+def auto_dtype() -> str:
+    """bf16 where the card computes in bf16 (compute capability 8.0+: A100, L4, H100),
+    fp16 on older cards (T4 7.5, V100 7.0, P100 6.0), fp32 on the CPU. Decided by the
+    capability: torch's `is_bf16_supported()` also counts emulation and says True on a
+    T4, which would train in emulated bf16."""
     import torch
 
+    if not cuda_available():
+        return "fp32"
+    major, _ = torch.cuda.get_device_capability(local_rank())
+    return "bf16" if major >= 8 else "fp16"
+
+
+def _unsloth_choice(cfg: ModelConfig) -> str:
+    return {True: "yes", False: "no"}.get(cfg.use_unsloth, cfg.use_unsloth)  # YAML reads yes/no as booleans
+
+
+def _multi_process() -> bool:
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1  # unsloth is single-GPU
+
+
+def will_use_unsloth(cfg: ModelConfig) -> bool:
+    """Whether a run of this model config takes the unsloth path here."""
+    return _unsloth_choice(cfg) in ("auto", "yes") and not _multi_process() and unsloth_available()
+
+
+def import_unsloth_early(cfg: ModelConfig) -> None:
+    """Import unsloth now if this run will use it: it patches transformers, trl and peft
+    as it is imported, so it must come before them (conj-lite imports them lazily; the
+    first is `progress.quiet_libraries`)."""
+    if will_use_unsloth(cfg):
+        import unsloth  # noqa: F401
+
+
+def resolve_runtime(cfg: ModelConfig) -> Runtime:
+    """Pick device, dtype, 4-bit and unsloth from the recipe and the hardware."""
     on_cuda = cuda_available()
-    if cfg.dtype == "auto":
-        if on_cuda:
-            dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"  # T4/P100: fp16
-        else:
-            dtype = "fp32"
-    else:
-        dtype = cfg.dtype
+    dtype = auto_dtype() if cfg.dtype == "auto" else cfg.dtype
     if dtype not in ("bf16", "fp16", "fp32"):
         raise InputError(f"model.dtype must be auto, bf16, fp16 or fp32, got {cfg.dtype!r}")
     load_in_4bit = on_cuda if cfg.load_in_4bit is None else cfg.load_in_4bit
@@ -69,13 +95,12 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
         raise InputError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false for CPU runs")
     if load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError('4-bit QLoRA needs bitsandbytes: pip install "conj-lite[gpu]"')
-    choice = {True: "yes", False: "no"}.get(cfg.use_unsloth, cfg.use_unsloth)  # YAML reads yes/no as booleans
+    choice = _unsloth_choice(cfg)
     if choice not in ("auto", "yes", "no"):
         raise InputError(f"model.use_unsloth must be auto, yes or no, got {cfg.use_unsloth!r}")
-    multi_process = int(os.environ.get("WORLD_SIZE", 1)) > 1  # unsloth is single-GPU
-    if choice == "yes" and multi_process:
+    if choice == "yes" and _multi_process():
         raise InputError("model.use_unsloth: yes does not run under multi-process data parallel; set it to no")
-    use_unsloth = choice != "no" and not multi_process and unsloth_available()
+    use_unsloth = will_use_unsloth(cfg)
     if choice == "yes" and not use_unsloth:
         raise InputError('model.use_unsloth: yes needs a CUDA GPU and unsloth: pip install "conj-lite[unsloth]"')
     return Runtime(device="cuda" if on_cuda else "cpu", dtype=dtype, load_in_4bit=load_in_4bit, use_unsloth=use_unsloth)

@@ -37,7 +37,7 @@ from .errors import InputError
 from .filtering import build_pairs
 from .jsonio import read_json, write_json, write_jsonl
 from .judging import Judge, evaluate
-from .models import load_for_sampling, resolve_model_path, resolve_runtime, set_cpu_threads
+from .models import import_unsloth_early, load_for_sampling, resolve_model_path, resolve_runtime, set_cpu_threads
 from .progress import get_console, quiet_libraries, stage_progress
 from .prompts import check_chat_template, load_template
 from .relevance import pair_chars, relevance_split
@@ -105,6 +105,7 @@ class ConjRun:
             loaded, source = load_recipe(recipe, overrides), (str(recipe) if recipe else None)
         run = cls(loaded, Path(out_dir), source, console or get_console())
         run.out_dir.mkdir(parents=True, exist_ok=True)
+        import_unsloth_early(loaded.model)  # before quiet_libraries imports transformers
         quiet_libraries()
         save_recipe(run.recipe, run.out_dir / "recipe.yaml")
         return run

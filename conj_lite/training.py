@@ -16,9 +16,10 @@ Paths, chosen once from the recipe and the machine (`models.resolve_runtime`):
   CUDA + unsloth installed   unsloth FastLanguageModel, 4-bit, its gradient checkpointing
   CUDA                       transformers + bitsandbytes NF4 + peft (QLoRA), 8-bit paged AdamW
   CPU                        full-precision LoRA (tiny models)
-On cards without bf16 (T4, P100) training runs in fp16 and the trainable LoRA
-weights are kept in fp32: TRL 1.x casts them to bf16 for quantized models, which
-fp16 loss scaling cannot handle.
+On cards without bf16 (T4, P100) training runs in fp16, elsewhere in bf16; either way
+the trainable LoRA weights are kept in fp32 (`keep_trainable_fp32`): TRL 1.x casts them
+to bf16 for quantized models, which fp16 loss scaling cannot handle and where small
+updates are rounded away.
 """
 
 from __future__ import annotations
@@ -146,7 +147,11 @@ def passes_needed(n_rows: int, recipe: Recipe) -> int:
 
 
 def keep_trainable_fp32(model) -> int:
-    """Undo TRL's bf16 cast of trainable parameters for fp16 training."""
+    """Undo TRL's bf16 cast of the trainable (LoRA) parameters of a quantized model.
+
+    fp16 loss scaling cannot handle bf16 weights, and in bf16 many updates at lr 5e-5
+    fall below half an ulp of the weight and are lost; fp32 weights keep them (autocast
+    still computes in 16 bits). Returns how many parameters were cast."""
     import torch
 
     count = 0
@@ -206,10 +211,12 @@ def load_for_training(base: str, recipe: Recipe, runtime: Runtime, init_adapter:
         return model, tokenizer, None, False  # unsloth handles checkpointing itself
     tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
     model = load_causal_lm(base, recipe.model, runtime)
-    if runtime.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    # Only the LoRA weights train; the base stays as loaded. Not peft's
+    # prepare_model_for_kbit_training: it casts every 16-bit weight that is not 4-bit
+    # (embeddings, an untied LM head, norms) to fp32, +2 GiB on Qwen2.5-7B, more than a T4
+    # has to spare. Gradient checkpointing (use_reentrant=False, transformers' default) and
+    # the input gradients it needs are enabled by the trainer (`gradient_checkpointing`).
+    model.requires_grad_(False)
     if init_adapter is not None:
         from peft import PeftModel
 
@@ -414,7 +421,7 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the rich bar reports instead
-    if runtime.dtype == "fp16":
+    if runtime.dtype in ("fp16", "bf16"):
         keep_trainable_fp32(trainer.model)
 
     eval_set = eval_subset(dataset, recipe.training.eval_pairs, recipe.training.seed)

@@ -91,3 +91,16 @@ def test_notebook_runs_end_to_end_in_tiny_cpu_mode(path, tmp_path, monkeypatch, 
     assert held_out and not train_ids & {r["id"] for r in held_out}, "the held-out pairs were trained on"
     printed = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
     assert len(re.findall(r"verdict (A|B|inconsistent) \(label", printed)) == 2  # LOCAL_JUDGE_PAIRS in tiny mode
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_installs_unsloth_without_its_dependencies(path):
+    """As unsloth's own notebooks do: with its dependencies, pip may replace the runtime's
+    torch (xformers' wheels pin an exact torch), leaving a driver mismatch or no CUDA. The
+    install cell stops when torch changed anyway."""
+    code = code_of(nbformat.read(path, as_version=4))
+    installs = [line.strip() for line in code.splitlines() if "pip install" in line]
+    unsloth = [line for line in installs if "unsloth" in line]
+    assert unsloth and all("--no-deps" in line for line in unsloth), installs
+    assert not any("xformers" in line for line in installs)
+    assert "torch_after != torch_before" in code

@@ -165,3 +165,29 @@ def test_cpu_recipe_header_names_target_and_command(path):
     assert f"conj-lite run {path.stem} --out" in header
     recipe = load_recipe(path)
     assert recipe.model.name_or_path in ("tiny", "smollm2-135m") and recipe.model.load_in_4bit is False
+
+
+@pytest.mark.parametrize("path", GPU_RECIPES, ids=ids(GPU_RECIPES))
+def test_header_export_ram_is_the_measured_factor(path):
+    """The Export line states host RAM as the measured factor (benchmarks/export_time.py
+    --ram, EXPORT_RAM_FACTOR) times the model's 16-bit size, and sends exports that need
+    more than Colab free's 12.7 GB elsewhere."""
+    from shapes import EXPORT_RAM_FACTOR, recipe_export_ram
+
+    ram, size = recipe_export_ram(load_recipe(path))
+    export = header(path)["Export"]
+    assert f"~{ram:.1f} GB host RAM ({size:.1f} GB of 16-bit weights x {EXPORT_RAM_FACTOR}, measured" in export, export
+    assert ("export.enabled=false" in export) == (ram > 12.7)
+
+
+def test_export_ram_factor_is_the_measured_one():
+    """EXPORT_RAM_FACTOR is the largest peak-RSS factor measured on the 1.5B and 3B shapes
+    (docs/benchmarks/export_ram.json), rounded up."""
+    import json
+
+    from shapes import EXPORT_RAM_FACTOR
+
+    raw = json.loads((REPO / "docs" / "benchmarks" / "export_ram.json").read_text())
+    assert {"qwen2.5-1.5b", "qwen2.5-3b"} <= set(raw["shapes"])
+    assert raw["factor"] == max(e["factor"] for e in raw["shapes"].values())
+    assert raw["factor"] <= EXPORT_RAM_FACTOR < raw["factor"] + 0.05
