@@ -48,6 +48,7 @@ from conj_lite.export import convert_lora_to_gguf  # noqa: E402
 from conj_lite.jsonio import read_jsonl, write_jsonl  # noqa: E402
 from conj_lite.packaged import BASE_GGUF  # noqa: E402
 from conj_lite.pipeline import PAIRS, ConjRun  # noqa: E402
+from conj_lite.prompts import load_template  # noqa: E402
 from conj_lite.relevance import pair_chars, relevance_split  # noqa: E402
 from conj_lite.system import peak_rss_bytes, release_memory, reset_peak_rss, usable_cpus  # noqa: E402
 from conj_lite.training import recorded_template, train_adapter  # noqa: E402
@@ -233,6 +234,62 @@ def merge_results(old: dict | None, new: dict) -> dict:
     commands = list(dict.fromkeys(old["meta"]["commands"] + new["meta"]["commands"]))
     notes = list(dict.fromkeys(old["meta"].get("notes", []) + new["meta"].get("notes", [])))
     return {"meta": {**new["meta"], "commands": commands, "notes": notes}, "base": new["base"], "rows": rows}
+
+
+def gpu_curve(model_dir: str, *, budget_s: float, work: Path, dry_run: bool, record) -> dict:
+    """The curve at GPU budgets (issue 20, item 4; benchmarks/gpu_check.py --sections
+    learning_curve): conj and the sft ceiling on the relevance task and on the HH
+    single-turn preferences of the shipped file (the data that travels with the repo),
+    judged by the transformers judge (no llama.cpp on the GPU machine), verdict mode, both
+    orders, 100 held-out pairs per task. Larger budgets start only while the time left
+    covers twice the last run's time; every point is recorded as soon as it exists."""
+    from conj_lite.judging import Judge, evaluate
+
+    start = time.perf_counter()
+    budgets = (32, 64) if dry_run else (256, 1024, 4096)
+    n_test = 8 if dry_run else 100
+    sources = load_pairs(HH_SINGLE).pairs
+    rel_train, rel_test = relevance_split(sources, n_test, seed=0, per_question=8, max_chars=600)
+    hh = [p for p in sources if p.answer_a.strip() and p.answer_b.strip() and pair_chars(p) <= 600]
+    hh_train, hh_test = split(hh, len(hh) - n_test, n_test)
+    tasks = {"relevance": (rel_train, rel_test), "hh_single": (hh_train, hh_test)}
+    overrides = [f"model.name_or_path={model_dir}", "filtering.rationale=false", "sampling.n_repeats=0",
+                 "training.eval_pairs=0", "training.save_steps=100000", "export.enabled=false"]
+    points, last = [], 0.0
+
+    def judged(adapter, pairs, where: Path) -> dict:
+        judge = Judge.from_hf(model_dir, adapter=adapter, mode="verdict",
+                              template=replace(load_template("en"), rationale=False))
+        try:
+            report = evaluate(judge, pairs, mode="verdict", bootstrap=1000, records_path=where)
+        finally:
+            judge.close()
+        return {k: report.metrics.get(k) for k in METRICS} | {f"{k}_ci": report.metrics.get(f"{k}_ci") for k in METRICS}
+
+    for task, (train, test) in tasks.items():
+        pool = write_pairs_jsonl(train[: (max(budgets) + 1) // 2], work / task / "pool.jsonl")
+        run = ConjRun.from_recipe(RECIPE, work / task / "pool", [f"data.path={pool}", "data.heldout=0",
+                                                                  "data.task=preference", *overrides])
+        run.sample()
+        run.filter()
+        base = judged(None, test, work / task / "base.jsonl")
+        record(**{f"{task}_base": base})
+        for budget in budgets:
+            for method in ("sft", "conj"):
+                left = budget_s - (time.perf_counter() - start)
+                if left < 2 * last:
+                    record(stopped=f"{task} {method} {budget}: {left:.0f} s left, the last run took {last:.0f} s")
+                    return {"points": points}
+                t = time.perf_counter()
+                dest = work / task / f"{method}-{budget}"
+                trained = train_one(run, method, budget, dest)
+                point = {"task": task, "method": method, "budget": budget, "train": trained,
+                         "heldout": judged(dest / "adapter", test, dest / "heldout.jsonl")}
+                last = time.perf_counter() - t
+                point["seconds"] = round(last, 1)
+                points.append(point)
+                record(points=points)
+    return {"points": points}
 
 
 def main(argv=None) -> int:

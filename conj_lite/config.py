@@ -139,6 +139,9 @@ class TrainConfig:
     warmup_ratio: float = opt(0.1, "learning-rate warm-up")
     logging_steps: int = opt(1, "log every N steps")
     save_steps: int = opt(50, "checkpoint every N steps (resumable)")
+    precompute_ref: bool = opt(False, "compute the reference log-probabilities of every pair once before training, "
+                               "in batches of ref_batch_size (TRL precompute_ref_log_probs), not at every step")
+    ref_batch_size: int = opt(16, "pairs per batch when precomputing the reference log-probabilities")
     eval_pairs: int = opt(64, "training pairs (a seeded sample) measured before and after training: loss, "
                           "reward margin, pair accuracy (0: none)")
     seed: int = opt(0, "training seed")

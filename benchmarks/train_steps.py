@@ -1,0 +1,134 @@
+"""What a training step of the embedded demo costs on the CPU, and what makes it cheaper.
+
+The demo's own pairs (recipe `smollm2-135m_cpu` as shipped: sampled and filtered once,
+cached in --work), trained through `conj_lite.training.train_adapter` for the same
+optimizer steps under each configuration, side by side, each in a fresh process:
+
+  fp32            the model in fp32 (the recipe before this benchmark)
+  bf16            bf16 weights and autocast on the CPU (model.dtype=bf16), LoRA in fp32
+  bf16+precompute the reference log-probabilities computed once, in batches of 16, before
+                  training (training.precompute_ref), not in every step
+
+Each row: training examples per second (examples = pair rows, chosen + rejected), the
+wall time of the stage (model load, TRL's data preparation, the steps, the before/after
+measurement on `eval_pairs` rows), peak RSS, and the per-step losses, compared with the
+first row's (same seed, same rows, same order): a faster path must leave the loss curve
+within noise.
+
+    python benchmarks/train_steps.py --steps 16            # writes its section of docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from report import cpu_name, today, versions, write_section  # noqa: E402
+
+RECIPE = "smollm2-135m_cpu"
+TITLE = "Training steps of the embedded demo on the CPU (benchmarks/train_steps.py)"
+CONFIGS = {
+    "fp32": ["model.dtype=fp32"],
+    "bf16": ["model.dtype=bf16"],
+    "bf16+precompute": ["model.dtype=bf16", "training.precompute_ref=true"],
+}
+
+
+def pool(work: Path, overrides: list[str]) -> Path:
+    """pairs.jsonl of the demo recipe (sampled once)."""
+    from conj_lite.pipeline import PAIRS, ConjRun
+
+    run = ConjRun.from_recipe(RECIPE, work / "pool", ["export.enabled=false", *overrides])
+    run.sample()
+    if not run.filter_is_current():
+        run.filter()
+    return run.out_dir / PAIRS
+
+
+def worker(config: str, pairs: str, out: str, steps: int, eval_pairs: int, overrides: list[str]) -> dict:
+    from conj_lite.config import find_recipe, load_recipe
+    from conj_lite.models import resolve_model_path, set_cpu_threads
+    from conj_lite.system import peak_rss_bytes
+    from conj_lite.training import train_adapter
+
+    set_cpu_threads()
+    recipe = load_recipe(find_recipe(RECIPE), [*overrides, *CONFIGS[config], f"training.max_steps={steps}",
+                                               f"training.eval_pairs={eval_pairs}", "training.logging_steps=1",
+                                               f"training.save_steps={10 * steps}"])
+    base = resolve_model_path(recipe)
+    start = time.perf_counter()
+    summary = train_adapter(recipe, base, pairs, out)
+    wall = time.perf_counter() - start
+    meta = json.loads((Path(out) / "adapter" / "conj_lite_train.json").read_text())
+    t = recipe.training
+    return {"config": config, "steps": summary.steps, "train_seconds": summary.seconds, "stage_seconds": wall,
+            "examples": summary.steps * t.batch_size * t.grad_accum, "peak_rss_gb": peak_rss_bytes() / 1e9,
+            "losses": [h["loss"] for h in meta["history"]]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--eval-pairs", type=int, default=0, help="training.eval_pairs in every configuration")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--work", default="runs/train-steps")
+    parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "PAIRS", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for every configuration")
+    args = parser.parse_args(argv)
+    if args.worker:
+        result = worker(*args.worker, args.steps, args.eval_pairs, args.overrides)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    work = Path(args.work)
+    pairs = pool(work, args.overrides)
+    load_before = os.getloadavg()
+    results = []
+    for config in args.configs:
+        out = work / config
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        cmd = [sys.executable, __file__, "--steps", str(args.steps), "--eval-pairs", str(args.eval_pairs),
+               "--worker", config, str(pairs), str(out), *args.overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{config} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        results.append(json.loads(line[len("RESULT "):]))
+        r = results[-1]
+        print(f"{config}: {r['examples'] / r['train_seconds']:.2f} examples/s, {r['train_seconds']:.0f} s training, "
+              f"{r['stage_seconds']:.0f} s stage, peak {r['peak_rss_gb']:.2f} GB", flush=True)
+    load_after = os.getloadavg()
+    base = results[0]
+    rows = []
+    for r in results:
+        speed = r["examples"] / r["train_seconds"]
+        diff = max((abs(a - b) for a, b in zip(r["losses"], base["losses"])), default=0.0)
+        rows.append(f"| {r['config']} | {speed:.2f} | {speed / (base['examples'] / base['train_seconds']):.2f}× | "
+                    f"{r['train_seconds']:.0f} | {r['stage_seconds']:.0f} | {r['peak_rss_gb']:.2f} | "
+                    f"{r['losses'][0]:.4f} → {r['losses'][-1]:.4f} | {diff:.4f} |")
+    command = "python benchmarks/train_steps.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = "\n".join([
+        f"{today()}, {cpu_name()}, {os.cpu_count()} cores, no GPU; load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after. {versions('torch', 'transformers', 'trl', 'peft')}. Command: `{command}`.", "",
+        f"The demo recipe's own DPO pairs (`{RECIPE}`, sampled and filtered once), {args.steps} optimizer steps of "
+        f"{base['examples'] // max(1, base['steps'])} examples in every configuration, the same seed and order; "
+        f"training.eval_pairs={args.eval_pairs}.", "",
+        "| configuration | examples/s | vs first | training s | stage s | peak RSS GB | loss, first → last step | "
+        "largest loss difference from the first row |", "|---|---:|---:|---:|---:|---:|---|---:|", *rows])
+    print(body)
+    if not args.no_docs:
+        print(f"wrote {write_section(TITLE, body, {'results': results, 'command': command}, 'train_steps.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
