@@ -30,16 +30,18 @@ from pathlib import Path
 
 from . import export as export_mod
 from .artifacts import TRAIN_META, identity_changes, path_identity
-from .config import Recipe, find_recipe, load_recipe, save_recipe
+from .config import WARMUP_SOURCES, Recipe, find_recipe, load_recipe, save_recipe
 from .data import heldout_split, load_pairs
 from .errors import InputError
 from .filtering import build_pairs
 from .jsonio import read_json, write_json, write_jsonl
 from .judging import Judge, evaluate
 from .models import load_for_sampling, resolve_model_path, resolve_runtime, set_cpu_threads
+from .packaged import PACKAGED
 from .progress import get_console, quiet_libraries, stage_progress
 from .prompts import check_chat_template, load_template
 from .sampling import TOO_LONG, JudgmentFile, load_too_long, plan_requests, row_key, sample_judgments
+from .system import network_switches
 from .training import train_adapter
 from .warmup import SFT_FILE, read_warmup_file, sft_from_pairs, warmup_from_judgments, warmup_stats, write_sft_file
 
@@ -100,6 +102,10 @@ class ConjRun:
             loaded, source = load_recipe(recipe, overrides), (str(recipe) if recipe else None)
         run = cls(loaded, Path(out_dir), source, console or get_console())
         run.out_dir.mkdir(parents=True, exist_ok=True)
+        # Before quiet_libraries imports the Hugging Face libraries, which read the switches once.
+        r = run.recipe
+        network_switches([r.model.name_or_path, resolve_data_path(r.data.path, run.recipe_file), r.warmup.source],
+                         local_names=("tiny", *PACKAGED, *WARMUP_SOURCES))
         quiet_libraries()
         save_recipe(run.recipe, run.out_dir / "recipe.yaml")
         return run
