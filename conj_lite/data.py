@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from conj_lite.errors import InputError
-from conj_lite.jsonio import dumps_line, iter_jsonl_objects, json_error  # noqa: F401  (read by training and warm-up)
+from conj_lite.jsonio import dumps_line, iter_jsonl_objects, json_error, no_space_error  # noqa: F401  (iter_jsonl_objects: read by training and warm-up)
 
 LABELS = ("A", "B", "tie")
 
@@ -906,9 +906,12 @@ def _detect_or_raise(raw: RawRow) -> tuple[str, dict | None]:
 
 def _write_rejects(rejects: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for reject in rejects:  # dumps_line: a rejected row's lone surrogate stays an escape
-            handle.write(dumps_line(reject, default=str))
+    try:
+        with path.open("w", encoding="utf-8") as handle:
+            for reject in rejects:  # dumps_line: a rejected row's lone surrogate stays an escape
+                handle.write(dumps_line(reject, default=str))
+    except OSError as exc:
+        raise no_space_error(path, exc) or exc from None
     return path
 
 

@@ -129,6 +129,16 @@ def test_network_switches_decide_from_the_inputs(tmp_path, monkeypatch):
     assert network_switches([str(tmp_path)]) == {}  # already set: left as they are
 
 
+def test_a_full_disk_while_writing_rejected_rows_is_named(small_disk, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    bad = json.dumps({**PAIR, "label": "maybe", "answer_b": "x" * 200})
+    data.write_text(json.dumps(PAIR) + "\n" + "".join(bad + "\n" for _ in range(1000)))  # 250 KB of rejects
+    out = small_disk.path / "judged.jsonl"
+    error = user_error(conj_lite("judge", "--model", str(tmp_path / "m.gguf"), "--data", str(data), "--skip-invalid",
+                                 "--output", str(out)))
+    assert f"disk full while writing {out}.rejects.jsonl" in error
+
+
 @pytest.fixture(scope="session")
 def exported(tiny_model_dir, tmp_path_factory):
     from test_export import export_tiny
