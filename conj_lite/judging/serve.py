@@ -6,6 +6,9 @@
                      or {"pairs": [{...}, ...]}; optional "mode", "rationales" (bool) and
                      "adapter" (which of the server's LoRA adapters judges)
                      -> {"model", "mode", "results": [one record per pair]}
+    POST /v1/chat/completions   an OpenAI chat request whose last user message is the
+                     judge's prompt, or that carries the pair in the extension field
+                     "judge" -> a chat completion whose message is the judge's JSON
     GET  /health     -> {"status": "ok", "queued": pairs waiting}
     GET  /v1/models  -> the model card: template, format, calibration, training summary
 
@@ -26,9 +29,17 @@ llama.cpp batch. A request whose client has gone before the worker reaches it is
 dropped; one that goes mid-judgment is finished and its result thrown away, so other
 requests never see an error or a half-used context.
 
-Errors: bad JSON or a missing/ill-typed field -> 400 naming the field; a body over
+Errors: bad JSON, a missing, unknown or ill-typed field (a lone surrogate, an id that
+is not a string or a finite number) -> 400 naming the field; a body over
 `max_body_bytes`, more than `max_pairs` pairs, or a pair whose prompt and judgment do
-not fit the model's context -> 413 naming the limit; a missing or wrong API key -> 401.
+not fit the model's context -> 413 naming the limit; a missing or wrong API key -> 401;
+a body not sent as application/json -> 415. Without an API key only loopback Host
+headers are served (DNS rebinding) and /v1/models names no paths.
+
+Slow and gone clients: a request must arrive whole within `read_timeout` seconds
+(`timed_protocol`); past `max_connections` open connections uvicorn answers 503; a client
+that hangs up mid-body costs one log line; on SIGTERM, requests still arriving are closed
+at once and judgments in flight get `shutdown_grace` seconds.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations
