@@ -94,7 +94,11 @@ class ConjRun:
     _stale_dir: Path | None = field(default=None, repr=False)
 
     @classmethod
-    def from_recipe(cls, recipe: str | Path | Recipe | None, out_dir: str | Path, overrides=(), console=None) -> "ConjRun":
+    def from_recipe(cls, recipe: str | Path | Recipe | None, out_dir: str | Path, overrides=(), console=None,
+                    offline_when_local: bool = False) -> "ConjRun":
+        """A run of `recipe` into `out_dir`. Hugging Face telemetry is switched off; with
+        `offline_when_local` (the command line: one run per process) the hub is set offline
+        too when the model, data and warm-up source are all local (see system.network_switches)."""
         if isinstance(recipe, Recipe):
             loaded, source = recipe, None
         else:
@@ -104,8 +108,8 @@ class ConjRun:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         # Before quiet_libraries imports the Hugging Face libraries, which read the switches once.
         r = run.recipe
-        network_switches([r.model.name_or_path, resolve_data_path(r.data.path, run.recipe_file), r.warmup.source],
-                         local_names=("tiny", *PACKAGED, *WARMUP_SOURCES))
+        inputs = [r.model.name_or_path, resolve_data_path(r.data.path, run.recipe_file), r.warmup.source]
+        network_switches(inputs if offline_when_local else None, local_names=("tiny", *PACKAGED, *WARMUP_SOURCES))
         quiet_libraries()
         save_recipe(run.recipe, run.out_dir / "recipe.yaml")
         return run

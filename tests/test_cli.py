@@ -104,7 +104,8 @@ def test_the_command_starts_no_telemetry_unless_the_user_asks(tmp_path):
 
 def test_a_run_on_local_inputs_goes_offline_and_one_naming_a_hub_model_does_not(tmp_path):
     code = ("import sys\nfrom conj_lite.pipeline import ConjRun\n"
-            "ConjRun.from_recipe('tiny-cpu', sys.argv[1], sys.argv[2:])\n"
+            "ConjRun.from_recipe('tiny-cpu', sys.argv[1], sys.argv[2:], offline_when_local=True)\n"  # as the CLI
+
             "import huggingface_hub.constants as c\n"
             "print(c.HF_HUB_OFFLINE, c.HF_HUB_DISABLE_TELEMETRY)\n")
     local = python(code, tmp_path / "a", env=hub_free_env(), cwd=tmp_path)
@@ -113,6 +114,8 @@ def test_a_run_on_local_inputs_goes_offline_and_one_naming_a_hub_model_does_not(
                  env=hub_free_env(), cwd=tmp_path)
     assert hub[-2:] == ["False", "True"]  # a hub model named explicitly still loads
     assert python(code, tmp_path / "c", env=hub_free_env(HF_HUB_OFFLINE="0"), cwd=tmp_path)[-2:] == ["False", "True"]
+    notebook = code.replace(", offline_when_local=True", "")  # the Python API in a notebook may name the hub later
+    assert python(notebook, tmp_path / "d", env=hub_free_env(), cwd=tmp_path)[-2:] == ["False", "True"]
 
 
 def test_network_switches_decide_from_the_inputs(tmp_path, monkeypatch):
