@@ -234,7 +234,10 @@ class ChatFormat:
         return {**row, "prompt": self.messages(row["prompt"]), "chat_template_kwargs": self.template_kwargs()}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The decision (fold, date); the special texts are the tokenizer's own, read again."""
+        out = asdict(self)
+        del out["special"]
+        return out
 
 
 def _render(tokenizer, messages: list[dict], date_string: str, add_generation_prompt: bool) -> str:
