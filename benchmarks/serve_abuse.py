@@ -249,6 +249,8 @@ def markdown(report: dict) -> str:
         f"statuses {sig['after']['statuses']}, {sig['after']['connection_errors']} refused connections |",
         "",
         f"Tracebacks in the whole server log: {r['tracebacks']}. Each phase is bounded and talks to 127.0.0.1 only. "
+        "Slow connections count against --max-connections (64): while more are open, ordinary requests get 503 "
+        "(the clients here retry at once, hence the many 503s) until --read-timeout closes the slow ones. "
         "After SIGTERM the server stops accepting, closes connections still sending a request (no work had started "
         "for them) and lets the judgments in flight finish (up to --shutdown-grace); the clients' later requests "
         "find the port closed, which is the refused connections above. Raw figures: "
@@ -267,7 +269,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-body", type=int, default=1 << 20)
     parser.add_argument("--threads", type=int, help="server threads (default: the CPUs this process may use)")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the docs section from a saved report")
     args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+        print(f"wrote {write_section(TITLE, markdown(report), report, 'serve_abuse.json')}")
+        return 0
     args.threads = args.threads or usable_cpus()
     model = Path(args.model) if args.model else default_model()
     port = free_port()

@@ -123,6 +123,11 @@ def start_server(model: Path, port: int, args, log_path: Path) -> subprocess.Pop
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
+def seconds(value) -> str:
+    """A latency for the table; none when no request of the run succeeded."""
+    return "n/a" if value is None or value != value else f"{value:.2f} s"
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     results = report.get("results") or [{**report["result"], "clients": report["clients"]}]  # older reports: one
@@ -139,8 +144,8 @@ def markdown(report: dict) -> str:
         "| clients | requests sent | ok | errors | wall | requests/s | pairs/min | p50 latency | p95 latency | max latency |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(f"| {r['clients']} | {r['sent']} of {r['requests']} | {r['ok']} | {r['errors']} | {r['wall_s']:.1f} s | "
-          f"{r['requests_per_s']:.2f} | {r['pairs_per_min']:.1f} | {r['latency_p50_s']:.2f} s | "
-          f"{r['latency_p95_s']:.2f} s | {r['latency_max_s']:.2f} s |" for r in results),
+          f"{r['requests_per_s']:.2f} | {r['pairs_per_min']:.1f} | {seconds(r['latency_p50_s'])} | "
+          f"{seconds(r['latency_p95_s'])} | {seconds(r['latency_max_s'])} |" for r in results),
         "",
         (f"The runs hit their time bound (--max-seconds): {unsent} requests were not sent. " if unsent else "")
         + "One worker owns the model and takes every queued request (up to --max-batch pairs) into one "
