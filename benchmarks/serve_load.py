@@ -2,12 +2,13 @@
 fixed number of requests (one pair each) and the run reports throughput, p50/p95
 latency and errors.
 
-    python benchmarks/serve_load.py                          # packaged SmolLM2 Q4_1, verdict mode
-    python benchmarks/serve_load.py --model judge.gguf --mode rationale --requests 40
+    python benchmarks/serve_load.py                          # packaged SmolLM2 Q4_1, verdict mode, 8 then 16 clients
+    python benchmarks/serve_load.py --model judge.gguf --mode rationale --requests 40 --clients 4
 
 The server is started here as a subprocess (`python -m conj_lite.cli serve`) on a free
-loopback port and stopped at the end; the run stops by itself after --requests requests
-or --max-seconds, whichever comes first (requests not sent by then count as errors).
+loopback port and stopped at the end; each --clients count (one run after the other, on
+the same server) stops by itself after --requests requests or --max-seconds, whichever
+comes first (requests not sent by then are counted as unsent).
 Pairs cycle through --data (default: LLMBar Natural next to the repo, else
 data/sample_prefs.jsonl). Results go to docs/benchmarks/serve_load.json and to the
 "Judge service under load" section of docs/benchmarks.md (replaced on each run).
@@ -122,22 +123,31 @@ def start_server(model: Path, port: int, args, log_path: Path) -> subprocess.Pop
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
+def seconds(value) -> str:
+    """A latency for the table; none when no request of the run succeeded."""
+    return "n/a" if value is None or value != value else f"{value:.2f} s"
+
+
 def markdown(report: dict) -> str:
-    r, m = report["result"], report["machine"]
+    m = report["machine"]
+    results = report.get("results") or [{**report["result"], "clients": report["clients"]}]  # older reports: one
+    unsent = sum(r["unsent"] for r in results)
     return "\n".join([
         f"Run {report['date']}: `{report['command']}`. Server: `conj-lite serve` on 127.0.0.1 "
         f"({report['mode']} mode, --parallel {report['parallel']} pairs per llama.cpp batch, --max-batch "
-        f"{report['max_batch']}, {report['threads']} threads) with {report['model']}; {report['clients']} concurrent "
-        f"clients (httpx, one pair per request, pairs cycling through {report['pairs']} {report['data']} pairs) in the "
+        f"{report['max_batch']}, {report['threads']} threads) with {report['model']}; concurrent clients (httpx, one "
+        f"pair per request, pairs cycling through {report['pairs']} {report['data']} pairs) in the "
         f"same machine: {m['cores']} cores visible, load average {m['load_before']} before, {m['load_after']} after"
-        + (" (**taken under contention**: other work shared the CPUs)" if m["contended"] else "") + ".",
+        + (" (**taken under contention**: other work shared the CPUs, so the times are longer than on an idle "
+           "machine)" if m["contended"] else "") + ".",
         "",
-        "| requests sent | ok | errors | wall | requests/s | pairs/min | p50 latency | p95 latency | max latency |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {r['sent']} of {r['requests']} | {r['ok']} | {r['errors']} | {r['wall_s']:.1f} s | {r['requests_per_s']:.2f} | "
-        f"{r['pairs_per_min']:.1f} | {r['latency_p50_s']:.2f} s | {r['latency_p95_s']:.2f} s | {r['latency_max_s']:.2f} s |",
+        "| clients | requests sent | ok | errors | wall | requests/s | pairs/min | p50 latency | p95 latency | max latency |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| {r['clients']} | {r['sent']} of {r['requests']} | {r['ok']} | {r['errors']} | {r['wall_s']:.1f} s | "
+          f"{r['requests_per_s']:.2f} | {r['pairs_per_min']:.1f} | {seconds(r['latency_p50_s'])} | "
+          f"{seconds(r['latency_p95_s'])} | {seconds(r['latency_max_s'])} |" for r in results),
         "",
-        (f"The run hit its time bound (--max-seconds): {r['unsent']} requests were not sent. " if r["unsent"] else "")
+        (f"The runs hit their time bound (--max-seconds): {unsent} requests were not sent. " if unsent else "")
         + "One worker owns the model and takes every queued request (up to --max-batch pairs) into one "
         "`Judge.compare_many`: in rationale mode both orders of those pairs decode together in one llama.cpp batch; "
         "in verdict mode (prompts only, compute-bound on a CPU) the prompts go one at a time, each reusing the KV "
@@ -153,7 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="a GGUF judge (default: the packaged SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--data", help="pairs to send (default: LLMBar Natural, else data/sample_prefs.jsonl)")
     parser.add_argument("--pairs", type=int, default=40, help="distinct pairs to cycle through (default 40)")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", default="8,16", help="concurrent clients, a run for each (default 8,16)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--mode", default="verdict", choices=("verdict", "rationale"))
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -171,6 +181,7 @@ def main(argv=None) -> int:
         return 0
     if args.threads is None:
         args.threads = usable_cpus()
+    clients_list = [int(c) for c in str(args.clients).split(",") if c.strip()]
 
     model = Path(args.model) if args.model else default_model()
     data = Path(args.data) if args.data else (LLMBAR if LLMBAR.is_file() else REPO / "data" / "sample_prefs.jsonl")
@@ -185,8 +196,11 @@ def main(argv=None) -> int:
         import httpx
 
         httpx.post(base + "/v1/judge", json={**pairs[0], "mode": args.mode}, timeout=600)  # warm-up
-        deadline = time.perf_counter() + args.max_seconds
-        result = asyncio.run(load(base, pairs, args.clients, args.requests, args.mode, deadline))
+        results = []
+        for clients in clients_list:
+            deadline = time.perf_counter() + args.max_seconds
+            result = asyncio.run(load(base, pairs, clients, args.requests, args.mode, deadline))
+            results.append({"clients": clients, **result})
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -202,17 +216,17 @@ def main(argv=None) -> int:
         "model": model.name if args.model else "the packaged SmolLM2-135M-Instruct Q4_1 (base.gguf)",
         "data": data.parent.name if data.name == "dataset.json" else data.name, "pairs": len(pairs),
         "mode": args.mode, "parallel": args.parallel, "max_batch": args.max_batch, "threads": args.threads,
-        "clients": args.clients, "max_new_tokens": args.max_new_tokens,
+        "max_new_tokens": args.max_new_tokens,
         "machine": {"cores": cores, "load_before": round(load_before, 2), "load_after": round(load_after, 2),
                     # other work already running at the start; the load after includes this
                     # benchmark's own server and clients, so it says nothing about others
                     "contended": load_before > cores},
-        "result": result,
+        "results": results,
     }
     print(json.dumps(report, indent=2))
     if not args.no_docs:
         write_section(TITLE, markdown(report), report, "serve_load.json")
-    return 0 if result["errors"] == 0 else 1
+    return 0 if all(r["errors"] == 0 for r in results) else 1
 
 
 if __name__ == "__main__":

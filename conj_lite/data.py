@@ -45,12 +45,13 @@ import hashlib
 import json
 import math
 import re
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from conj_lite.errors import InputError
-from conj_lite.jsonio import iter_jsonl_objects  # noqa: F401  (read by training and warm-up)
+from conj_lite.jsonio import dumps_line, iter_jsonl_objects, json_error, no_space_error  # noqa: F401  (iter_jsonl_objects: read by training and warm-up)
 
 LABELS = ("A", "B", "tie")
 
@@ -463,9 +464,26 @@ def _require_keys(row: dict, keys: list[str]) -> None:
         )
 
 
+def text_problem(value: str, *, answer: bool = False) -> str | None:
+    """Why `value` cannot be judged as a question (or, `answer=True`, an answer), else None.
+    The one rule of the loader, `conj-lite judge --question` and the judge service: a
+    question holds more than whitespace (an answer may be empty), and no text holds a
+    lone surrogate (a JSON escape such as "\\ud800", or undecodable bytes on a command
+    line), which is no character: no tokenizer can encode it."""
+    if not answer and not value.strip():
+        return "is empty or only whitespace"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"holds a lone surrogate {ascii(value[exc.start])} at character {exc.start + 1}, which is not "
+                "a character (half of a UTF-16 pair); write the character itself")
+    return None
+
+
 def _text(value: object, name: str, notes: dict | None = None, *, answer: bool = False) -> str:
     """Text of a field. A number or boolean becomes its JSON spelling (true, 4, 0.5) and
-    is counted in notes["converted"]; an answer may be empty, a question may not."""
+    is counted in notes["converted"]; an answer may be empty, a question may not (see
+    `text_problem`)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise InputError(f"field {name!r} is null (missing); an empty {'answer' if answer else 'text'} is written \"\"")
     if isinstance(value, (bool, int, float)):
@@ -474,8 +492,9 @@ def _text(value: object, name: str, notes: dict | None = None, *, answer: bool =
             notes["converted"] = notes.get("converted", 0) + 1
     if not isinstance(value, str):
         raise InputError(f"field {name!r} must be text, got {type(value).__name__}")
-    if not value.strip() and not answer:
-        raise InputError(f"field {name!r} is empty or only whitespace")
+    problem = text_problem(value, answer=answer)
+    if problem:
+        raise InputError(f"field {name!r} {problem}")
     return value
 
 
@@ -550,6 +569,9 @@ def _split_hh_transcript(text: str, name: str) -> tuple[str, str]:
 
     The question is the one Human turn, or the transcript before the last Assistant
     turn when there are several turns (in harmless-base test, 1650 of 2312 rows)."""
+    problem = text_problem(text, answer=True)
+    if problem:
+        raise InputError(f"field {name!r} {problem}")
     head, marker, answer = ("\n\n" + text.lstrip()).rpartition(HH_ASSISTANT)
     if not marker or HH_HUMAN not in head:
         raise InputError(
@@ -612,7 +634,7 @@ def _parse_json_object(text: str) -> tuple[dict | None, str | None]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        return None, f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
+        return None, f"not valid JSON ({json_error(exc)}); each line must be one JSON object"
     if not isinstance(value, dict):
         return None, f"expected a JSON object, got {type(value).__name__}"
     return value, None
@@ -629,7 +651,7 @@ def _read_json(path: Path) -> Iterator[RawRow]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({json_error(exc)})") from None
     yield from _object_rows(_json_list(path, value), str(path), _stem(path))
 
 
@@ -790,6 +812,22 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
+def _gzip_checked(path: Path, rows: Iterator[RawRow]) -> Iterator[RawRow]:
+    """The rows of a .gz file; a file that is not gzip, or ends early (a cut download),
+    is an InputError naming it, after the rows read before the damage."""
+    line = 0
+    try:
+        for raw in rows:
+            line = raw.number
+            yield raw
+    except EOFError:
+        after = f" after line {line}" if line else ""
+        raise InputError(f"{path}: the gzip data ends early{after}: the file is cut off; download or copy it "
+                         "again") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(f"{path}: not a readable gzip file ({exc}); a .gz name needs gzip-compressed data") from None
+
+
 def _open_rows(source: str | Path, split: str) -> Iterator[RawRow]:
     path = Path(source).expanduser()
     if path.is_dir():
@@ -801,7 +839,7 @@ def _open_rows(source: str | Path, split: str) -> Iterator[RawRow]:
                 f"{path}: unsupported file type {_suffix(path)!r}; expected "
                 f"{', '.join(READERS)} or a save_to_disk directory"
             )
-        return reader(path)
+        return _gzip_checked(path, reader(path)) if _suffix(path).endswith(".gz") else reader(path)
     if isinstance(source, Path) or _looks_like_path(str(source)):
         raise InputError(f"{source}: no such file or directory")
     return _read_hub(str(source), split)
@@ -868,9 +906,12 @@ def _detect_or_raise(raw: RawRow) -> tuple[str, dict | None]:
 
 def _write_rejects(rejects: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for reject in rejects:
-            handle.write(json.dumps(reject, ensure_ascii=False, default=str) + "\n")
+    try:
+        with path.open("w", encoding="utf-8") as handle:
+            for reject in rejects:  # dumps_line: a rejected row's lone surrogate stays an escape
+                handle.write(dumps_line(reject, default=str))
+    except OSError as exc:
+        raise no_space_error(path, exc) or exc from None
     return path
 
 

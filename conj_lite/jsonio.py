@@ -11,6 +11,7 @@ manifests).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -20,11 +21,32 @@ from typing import Iterable, Iterator
 from .errors import InputError
 
 
-def dumps_line(row) -> str:
+def dumps_line(row, default=None) -> str:
     """One JSONL line. Text keeps its characters (ensure_ascii=False); a lone surrogate
     (a model can write the escape `\\ud83d` in a JSON string, and json.loads accepts it)
     stays an escape, so the file is valid UTF-8 and reads back to the same string."""
-    return json.dumps(row, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8") + "\n"
+    text = json.dumps(row, ensure_ascii=False, default=default)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") + "\n"
+
+
+def json_error(exc: json.JSONDecodeError) -> str:
+    """A JSON syntax error in words: "Unterminated string starting at column 5" (json's
+    own messages for some errors end in "at", so "{msg} at column" would say "at at")."""
+    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+
+
+# Errors that mean the file system is full (or this file may grow no more): the message
+# says so and names the file instead of a chain of OSError tracebacks.
+NO_SPACE = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit reached"}
+
+
+def no_space_error(path: str | Path, exc: OSError) -> InputError | None:
+    """An InputError "disk full while writing FILE" for an OSError that means no space; else None."""
+    what = NO_SPACE.get(exc.errno)
+    if what is None:
+        return None
+    return InputError(f"{what} while writing {path}; free some space and run the same command again "
+                      "(finished work is kept and resumed)")
 
 
 def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict]]:
@@ -39,7 +61,7 @@ def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: invalid JSON: {exc.msg}") from None
+                raise InputError(f"{where}: invalid JSON: {json_error(exc)}") from None
             if not isinstance(row, dict):
                 raise InputError(f"{where}: expected a JSON object")
             yield where, row
@@ -75,8 +97,11 @@ def _replace_atomically(path: Path, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        full = no_space_error(path, exc) if isinstance(exc, OSError) else None
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -125,8 +150,22 @@ class JudgmentFile:
         return rows
 
     def append(self, rows: list[dict]) -> None:
-        text = "".join(dumps_line(r) for r in rows)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        """Append whole lines: a write that fails (a full disk) is cut back off the file,
+        so it never ends in a torn line, and the rows are judged again on resume."""
+        data = "".join(dumps_line(r) for r in rows).encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:  # os.write may write part of the bytes
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, start)
+                full = no_space_error(self.path, exc)
+                if full is not None:
+                    raise full from None
+                raise
+        finally:
+            os.close(fd)

@@ -31,18 +31,19 @@ from pathlib import Path
 
 from . import export as export_mod
 from .artifacts import TRAIN_META, identity_changes, path_identity
-from .config import Recipe, find_recipe, load_recipe, save_recipe
+from .config import WARMUP_SOURCES, Recipe, find_recipe, load_recipe, save_recipe
 from .data import heldout_split, load_pairs
 from .errors import InputError
 from .filtering import build_pairs
 from .jsonio import read_json, write_json, write_jsonl
 from .judging import Judge, evaluate
 from .models import import_unsloth_early, load_for_sampling, resolve_model_path, resolve_runtime, set_cpu_threads
+from .packaged import PACKAGED
 from .progress import get_console, quiet_libraries, stage_progress
 from .prompts import check_chat_template, load_template
 from .relevance import pair_chars, relevance_split
 from .sampling import TOO_LONG, JudgmentFile, load_too_long, plan_requests, row_key, sample_judgments
-from .system import children_peak_rss_bytes, peak_rss_bytes, release_memory, reset_peak_rss
+from .system import children_peak_rss_bytes, network_switches, peak_rss_bytes, release_memory, reset_peak_rss
 from .training import train_adapter
 from .warmup import SFT_FILE, read_warmup_file, sft_from_pairs, warmup_from_judgments, warmup_stats, write_sft_file
 
@@ -97,7 +98,11 @@ class ConjRun:
     costs: list = field(default_factory=list, repr=False)
 
     @classmethod
-    def from_recipe(cls, recipe: str | Path | Recipe | None, out_dir: str | Path, overrides=(), console=None) -> "ConjRun":
+    def from_recipe(cls, recipe: str | Path | Recipe | None, out_dir: str | Path, overrides=(), console=None,
+                    offline_when_local: bool = False) -> "ConjRun":
+        """A run of `recipe` into `out_dir`. Hugging Face telemetry is switched off; with
+        `offline_when_local` (the command line: one run per process) the hub is set offline
+        too when the model, data and warm-up source are all local (see system.network_switches)."""
         if isinstance(recipe, Recipe):
             loaded, source = recipe, None
         else:
@@ -105,6 +110,10 @@ class ConjRun:
             loaded, source = load_recipe(recipe, overrides), (str(recipe) if recipe else None)
         run = cls(loaded, Path(out_dir), source, console or get_console())
         run.out_dir.mkdir(parents=True, exist_ok=True)
+        # Before the Hugging Face libraries are imported (unsloth, quiet_libraries): they read the switches once.
+        r = run.recipe
+        inputs = [r.model.name_or_path, resolve_data_path(r.data.path, run.recipe_file), r.warmup.source]
+        network_switches(inputs if offline_when_local else None, local_names=("tiny", *PACKAGED, *WARMUP_SOURCES))
         import_unsloth_early(loaded.model)  # before quiet_libraries imports transformers
         quiet_libraries()
         save_recipe(run.recipe, run.out_dir / "recipe.yaml")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -141,12 +142,37 @@ CONTROL_TEXT = re.compile(
 WORD_JOINER = "\u2060"
 
 
-def plain_text(text: str) -> str:
+def _joined(match: re.Match) -> str:
+    return match.group(0)[0] + WORD_JOINER + match.group(0)[1:]
+
+
+@lru_cache(maxsize=16)
+def _texts_pattern(texts: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+def plain_text(text: str, special: tuple[str, ...] = ()) -> str:
     """User content as plain text: an answer that contains `<|im_end|>` would otherwise be
     tokenized (llama.cpp with special=True, transformers, TRL) as the control token and
     close the user turn. A word joiner after the first character keeps the text readable
-    and makes it impossible to match, the same way for training and for every backend."""
-    return CONTROL_TEXT.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
+    and makes it impossible to match, the same way for training and for every backend.
+    `special`: a tokenizer's own special-token texts (`special_texts`), guarded as well."""
+    text = CONTROL_TEXT.sub(_joined, text)
+    return _texts_pattern(special).sub(_joined, text) if special else text
+
+
+def special_texts(tokenizer) -> tuple[str, ...]:
+    """The texts a tokenizer reads as its special tokens: a Hugging Face tokenizer's
+    special added tokens (SmolLM2 has `<file_sep>`, `<jupyter_code>`, ... besides ChatML),
+    or the control tokens of a GGUF vocabulary (`GGUFChatTemplate.special_texts`). Texts
+    of one character or of whitespace are left out: guarding them would change ordinary
+    text."""
+    texts = getattr(tokenizer, "special_texts", None)
+    if texts is None:
+        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        texts = [t.content for t in decoder.values() if getattr(t, "special", False)]
+        texts += list(getattr(tokenizer, "all_special_tokens", None) or [])
+    return tuple(sorted({t for t in texts if isinstance(t, str) and len(t.strip()) > 1}))
 
 
 def build_messages(template: JudgeTemplate, question: str, answer_1: str, answer_2: str) -> list[dict]:
@@ -180,9 +206,14 @@ class ChatFormat:
 
     fold_system: bool = False
     date_string: str = DEFAULT_CHAT_DATE
+    special: tuple[str, ...] = ()  # the tokenizer's special-token texts, kept out of user text
 
     def messages(self, messages: list[dict]) -> list[dict]:
-        """`messages` as this template takes them (system text folded when needed)."""
+        """`messages` as this template takes them: the tokenizer's own special-token texts
+        in user turns made plain (`plain_text`), the system text folded when needed."""
+        messages = [{**m, "content": plain_text(m["content"], self.special)}
+                    if self.special and m.get("role") == "user" and isinstance(m.get("content"), str) else m
+                    for m in messages]
         if not self.fold_system or not messages or messages[0].get("role") != "system":
             return list(messages)
         system, rest = messages[0], list(messages[1:])
@@ -203,7 +234,10 @@ class ChatFormat:
         return {**row, "prompt": self.messages(row["prompt"]), "chat_template_kwargs": self.template_kwargs()}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The decision (fold, date); the special texts are the tokenizer's own, read again."""
+        out = asdict(self)
+        del out["special"]
+        return out
 
 
 def _render(tokenizer, messages: list[dict], date_string: str, add_generation_prompt: bool) -> str:
@@ -239,10 +273,11 @@ def check_chat_template(tokenizer, template: JudgeTemplate | None = None,
     system = (template.system if template is not None else None) or "You are a fair judge."
     user = fill(template.user, question="Q?", answer_1="One.", answer_2="Two.") if template is not None else "Q?"
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    chat = ChatFormat(False, date_string)
+    special = special_texts(tokenizer)
+    chat = ChatFormat(False, date_string, special)
     problem = _prefix_problem(tokenizer, messages, date_string)
     if problem is not None:
-        chat = ChatFormat(True, date_string)
+        chat = ChatFormat(True, date_string, special)
         folded = _prefix_problem(tokenizer, chat.messages(messages), date_string)
         if folded is not None:
             name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"

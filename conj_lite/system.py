@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Iterable
 
 
 def usable_cpus() -> int:
@@ -76,3 +78,25 @@ def children_peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
+# huggingface_hub reads these once, when it is first imported: set them before that.
+TELEMETRY_OFF = {"HF_HUB_DISABLE_TELEMETRY": "1"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def network_switches(inputs: Iterable[str | None] | None = None, *, local_names: Iterable[str] = ()) -> dict:
+    """Keep the Hugging Face libraries off the network unless a run names something only
+    the hub has. Telemetry (TRL's trainers start huggingface_hub's telemetry thread on
+    every run) is switched off; with `inputs` (the run's model, data and adapter names)
+    the hub is set offline too when each of them is None, an existing path or one of
+    `local_names` ("tiny", the packaged models). A variable the user set is left as it
+    is. Returns what was set."""
+    wanted = dict(TELEMETRY_OFF)
+    if inputs is not None and not {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"} & set(os.environ):
+        local = set(local_names)
+        if all(name is None or name in local or Path(name).expanduser().exists() for name in inputs):
+            wanted.update(OFFLINE)
+    set_now = {k: v for k, v in wanted.items() if k not in os.environ}
+    os.environ.update(set_now)
+    return set_now

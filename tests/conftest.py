@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny local model (built once per machine, cached) and data paths."""
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,28 @@ def smollm2_dir() -> Path:
 
     torch.set_num_threads(2)
     return packaged_model_path("smollm2-135m")
+
+
+class SmallDisk:
+    """A tmpfs of a few KiB mounted at `path`: a disk that really fills up."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def grow(self, size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (SmallDisk). Mounting needs root, as CI and these machines run;
+    skipped where it is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode(errors='replace').strip()}")
+    try:
+        yield SmallDisk(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

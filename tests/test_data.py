@@ -955,6 +955,40 @@ def test_jsonl_gz_is_read_like_jsonl(tmp_path):
     assert read_rejects(result.rejects_path)[0]["line"] == 4
 
 
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".json.gz", ".csv.gz"])
+def test_a_cut_off_or_mislabelled_gz_file_is_an_error_naming_it(tmp_path, suffix):
+    import gzip
+
+    path = tmp_path / f"prefs{suffix}"
+    rows = [{**CANONICAL_ROWS[0], "id": f"q{i}"} for i in range(300)]
+    text = {".jsonl.gz": "".join(json.dumps(r) + "\n" for r in rows), ".json.gz": json.dumps(rows),
+            ".csv.gz": "id,question,answer_a,answer_b,label\n" + "".join(
+                f"{r['id']},{r['question']},{r['answer_a']},{r['answer_b']},{r['label']}\n" for r in rows)}[suffix]
+    whole = gzip.compress(text.encode())
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    assert load_error(path).startswith(f"{path}: the gzip data ends early")
+    path.write_bytes(text.encode())  # not compressed at all
+    assert load_error(path).startswith(f"{path}: not a readable gzip file")
+
+
+def test_a_lone_surrogate_escape_is_a_bad_row_naming_its_field(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(CANONICAL_ROWS[0]) + "\n" + json.dumps({**CANONICAL_ROWS[1], "answer_b": "x \udc80"})
+                    + "\n" + json.dumps({"chosen": "\n\nHuman: Hi \ud800\n\nAssistant: yo", "rejected": "x"}) + "\n")
+    message = load_error(path)
+    assert message.startswith(f"{path}:2: field 'answer_b' holds a lone surrogate '\\udc80' at character 3")
+    result = load_pairs(path, skip_invalid=True, preset="canonical")  # the rejects file is written whole
+    assert [r["line"] for r in read_rejects(result.rejects_path)] == [2, 3]
+    assert "\\udc80" in result.rejects_path.read_text("utf-8")
+
+
+def test_json_errors_do_not_say_at_at(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"question": "unterminated\n')
+    message = load_error(path)
+    assert "Unterminated string starting at column 14" in message and "at at" not in message
+
+
 def test_hh_transcripts_must_share_the_conversation(tmp_path):
     row = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is 7 prime?\n\nAssistant: Yes.",
            "rejected": "\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Is 7 prime?\n\nAssistant: No."}

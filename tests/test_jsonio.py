@@ -5,7 +5,7 @@ import multiprocessing
 import pytest
 
 from conj_lite.errors import InputError
-from conj_lite.jsonio import read_json, read_jsonl, write_json, write_jsonl
+from conj_lite.jsonio import JudgmentFile, read_json, read_jsonl, write_json, write_jsonl
 
 
 def _write_many(path: str, writer: int, times: int) -> None:
@@ -58,3 +58,27 @@ def test_unreadable_json_names_file(tmp_path):
         read_json(tmp_path / "bad.json")
     with pytest.raises(InputError, match="missing.json"):
         read_json(tmp_path / "missing.json")
+
+
+def test_a_full_disk_leaves_no_torn_line_and_says_so(small_disk):
+    log = JudgmentFile(small_disk.path / "judged.jsonl")
+    rows = [{"id": f"p{i}", "text": "x" * 300} for i in range(400)]  # about 130 KB
+    written = 0
+    with pytest.raises(InputError, match=f"disk full while writing {log.path}"):
+        for start in range(0, len(rows), 8):
+            log.append(rows[start:start + 8])
+            written += 8
+    data = log.path.read_bytes()
+    assert data.endswith(b"\n") and len(data.splitlines()) == written  # whole batches only
+    assert log.load() == rows[:written]
+    small_disk.grow("1m")
+    log.append(rows[written:])  # resumed: nothing lost, nothing twice
+    assert log.load() == rows
+
+
+def test_a_full_disk_keeps_the_old_file_of_an_atomic_write(small_disk):
+    path = small_disk.path / "pairs.jsonl"
+    write_jsonl(path, [{"n": 1}])
+    with pytest.raises(InputError, match=f"disk full while writing {path}"):
+        write_jsonl(path, [{"n": i, "text": "x" * 1000} for i in range(200)])
+    assert read_jsonl(path) == [{"n": 1}] and [p.name for p in small_disk.path.iterdir()] == ["pairs.jsonl"]

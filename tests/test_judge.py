@@ -158,21 +158,29 @@ def test_each_gguf_judges_a_pair_in_both_orders(gguf_judges, qtype):
 
 @pytest.mark.slow
 def test_verdict_read_while_generating_matches_reading_it_afterwards(gguf_judges):
+    """The gguf backend reads P(answer 1) at the step that writes the verdict digit;
+    Judge.verdict_p1 reads it afterwards, from prompt + judgment tokenized afresh. On the
+    same context the two agree. The context is made, not hoped for: the judgment up to
+    the verdict is prefilled with the very tokens verdict_p1 reads after, and the model
+    writes only the digit (its grammar allows "1" or "2"). Which tokens a locally built
+    tiny model would write on its own (they differ between machines) plays no part."""
+    from conj_lite.frame import verdict_prefix
     from conj_lite.prompts import ordered_answers
 
-    judge, compared = gguf_judges["f16"], 0
-    for answers in ((GOOD, BAD), ("Paris.", "Lyon."), ("12", "13")):
-        result = judge.compare(QUESTION, *answers)
-        for o in result.orders.values():
-            prompt = judge.prompt(QUESTION, *ordered_answers(*answers, o.order))
-            # Only where re-tokenizing the reply gives back the model's own tokens do the
-            # two readings see the same context (a greedy model can write "while"+"rationale"
-            # where the tokenizer would cut "whi"+"l"+"era"+"tionale").
-            if len(judge.backend.tokenize(prompt + o.text)) - len(judge.backend.tokenize(prompt)) == o.tokens:
-                _, _, prefix = split_canonical_judgment(judge.template, o.text)
-                assert o.p1 == pytest.approx(judge.verdict_p1(prompt, prefix), abs=0.01)
-                compared += 1
-    assert compared >= 2
+    judge = gguf_judges["f16"]
+    backend = judge.backend
+    cases = [((GOOD, BAD), "Answer 1 is correct and answers the question directly."),
+             (("Paris.", "Lyon."), ""), (("12", "13"), "Answer 2 has a mistake; answer 1 gets it right.")]
+    for answers, rationale in cases:
+        for order in ("ab", "ba"):
+            prompt = judge.prompt(QUESTION, *ordered_answers(*answers, order))
+            prefix = verdict_prefix(judge.template, rationale)
+            context, one, two = judge._verdict_tokens(prompt, prefix)  # what verdict_p1 reads
+            start = len(backend.tokenize(prompt))
+            assert context[:start] == backend.tokenize(prompt)
+            written, _, p1 = backend._run(context, 'root ::= "1" | "2"', 1, context[start:])
+            assert written[0] in (one, two) and p1 is not None  # read while writing the digit
+            assert p1 == pytest.approx(judge.verdict_p1(prompt, prefix), abs=0.01)
 
 
 @pytest.mark.slow
@@ -236,7 +244,10 @@ def test_f16_gguf_next_token_logprobs_match_the_merged_hf_model(gguf_judges, hf_
         assert np.abs(ref[top] - got[top]).max() < 0.05
     hf = hf_judge.compare(QUESTION, GOOD, BAD, mode="verdict")
     f16 = gguf_judges["f16"].compare(QUESTION, GOOD, BAD, mode="verdict")
-    assert hf.verdict == f16.verdict and abs(hf.p_a - f16.p_a) < 0.01
+    assert abs(hf.p_a - f16.p_a) < 0.01
+    for order, o in hf.orders.items():  # the same verdict, unless the tiny judge sits on the fence
+        assert o.p1 == pytest.approx(f16.orders[order].p1, abs=0.01)
+        assert o.slot == f16.orders[order].slot or abs(o.p1 - 0.5) < 0.01
 
 
 @pytest.mark.slow

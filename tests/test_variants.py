@@ -269,14 +269,30 @@ def test_rise_warmup_from_a_users_judgment_file(tmp_path_factory, repo_root, tin
 
 @pytest.mark.slow
 def test_iterative_round_2_samples_from_the_round_1_adapter(tmp_path_factory, repo_root, tiny_model_dir, conj_run):
-    run = run_variant(tmp_path_factory, repo_root, "iterative")
+    from conj_lite.pipeline import ConjRun
+    from safetensors.torch import save_file
+    import torch
+
+    run = ConjRun.from_recipe(repo_root / "conj_lite" / "recipes" / "tiny-cpu.yaml", tmp_path_factory.mktemp("iter"),
+                              [*variant_overrides("iterative"), *FAST])
+    run.sample(1)
+    run.filter(1)
+    run.train(1)
     out, round1, round2 = run.out_dir, run.out_dir / "adapter", run.out_dir / "round-2" / "adapter"
+    # Two training steps move the model too little to be sure any sample changes (whether
+    # one does depends on the machine), so round 1's adapter is made one that surely
+    # changes what the model writes: its lora_B weights drawn large. Round 2 must sample
+    # from it: the same seeds on the base model would write round 1's texts again.
+    weights = lora_weights(round1)
+    draw = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(v.shape, generator=draw) if "lora_B" in k else v for k, v in weights.items()},
+              str(round1 / "adapter_model.safetensors"))
+    run.run_all()
     assert run.final_adapter() == round2
     assert json.loads((out / "round-2" / "sampled_from.json").read_text())["adapter"] == str(round1)
     assert train_meta(round2)["init_adapter"] == str(round1)
     # Sampling is deterministic (same seed, prompts and plan): round 1 samples exactly
-    # like the one-round Con-J run, so any round-2 text that differs was written by
-    # another model (two training steps move only a few samples).
+    # like the one-round Con-J run; round 2, from the changed adapter, writes otherwise.
     first = {(r["id"], r["order"], r["kind"], r["sample"]): r["text"] for r in read_jsonl(out / "judgments.jsonl")}
     conj = {(r["id"], r["order"], r["kind"], r["sample"]): r["text"]
             for r in read_jsonl(conj_run.out_dir / "judgments.jsonl")}

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import argparse
 
+from rich.text import Text
+
 from .. import __version__
 from ..config import shipped_recipes  # noqa: F401  (what `conj-lite recipes` lists)
 from ..errors import InputError
+from ..jsonio import no_space_error
 from ..progress import get_console
+from ..system import network_switches
 from . import eval as eval_command
 from . import export as export_command
 from . import judge as judge_command
@@ -53,10 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     console = get_console()
+    network_switches()  # no telemetry; a run whose inputs are all local also goes offline (ConjRun)
     try:
         return args.func(args) or 0
-    except InputError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    except (InputError, OSError) as exc:
+        # A full disk met outside conj-lite's own writers (a library's file) reads the same.
+        error = exc if isinstance(exc, InputError) else no_space_error(exc.filename or "a file", exc)
+        if error is None:
+            raise
+        # Plain text: a path or label may hold "[bold]" or "[/x]", which rich would read as markup.
+        console.print(Text.assemble(("error:", "bold red"), " ", str(error)), highlight=False, soft_wrap=True)
         return EXIT_INPUT
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: completed work is saved; run the same command again to resume")

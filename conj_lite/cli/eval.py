@@ -58,8 +58,8 @@ def run(args) -> int:
     msg = f"eval: {len(pairs)} pairs from {args.path}"
     if loaded.n_ties:
         msg += f", {loaded.n_ties} ties ({args.ties})"
-    console.print(msg, highlight=False)
-    console.print(describe_loaded(loaded, args.path), highlight=False)
+    console.print(msg, highlight=False, markup=False)
+    console.print(describe_loaded(loaded, args.path), highlight=False, markup=False)
     reports, used, partials = {}, set(), []
     for spec in specs:
         name, spec = split_name(spec)
@@ -87,5 +87,5 @@ def run(args) -> int:
             if done.exists():
                 done.unlink()  # the finished records are in judgments/<name>.jsonl (+ .meta.json)
     print_report(reports, console)
-    console.print(f"eval: report in {paths['report.md']} and {paths['report.json']}", highlight=False)
+    console.print(f"eval: report in {paths['report.md']} and {paths['report.json']}", highlight=False, markup=False)
     return 0

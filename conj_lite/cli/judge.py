@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..artifacts import fingerprint_id
-from ..data import load_pairs
+from ..data import load_pairs, text_problem
 from ..errors import InputError
 from ..jsonio import JudgmentFile
 from ..judging import selective
@@ -53,15 +53,20 @@ def run(args) -> int:
         raise InputError("give --question, --answer-a and --answer-b (or --data FILE)")
     if args.path and not args.output:
         raise InputError("--data needs --output FILE.jsonl for the judgments")
-    selective.check_risk_args(args)  # bad options fail before a model loads
+    for flag, value in (("--question", args.question), ("--answer-a", args.answer_a), ("--answer-b", args.answer_b)):
+        problem = value is not None and text_problem(value, answer=flag != "--question")
+        if problem:  # the rule of the data loader and the judge service
+            raise InputError(f"{flag} {problem}")
+    selective.check_risk_args(args)  # bad options and data fail before a model loads
+    if args.path:
+        options = data_options(args)
+        loaded = load_pairs(args.path, rejects_path=Path(str(args.output) + ".rejects.jsonl"), **options)
     judge = open_judge(args.model, backend=args.backend, adapter=args.adapter, base=args.base,
                        **runtime_options(args))
     try:
         threshold = selective.threshold_from_args(args, judge, console)
         if args.path:
-            options = data_options(args)
-            loaded = load_pairs(args.path, rejects_path=Path(str(args.output) + ".rejects.jsonl"), **options)
-            console.print(describe_loaded(loaded, args.path), highlight=False)
+            console.print(describe_loaded(loaded, args.path), highlight=False, markup=False)
             summary = judge_file(judge, loaded.pairs, args.output, mode=args.mode, console=console,
                                  model_name=str(args.model), fresh=args.fresh, limit=options["limit"])
             selective.mark_file(summary.path, threshold, console)
@@ -70,7 +75,7 @@ def run(args) -> int:
             console.print(
                 f"judge: {summary.judged} pairs judged ({summary.resumed} already done) in {summary.seconds:.1f}s "
                 f"({summary.per_minute:.1f}/min) into {summary.path}; accuracy {acc}, consistent {cons}",
-                highlight=False,
+                highlight=False, markup=False,
             )
             return 0
         result = judge.compare(args.question, args.answer_a, args.answer_b, mode=args.mode)
@@ -86,10 +91,10 @@ def run(args) -> int:
         )
         if threshold is not None:
             console.print(f"selective verdict: {record['selective_verdict']} (confidence {record['confidence']}, "
-                          f"threshold {threshold.threshold})", highlight=False)
+                          f"threshold {threshold.threshold})", highlight=False, markup=False)
         for o in (ab, ba):
             if o.rationale:
-                console.print(f"  {o.order}: {o.rationale}", highlight=False)
+                console.print(f"  {o.order}: {o.rationale}", highlight=False, markup=False)
         print(json.dumps(record, ensure_ascii=False))
         return 0
     finally:

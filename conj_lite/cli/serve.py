@@ -17,8 +17,13 @@ from ..judging.serve import (
     DEFAULT_PORT,
     MAX_BATCH,
     MAX_BODY_BYTES,
+    MAX_CONNECTIONS,
     MAX_PAIRS,
+    MIN_API_KEY,
+    READ_TIMEOUT,
+    SHUTDOWN_GRACE,
     JudgeService,
+    check_api_key,
     check_bind,
     create_app,
     model_card,
@@ -31,11 +36,13 @@ from .options import add_risk_args, add_runtime_args, runtime_options
 def add_command(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
-        help="serve a judge over HTTP: POST /v1/judge, GET /health, GET /v1/models",
+        help="serve a judge over HTTP: POST /v1/judge, POST /v1/chat/completions, GET /health, GET /v1/models",
         description="Run the judge as a local HTTP service. POST /v1/judge takes one pair "
         "({question, answer_a, answer_b}) or {pairs: [...]} and answers the verdict, P(A better) and both "
         "orders' verdicts (and rationales); with --risk/--calibration also the selective verdict (A, B or "
-        f"abstain). Binds {DEFAULT_HOST} unless --host is given, which then needs an API key.",
+        f"abstain). POST /v1/chat/completions answers OpenAI clients: the judge prompt as the last user "
+        f"message, or the pair in the extension field \"judge\". Binds {DEFAULT_HOST} unless --host is given, "
+        f"which then needs an API key (${API_KEY_ENV}).",
     )
     p.add_argument("--model", required=True, help="a .gguf file, or a transformers model / LoRA adapter directory")
     p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
@@ -46,7 +53,9 @@ def add_command(subparsers) -> None:
                    "needs --api-key)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--api-key", default=None,
-                   help=f"require this key (Authorization: Bearer KEY or X-API-Key) on /v1/*; default ${API_KEY_ENV}")
+                   help=f"require this key (Authorization: Bearer KEY or X-API-Key) on /v1/*, at least {MIN_API_KEY} "
+                   f"characters. Prefer setting ${API_KEY_ENV}: a flag's value shows in `ps` to every user of the "
+                   "machine")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=FILE",
                    help="gguf: a GGUF LoRA judge on the --model base (repeatable); requests pick one with "
                    "\"adapter\": NAME, default the first (which --calibration calibrates)")
@@ -57,6 +66,12 @@ def add_command(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                    help=f"largest request body (default {MAX_BODY_BYTES})")
     p.add_argument("--max-pairs", type=int, default=MAX_PAIRS, help=f"most pairs per request (default {MAX_PAIRS})")
+    p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
+                   help=f"seconds a request's headers and body may take to arrive (default {READ_TIMEOUT:g})")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                   help=f"open connections beyond which new requests get 503 (default {MAX_CONNECTIONS})")
+    p.add_argument("--shutdown-grace", type=int, default=SHUTDOWN_GRACE,
+                   help=f"seconds judgments in flight get to finish after SIGTERM (default {SHUTDOWN_GRACE})")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_runtime_args(p)
     add_risk_args(p)
@@ -65,12 +80,19 @@ def add_command(subparsers) -> None:
 
 def run(args) -> int:
     console = get_console()
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.api_key is not None:
+        api_key, source = args.api_key, "--api-key"
+    else:
+        api_key, source = os.environ.get(API_KEY_ENV) or None, f"${API_KEY_ENV}"  # set but empty: unset
+    check_api_key(api_key, source)
     check_bind(args.host, api_key)
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be 0-65535, got {args.port}")
-    if args.parallel < 1 or args.max_batch < 1 or args.max_pairs < 1 or args.max_body_bytes < 1:
-        raise InputError("--parallel, --max-batch, --max-pairs and --max-body-bytes must be at least 1")
+    if min(args.parallel, args.max_batch, args.max_pairs, args.max_body_bytes, args.max_connections) < 1:
+        raise InputError("--parallel, --max-batch, --max-pairs, --max-body-bytes and --max-connections must be at "
+                         "least 1")
+    if args.read_timeout <= 0 or args.shutdown_grace < 0:
+        raise InputError("--read-timeout must be above 0 and --shutdown-grace at least 0")
     selective.check_risk_args(args)  # bad options fail before a model loads
     loras = parse_loras(args.lora)
     judge = open_judge(args.model, backend=args.backend, adapter=args.adapter, base=args.base, warn=None,
@@ -85,11 +107,12 @@ def run(args) -> int:
         service = JudgeService(judge, threshold=threshold, threshold_mode=args.mode, card=card,
                                max_batch=args.max_batch, adapters=list(loras))
         app = create_app(service, api_key=api_key, max_body_bytes=args.max_body_bytes, max_pairs=args.max_pairs,
-                         default_mode=args.mode)
+                         default_mode=args.mode, host=args.host)
         held = f" with LoRA judges {', '.join(loras)}" if loras else ""
         console.print(f"serve: {card['id']}{held} ({args.mode} mode) on http://{args.host}:{args.port}"
-                      + (" (API key required)" if api_key else ""), highlight=False)
-        serve(app, args.host, args.port, log_level=args.log_level)
+                      + (" (API key required)" if api_key else ""), highlight=False, markup=False)
+        serve(app, args.host, args.port, log_level=args.log_level, read_timeout=args.read_timeout,
+              max_connections=args.max_connections, shutdown_grace=args.shutdown_grace)
         return 0
     finally:
         # A worker still inside a batch keeps the model: the process exit frees it.

@@ -61,7 +61,8 @@ def list_recipes(args) -> int:
 
 def run_stage(args) -> int:
     recipe = getattr(args, "recipe", None)
-    run = ConjRun.from_recipe(recipe, args.out, [*variant_overrides(args.variant), *args.overrides])
+    run = ConjRun.from_recipe(recipe, args.out, [*variant_overrides(args.variant), *args.overrides],
+                              offline_when_local=True)  # this process runs this one recipe
     n = getattr(args, "round", 1)
     if n < 1 or n > max(run.recipe.rounds, 1):
         raise InputError(f"--round {n}: this recipe has rounds 1..{max(run.recipe.rounds, 1)}")

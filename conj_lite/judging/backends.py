@@ -388,10 +388,12 @@ class GGUFChatTemplate:
     tokenizer in training: the system text folded for templates that need it (Gemma 2,
     Mistral v0.3), and `date_string` passed (Llama 3.x would print today's date)."""
 
-    def __init__(self, template: str, *, bos_token: str, eos_token: str, name: str = "the GGUF"):
+    def __init__(self, template: str, *, bos_token: str, eos_token: str, name: str = "the GGUF",
+                 special_texts: tuple[str, ...] = ()):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.name_or_path = name
+        self.special_texts = special_texts  # what prompts.special_texts reads of a HF tokenizer
         self._formatters = {flag: Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token,
                                                       add_generation_prompt=flag) for flag in (False, True)}
 
@@ -423,9 +425,12 @@ class GGUFBackend:
             raise InputError(f"{path}: the GGUF file has no chat template (tokenizer.chat_template)")
         model = self.llm._model
         bos, eos = self.llm.token_bos(), self.llm.token_eos()
+        # Control tokens: llama.cpp with special=True reads their text in a prompt as the token.
+        control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        special = tuple(model.token_get_text(t) for t in range(self.llm.n_vocab()) if model.token_get_attr(t) & control)
         self.chat_template = GGUFChatTemplate(chat_template, bos_token=model.token_get_text(bos) if bos != -1 else "",
                                               eos_token=model.token_get_text(eos) if eos != -1 else "",
-                                              name=str(self.path))
+                                              name=str(self.path), special_texts=special)
         # The date training gave the chat template (export records it): prompts render as trained.
         self.chat_date = (self.lora_meta.get(GGUF_CHAT_DATE_KEY) or self.meta.get(GGUF_CHAT_DATE_KEY)
                           or DEFAULT_CHAT_DATE)

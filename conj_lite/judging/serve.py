@@ -6,6 +6,9 @@
                      or {"pairs": [{...}, ...]}; optional "mode", "rationales" (bool) and
                      "adapter" (which of the server's LoRA adapters judges)
                      -> {"model", "mode", "results": [one record per pair]}
+    POST /v1/chat/completions   an OpenAI chat request whose last user message is the
+                     judge's prompt, or that carries the pair in the extension field
+                     "judge" -> a chat completion whose message is the judge's JSON
     GET  /health     -> {"status": "ok", "queued": pairs waiting}
     GET  /v1/models  -> the model card: template, format, calibration, training summary
 
@@ -26,9 +29,17 @@ llama.cpp batch. A request whose client has gone before the worker reaches it is
 dropped; one that goes mid-judgment is finished and its result thrown away, so other
 requests never see an error or a half-used context.
 
-Errors: bad JSON or a missing/ill-typed field -> 400 naming the field; a body over
+Errors: bad JSON, a missing, unknown or ill-typed field (a lone surrogate, an id that
+is not a string or a finite number) -> 400 naming the field; a body over
 `max_body_bytes`, more than `max_pairs` pairs, or a pair whose prompt and judgment do
-not fit the model's context -> 413 naming the limit; a missing or wrong API key -> 401.
+not fit the model's context -> 413 naming the limit; a missing or wrong API key -> 401;
+a body not sent as application/json -> 415. Without an API key only loopback Host
+headers are served (DNS rebinding) and /v1/models names no paths.
+
+Slow and gone clients: a request must arrive whole within `read_timeout` seconds
+(`timed_protocol`); past `max_connections` open connections uvicorn answers 503; a client
+that hangs up mid-body costs one log line; on SIGTERM, requests still arriving are closed
+at once and judgments in flight get `shutdown_grace` seconds.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations
@@ -37,25 +48,40 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
+import math
 import queue
+import re
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import GGUF_VERSION_KEY, TRAIN_META
+from ..data import text_problem
 from ..errors import InputError
+from ..jsonio import json_error
+from ..prompts import PLACEHOLDER
 from .selective import ABSTAIN, mark_record
 from .verdicts import MODES
 
 API_KEY_ENV = "CONJ_LITE_API_KEY"
+MIN_API_KEY = 16  # characters; `openssl rand -hex 16` gives 32
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_PAIRS = 64  # pairs per request
 MAX_BATCH = 8  # pairs the worker judges together
+MAX_CONNECTIONS = 64  # open connections before new requests get 503 (uvicorn's limit_concurrency)
+READ_TIMEOUT = 10.0  # seconds for a request's headers and body to arrive
+SHUTDOWN_GRACE = 8  # seconds in-flight judgments get after SIGTERM (uvicorn's timeout_graceful_shutdown): out within 10 s
 PAIR_FIELDS = ("question", "answer_a", "answer_b")
+PAIR_KEYS = (*PAIR_FIELDS, "id")
+REQUEST_KEYS = ("mode", "rationales", "adapter")
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log: its handler and --log-level
 
 
 class RequestError(Exception):
@@ -79,7 +105,17 @@ def check_bind(host: str, api_key: str | None) -> None:
     """Anything but a loopback address needs an API key."""
     if not is_loopback(host) and not api_key:
         raise InputError(f"--host {host} would expose the judge beyond this machine; give an API key "
-                         f"(--api-key or ${API_KEY_ENV}) to bind anything but 127.0.0.1")
+                         f"(${API_KEY_ENV}, or --api-key) to bind anything but 127.0.0.1")
+
+
+def check_api_key(api_key: str | None, source: str = "the API key") -> None:
+    """A key given at all must be one that guessing cannot find: MIN_API_KEY characters or
+    more, no spaces (a blank or one-character key is a mistake, not a key)."""
+    if api_key is None:
+        return
+    if len(api_key) < MIN_API_KEY or api_key != api_key.strip() or any(c.isspace() for c in api_key):
+        raise InputError(f"{source} must be at least {MIN_API_KEY} characters without spaces (got "
+                         f"{len(api_key)}); make one with `openssl rand -hex 16`")
 
 
 # ---------------------------------------------------------------- requests
@@ -94,14 +130,66 @@ class JudgeRequest:
     adapter: str | None = None
 
 
-def parse_request(body: bytes, default_mode: str, max_pairs: int = MAX_PAIRS) -> JudgeRequest:
-    """A JudgeRequest from a request body; RequestError(400/413) naming what is wrong."""
+def load_body(body: bytes) -> dict:
+    """A request body's JSON object; RequestError(400) when it is none."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
+        raise RequestError(400, f"the body is not valid JSON: {json_error(exc)} of line {exc.lineno}") from None
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise RequestError(400, "the body is not valid JSON for this service: nested too deeply") from None
+    except ValueError as exc:  # not UTF-8; an integer of more than 4300 digits
         raise RequestError(400, f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise RequestError(400, "the body must be a JSON object with question/answer_a/answer_b or pairs")
+    return data
+
+
+def check_keys(item: dict, known: tuple[str, ...], prefix: str, hint: str = "") -> None:
+    """RequestError(400) for the first key of `item` not in `known`: a misplaced field
+    (a pair's own "mode") is refused, not silently ignored."""
+    unknown = [key for key in item if key not in known]
+    if unknown:
+        name = f"{prefix}{unknown[0]}"
+        raise RequestError(400, f"unknown field {ascii(name)}; known here: {', '.join(known)}{hint}",
+                           field=name if text_problem(name, answer=True) is None else ascii(name))
+
+
+def check_id(value, name: str):
+    """A pair's id as it will be echoed: a string, a finite number or null. Checked before
+    judging, so a reply never fails to encode after the work is done."""
+    if value is None or (isinstance(value, str) and text_problem(value, answer=True) is None):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    raise RequestError(400, f"field '{name}' must be a string (of characters, no lone surrogate) or a finite "
+                            "number", field=name)
+
+
+def parse_pair(item, prefix: str) -> tuple[str, str, str]:
+    """(question, answer_a, answer_b) of one pair object; RequestError(400) naming the field."""
+    if not isinstance(item, dict):
+        raise RequestError(400, f"'{prefix.rstrip('.')}' must be an object", field=prefix.rstrip("."))
+    values = []
+    for name in PAIR_FIELDS:
+        if name not in item:
+            raise RequestError(400, f"missing field '{prefix}{name}'", field=prefix + name)
+        if not isinstance(item[name], str):
+            raise RequestError(400, f"field '{prefix}{name}' must be a string", field=prefix + name)
+        problem = text_problem(item[name], answer=name != "question")
+        if problem:
+            raise RequestError(400, f"field '{prefix}{name}' {problem}", field=prefix + name)
+        values.append(item[name])
+    return tuple(values)
+
+
+def parse_request(body: bytes, default_mode: str, max_pairs: int = MAX_PAIRS) -> JudgeRequest:
+    """A JudgeRequest from a request body; RequestError(400/413) naming what is wrong."""
+    data = load_body(body)
+    if "pairs" in data:
+        check_keys(data, ("pairs", *REQUEST_KEYS), "")
+    else:
+        check_keys(data, (*PAIR_KEYS, *REQUEST_KEYS), "", "; several pairs go in 'pairs'")
     mode = data.get("mode", default_mode)
     if mode not in MODES:
         raise RequestError(400, f"field 'mode' must be one of {list(MODES)}, got {mode!r}", field="mode")
@@ -123,19 +211,10 @@ def parse_request(body: bytes, default_mode: str, max_pairs: int = MAX_PAIRS) ->
     pairs, ids = [], []
     for n, item in enumerate(items):
         prefix = where.format(n)
-        if not isinstance(item, dict):
-            raise RequestError(400, f"'{prefix.rstrip('.')}' must be an object", field=prefix.rstrip("."))
-        values = []
-        for name in PAIR_FIELDS:
-            if name not in item:
-                raise RequestError(400, f"missing field '{prefix}{name}'", field=prefix + name)
-            if not isinstance(item[name], str):
-                raise RequestError(400, f"field '{prefix}{name}' must be a string", field=prefix + name)
-            values.append(item[name])
-        if not values[0].strip():
-            raise RequestError(400, f"field '{prefix}question' is empty", field=prefix + "question")
-        pairs.append(tuple(values))
-        ids.append(item.get("id", n if where else None))
+        pairs.append(parse_pair(item, prefix))
+        if where:
+            check_keys(item, PAIR_KEYS, prefix, "; mode, rationales and adapter go at the top level")
+        ids.append(check_id(item.get("id", n if where else None), prefix + "id"))
     return JudgeRequest(pairs, ids, mode, rationales, adapter)
 
 
@@ -340,14 +419,125 @@ def _training_summary(path: Path) -> dict | None:
     return None
 
 
+# ---------------------------------------------------------------- OpenAI-compatible chat
+
+
+CHAT_EXTENSION = "judge"  # the extension field of a chat request: {"question", "answer_a", "answer_b"[, "mode"]}
+
+
+def judge_prompt_pattern(template) -> re.Pattern:
+    """The template's user prompt as a pattern whose groups are what was filled into
+    {question}, {answer_1} and {answer_2}."""
+    parts, seen, out = PLACEHOLDER.split(template.user.strip()), set(), []
+    for n, part in enumerate(parts):
+        if n % 2 == 0:
+            out.append(re.escape(part))
+        else:
+            out.append(f"(?P={part})" if part in seen else f"(?P<{part}>.*?)")
+            seen.add(part)
+    return re.compile("".join(out), re.S)
+
+
+def _message_text(message, where: str) -> str:
+    """The text of a chat message: a string, or the text parts of a list of parts."""
+    if not isinstance(message, dict) or "content" not in message:
+        raise RequestError(400, f"'{where}' must be an object with role and content", field=where)
+    content = message["content"]
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        content = "".join(str(p.get("text", "")) for p in content)
+    if not isinstance(content, str):
+        raise RequestError(400, f"field '{where}.content' must be text (or text parts)", field=f"{where}.content")
+    return content
+
+
+def parse_chat_request(body: bytes, template, default_mode: str) -> tuple[JudgeRequest, str | None]:
+    """(the JudgeRequest, the model asked for) from a `POST /v1/chat/completions` body. The
+    pair comes from the extension field "judge" ({question, answer_a, answer_b}, optional
+    mode), else from the last user message, which must be this judge's own prompt (its
+    template's user text filled in; answer 1 is A). Other OpenAI fields (temperature,
+    max_tokens, ...) are ignored: the judgment is greedy and held to the judge's frame."""
+    data = load_body(body)
+    if data.get("stream"):
+        raise RequestError(400, "field 'stream': streaming is not supported; ask with stream false (the "
+                                "judgment comes whole)", field="stream")
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(400, "field 'model' must be a string", field="model")
+    mode = default_mode
+    if data.get(CHAT_EXTENSION) is not None:
+        extension = data[CHAT_EXTENSION]
+        if not isinstance(extension, dict):
+            raise RequestError(400, f"field '{CHAT_EXTENSION}' must be an object with question, answer_a, answer_b",
+                               field=CHAT_EXTENSION)
+        check_keys(extension, (*PAIR_FIELDS, "mode"), f"{CHAT_EXTENSION}.")
+        pair = parse_pair(extension, f"{CHAT_EXTENSION}.")
+        mode = extension.get("mode", default_mode)
+        if mode not in MODES:
+            raise RequestError(400, f"field '{CHAT_EXTENSION}.mode' must be one of {list(MODES)}, got {mode!r}",
+                               field=f"{CHAT_EXTENSION}.mode")
+        return JudgeRequest([pair], [None], mode, True), model
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "field 'messages' must be a non-empty list of chat messages", field="messages")
+    users = [n for n, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise RequestError(400, "field 'messages' holds no user message", field="messages")
+    where = f"messages[{users[-1]}]"
+    match = judge_prompt_pattern(template).fullmatch(_message_text(messages[users[-1]], where).strip())
+    if match is None:
+        raise RequestError(400, f"'{where}.content' is not this judge's prompt (template {template.name!r}, "
+                                "GET /v1/models); send the pair as \"judge\": {\"question\": ..., \"answer_a\": ..., "
+                                "\"answer_b\": ...}", field=f"{where}.content")
+    item = {"question": match["question"], "answer_a": match["answer_1"], "answer_b": match["answer_2"]}
+    return JudgeRequest([parse_pair(item, f"{where}.content: ")], [None], mode, True), model
+
+
+def chat_completion(record: dict, template, model: str | None) -> dict:
+    """An OpenAI chat completion whose assistant message is the judge's JSON: the record
+    of /v1/judge plus the judgment in the template's own keys (rationale of order ab,
+    better answer 1 = A, 2 = B), so a client that parses the judge's format reads it."""
+    verdict = record["verdict"]
+    slot = 1 if verdict == "A" else 2 if verdict == "B" else (1 if record["p_a"] >= 0.5 else 2)
+    judgment = {template.rationale_key: record["rationale_ab"]} if record.get("rationale_ab") is not None else {}
+    content = {**judgment, template.verdict_key: slot, **record}
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": json.dumps(content, ensure_ascii=False)},
+                     "finish_reason": "stop", "logprobs": None}],
+    }
+
+
 # ---------------------------------------------------------------- the app
 
 
+def without_paths(value):
+    """A model card with this machine's absolute paths cut to their last part (what a
+    keyless server may tell any caller)."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~")) or (len(value) > 2 and value[1:3] in (":\\", ":/"))):
+        return re.split(r"[\\/]", value.rstrip("\\/"))[-1]
+    return value
+
+
 def create_app(service: JudgeService, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               max_pairs: int = MAX_PAIRS, default_mode: str | None = None, poll_s: float = 0.25):
-    """The FastAPI app over a JudgeService."""
+               max_pairs: int = MAX_PAIRS, default_mode: str | None = None, poll_s: float = 0.25,
+               host: str = DEFAULT_HOST):
+    """The FastAPI app over a JudgeService.
+
+    Without an API key the service trusts whoever reaches it, so only what a program on
+    this machine sends: a loopback Host header (a web page on a rebinding DNS name sends
+    its own), application/json bodies (a cross-site page can send text/plain without
+    asking), no CORS headers, and no file paths in /v1/models."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.requests import ClientDisconnect
 
     default_mode = default_mode or service.judge.mode
     app = FastAPI(title="conj-lite judge", version="1", docs_url=None, redoc_url=None, openapi_url=None)
@@ -366,10 +556,49 @@ def create_app(service: JudgeService, *, api_key: str | None = None, max_body_by
         return given is not None and hmac.compare_digest(given.encode(), api_key.encode())
 
     @app.middleware("http")
-    async def check_key(request: Request, call_next):
+    async def check_request(request: Request, call_next):
         if request.url.path != "/health" and not authorized(request):
             return refuse(RequestError(401, "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)"))
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if request.method == "POST" and kind != "application/json":
+            return refuse(RequestError(415, f"send the body as Content-Type: application/json (got {kind or 'none'!r})"))
         return await call_next(request)
+
+    if not api_key:  # added last, so it runs first
+        hosts = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(hosts), www_redirect=False)
+
+    async def judged(request: Request, parse):
+        """(the request, its records) or the error response: read, parse, queue, wait."""
+        try:
+            body = await read_body(request, max_body_bytes)
+            parsed = parse(body)
+            future = service.submit(parsed)
+        except RequestError as exc:
+            return None, refuse(exc)
+        except ClientDisconnect:  # the client hung up mid-body: one line, no traceback
+            log.info("%s hung up before its request body arrived", _client(request))
+            return None, JSONResponse({"error": {"status": 499, "message": "client closed the request"}},
+                                      status_code=499)
+        waiting = asyncio.wrap_future(future)
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=poll_s)
+            if done:
+                break
+            if await request.is_disconnected():
+                future.cancel()  # dropped if the worker has not reached it; else finished and thrown away
+                return None, JSONResponse({"error": {"status": 499, "message": "client closed the request"}},
+                                          status_code=499)
+        try:
+            return parsed, waiting.result()
+        except RequestError as exc:
+            return None, refuse(exc)
+        except asyncio.CancelledError:
+            return None, JSONResponse({"error": {"status": 499, "message": "client closed the request"}},
+                                      status_code=499)
+        except Exception as exc:
+            return None, JSONResponse({"error": {"status": 500, "message": f"{type(exc).__name__}: {exc}"}},
+                                      status_code=500)
 
     @app.get("/health")
     async def health():
@@ -378,48 +607,48 @@ def create_app(service: JudgeService, *, api_key: str | None = None, max_body_by
     @app.get("/v1/models")
     async def models():
         if not service.adapters:
-            return {"object": "list", "data": [service.card]}
-        backend = service.judge.backend
-        cards = []
-        for n, name in enumerate(service.adapters):
-            card = {**service.card, "id": name, "lora": str(backend.adapters[name][1]), "base": service.card["path"],
-                    "default": n == 0}
-            if n:  # the calibration was made with the default adapter
-                card["calibration"] = None
-            cards.append(card)
-        return {"object": "list", "data": cards}
+            cards = [service.card]
+        else:
+            backend = service.judge.backend
+            cards = []
+            for n, name in enumerate(service.adapters):
+                card = {**service.card, "id": name, "lora": str(backend.adapters[name][1]),
+                        "base": service.card["path"], "default": n == 0}
+                if n:  # the calibration was made with the default adapter
+                    card["calibration"] = None
+                cards.append(card)
+        return {"object": "list", "data": cards if api_key else without_paths(cards)}
 
     @app.post("/v1/judge")
     async def judge(request: Request):
-        try:
-            body = await read_body(request, max_body_bytes)
-            parsed = parse_request(body, default_mode, max_pairs)
-            future = service.submit(parsed)
-        except RequestError as exc:
-            return refuse(exc)
         start = time.perf_counter()
-        waiting = asyncio.wrap_future(future)
-        while True:
-            done, _ = await asyncio.wait({waiting}, timeout=poll_s)
-            if done:
-                break
-            if await request.is_disconnected():
-                future.cancel()  # dropped if the worker has not reached it; else finished and thrown away
-                return JSONResponse({"error": {"status": 499, "message": "client closed the request"}},
-                                    status_code=499)
-        try:
-            records = waiting.result()
-        except RequestError as exc:
-            return refuse(exc)
-        except asyncio.CancelledError:
-            return JSONResponse({"error": {"status": 499, "message": "client closed the request"}}, status_code=499)
-        except Exception as exc:
-            return JSONResponse({"error": {"status": 500, "message": f"{type(exc).__name__}: {exc}"}},
-                                status_code=500)
+        parsed, records = await judged(request, lambda body: parse_request(body, default_mode, max_pairs))
+        if parsed is None:
+            return records
         return {"model": service.card.get("id"), "mode": parsed.mode, "seconds": round(time.perf_counter() - start, 4),
                 "results": records}
 
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        asked = {}
+
+        def parse(body):
+            parsed, asked["model"] = parse_chat_request(body, service.judge.template, default_mode)
+            if asked["model"] in service.adapters:  # a LoRA judge named as the model
+                parsed.adapter = asked["model"]
+            return parsed
+
+        parsed, records = await judged(request, parse)
+        if parsed is None:
+            return records
+        return chat_completion(records[0], service.judge.template, parsed.adapter or service.card.get("id"))
+
     return app
+
+
+def _client(request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "a client"
 
 
 async def read_body(request, limit: int) -> bytes:
@@ -436,11 +665,71 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def serve(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log_level: str = "info") -> None:
-    """Run the app with uvicorn until interrupted."""
+def timed_protocol(read_timeout: float):
+    """uvicorn's h11 protocol with a deadline for each request to arrive whole (headers
+    and body), and a shutdown that does not wait for one still arriving. uvicorn closes
+    idle keep-alive connections (timeout_keep_alive) but has no setting for a client
+    that sends a byte now and then, which would hold its connection, and a SIGTERM,
+    forever. Closing such a connection loses nothing: no work has started for it."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._deadline is None and self.conn.their_state is h11.IDLE:
+                self._arm()  # the first bytes of the next request on a kept-alive connection
+            super().data_received(data)
+            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+                self._disarm()  # the request is in
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def shutdown(self):
+            if self.conn.their_state is h11.SEND_BODY:
+                self.transport.close()  # a body still arriving: its handler sees a disconnect
+            else:
+                super().shutdown()
+
+        def _arm(self):
+            self._disarm()
+            self._deadline = self.loop.call_later(read_timeout, self._expired)
+
+        def _disarm(self):
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self):
+            self._deadline = None
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+                client = "%s:%d" % self.client if self.client else "a client"
+                self.logger.info("closed the connection of %s: its request did not arrive within %g s",
+                                 client, read_timeout)
+                self.transport.close()
+
+    return TimedH11Protocol
+
+
+def serve(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log_level: str = "info",
+          read_timeout: float = READ_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
+          shutdown_grace: int = SHUTDOWN_GRACE) -> None:
+    """Run the app with uvicorn until SIGINT/SIGTERM. A request must arrive within
+    `read_timeout` s; past `max_connections` open connections new requests get 503;
+    on SIGTERM, requests still arriving are closed at once and judgments in flight get
+    `shutdown_grace` s to finish."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                http=timed_protocol(read_timeout), limit_concurrency=max_connections,
+                timeout_graceful_shutdown=shutdown_grace)
 
 
 def wait_until_up(base_url: str, proc=None, *, timeout: float = 300.0, log_path: Path | None = None) -> None:
@@ -464,5 +753,5 @@ def wait_until_up(base_url: str, proc=None, *, timeout: float = 300.0, log_path:
         time.sleep(0.5)
 
 
-__all__ = ["ABSTAIN", "JudgeService", "RequestError", "check_bind", "create_app", "model_card", "parse_request",
-           "serve", "wait_until_up"]
+__all__ = ["ABSTAIN", "JudgeService", "RequestError", "check_api_key", "check_bind", "create_app", "model_card",
+           "parse_chat_request", "parse_request", "serve", "wait_until_up"]
