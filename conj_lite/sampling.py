@@ -24,7 +24,7 @@ from pathlib import Path
 from .config import SamplingConfig
 from .filtering import read_judgment
 from .errors import InputError
-from .frame import FrameError, FrameSampler, frame_middle, judgment_grammar, sample_seed
+from .frame import FrameError, FrameSampler, frame_middle, judgment_lark, sample_seed
 from .jsonio import JudgmentFile
 from .progress import stage_progress
 from .prompts import JudgeTemplate, build_messages, hint_prefix, judge_verdict_json, ordered_answers, true_slot
@@ -315,7 +315,7 @@ def sample_judgments(engine, pairs, template: JudgeTemplate, cfg: SamplingConfig
         for batch in batches:
             seeds = [sample_seed(cfg.seed, requests[i].pair_id, requests[i].order, requests[i].kind, k)
                      for i in batch for k in requests[i].samples]
-            grammars = ([judgment_grammar(template, requests[i].hint_slot) for i in batch for _ in requests[i].samples]
+            grammars = ([judgment_lark(template, requests[i].hint_slot) for i in batch for _ in requests[i].samples]
                         if framed else None)
             try:
                 outputs = engine.generate([prompts[i] for i in batch], [len(requests[i].samples) for i in batch], cfg,

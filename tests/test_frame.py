@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conj_lite.config import SamplingConfig
-from conj_lite.frame import closing_grammar, judgment_grammar, sample_seed, verdict_prefix
+from conj_lite.frame import closing_grammar, judgment_grammar, judgment_lark, sample_seed, verdict_prefix
 from conj_lite.parsing import parse_verdict
 from conj_lite.prompts import judge_verdict_json, load_template
 
@@ -43,7 +43,7 @@ def _matcher(tokenizer, grammar):
     from conj_lite.frame import ll_tokenizer_for
 
     return llguidance.LLMatcher(ll_tokenizer_for(tokenizer, [tokenizer.eos_token_id]),
-                                llguidance.grammar_from("gbnf", grammar))
+                                llguidance.grammar_from("gbnf" if "::=" in grammar else "lark", grammar))
 
 
 def _accepts(tokenizer, grammar, text) -> bool:
@@ -52,16 +52,23 @@ def _accepts(tokenizer, grammar, text) -> bool:
     return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
 
 
-def test_grammar_accepts_judgments_and_refuses_lone_surrogates(tiny_model_dir):
+@pytest.mark.parametrize("grammar", [judgment_grammar, judgment_lark], ids=["gbnf", "lark"])
+def test_grammar_accepts_judgments_and_refuses_lone_surrogates(tiny_model_dir, grammar):
+    """The GBNF (the GGUF judge) and the Lark form (sampling) hold the same language."""
     from conj_lite.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
-    g = judgment_grammar(EN)
+    g = grammar(EN)
     assert _accepts(tok, g, '{"rationale": "Both are fine, answer 1 is exact.", "better_answer": 1}')
-    assert _accepts(tok, g, '{"rationale": "caf\\u00e9", "better_answer": 2}')
+    assert _accepts(tok, g, '{"rationale": "caf\\u00e9 \\"quoted\\" \\\\ \\n", "better_answer": 2}')
     # A lone surrogate escape is valid JSON text but no UTF-8 file can hold it.
     assert not _accepts(tok, g, '{"rationale": "x \\ud83d y", "better_answer": 2}')
-    assert not _accepts(tok, judgment_grammar(EN, 1), '{"rationale": "ok", "better_answer": 2}')
+    assert not _accepts(tok, g, '{"rationale": "a "quote" inside", "better_answer": 2}')
+    assert not _accepts(tok, g, '{"rationale": "ok", "better_answer": 3}')
+    assert not _accepts(tok, grammar(EN, 1), '{"rationale": "ok", "better_answer": 2}')
+    assert _accepts(tok, grammar(EN, 2), '{"rationale": "ok", "better_answer": 2}')
+    zh = load_template("zh")
+    assert _accepts(tok, grammar(zh), judge_verdict_json(zh, "答案一更好。", 1))
 
 
 @pytest.fixture(scope="module")
@@ -203,10 +210,10 @@ def _nucleus(logits, temperature, top_p):
 
 
 @pytest.mark.parametrize("top_p, candidates", [(0.9, 1024), (0.9, 8), (0.999, 1024), (1.0, 1024)],
-                         ids=["topk-nucleus", "full-sort-fallback", "nucleus-past-the-candidates", "no-top-p"])
+                         ids=["topk-nucleus", "full-sort", "nucleus-past-the-candidates", "no-top-p"])
 def test_the_batched_draw_samples_the_nucleus_distribution(top_p, candidates):
     """10,000 rows, each with its own uniform, follow the temperature/top-p distribution
-    (chi-square test), whether the nucleus is found by topk or by the full sort."""
+    (chi-square test), whether the nucleus is found among the candidates or by sorting."""
     import torch
 
     from conj_lite.frame import draw_tokens
@@ -219,7 +226,7 @@ def test_the_batched_draw_samples_the_nucleus_distribution(top_p, candidates):
                         candidates=candidates)
     expected = _nucleus(logits, 0.8, top_p) * rows
     size = int((expected > 0).sum())
-    assert 20 < size < 1024 if top_p == 0.9 else size > 1024  # what the candidates hold, or not
+    assert 20 < size < 1024 if top_p == 0.9 else size > 1024  # within the candidates, or past them
     assert expected[::7].sum() == 0 and not bool(torch.isin(drawn, torch.arange(0, vocab, 7)).any())
     counts = torch.bincount(drawn, minlength=vocab).double()
     assert counts[expected == 0].sum() == 0  # nothing outside the nucleus
@@ -243,6 +250,7 @@ def test_a_row_draws_the_same_token_alone_or_in_any_batch():
     peaked = torch.randn(6, 5000, generator=g) * 8
     flat = torch.randn(2, 5000, generator=g) * 0.1  # its nucleus is most of the vocabulary
     batch = torch.cat([peaked, flat])
+    batch[0, 10:20] = batch[0].max()  # ties, ordered by token id whatever else is in the batch
     u = torch.rand(8, generator=g)
     for options in ({"temperature": 0.9, "top_p": 0.95}, {"temperature": 1.2, "top_k": 40, "top_p": 0.8},
                     {"temperature": 0.7}, {"temperature": 0.0}):
