@@ -132,14 +132,14 @@ def engines_benchmark(args) -> int:
     import json
     import os
 
-    from conj_lite.config import load_recipe
+    from conj_lite.config import find_recipe, load_recipe
     from conj_lite.data import heldout_split
     from conj_lite.engines import open_engine
     from conj_lite.packaged import packaged_model_path
     from conj_lite.sampling import round_trip_texts, sample_judgments
     from conj_lite.system import usable_cpus
 
-    recipe = load_recipe("smollm2-135m_cpu")
+    recipe = load_recipe(find_recipe("smollm2-135m_cpu"))
     torch.set_num_threads(usable_cpus())
     base = str(packaged_model_path("smollm2-135m"))
     template = load_template(recipe.prompts.template)

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from conj_lite.config import SamplingConfig, load_recipe, recipe_from_dict
+from conj_lite.config import SamplingConfig, find_recipe, load_recipe, recipe_from_dict
 from conj_lite.engines import (
     LlamaCppEngine,
     TransformersEngine,
@@ -101,7 +101,7 @@ def test_both_engines_write_frame_judgments_that_agree(smollm2, sample_pairs, tm
     samples hold the hinted verdict, and the share of plain judgments for answer 1 agrees
     within 0.25 (about 3 standard errors of a difference of two rates over 32 judgments
     each when the rate is near the model's 0.8)."""
-    recipe = load_recipe("smollm2-135m_cpu", ["sampling.n_repeats=4", "sampling.max_new_tokens=24"])
+    recipe = load_recipe(find_recipe("smollm2-135m_cpu"), ["sampling.n_repeats=4", "sampling.max_new_tokens=24"])
     pairs = sample_pairs[:4]
     rates, rows = {}, {}
     for name in ("transformers", "llama.cpp"):
@@ -124,7 +124,7 @@ def test_both_engines_write_frame_judgments_that_agree(smollm2, sample_pairs, tm
 def test_both_engines_render_the_same_prompts(smollm2, sample_pairs):
     from conj_lite.prompts import build_messages, hint_prefix
 
-    recipe = load_recipe("smollm2-135m_cpu")
+    recipe = load_recipe(find_recipe("smollm2-135m_cpu"))
     hf, gguf = (open_engine(name, smollm2, None, recipe) for name in ("transformers", "llama.cpp"))
     try:
         for engine in (hf, gguf):
@@ -209,7 +209,7 @@ def tiny_adapter(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_llama_cpp_samples_from_the_base_plus_the_round_lora(tiny_model_dir, tiny_adapter, sample_pairs, tmp_path):
-    recipe = load_recipe("tiny-cpu", ["sampling.n_repeats=2", "sampling.max_new_tokens=16"])
+    recipe = load_recipe(find_recipe("tiny-cpu"), ["sampling.n_repeats=2", "sampling.max_new_tokens=16"])
     pairs = sample_pairs[:3]
     texts = {}
     for name, adapter in (("base", None), ("lora", tiny_adapter)):
@@ -232,7 +232,7 @@ def test_llama_cpp_samples_from_the_base_plus_the_round_lora(tiny_model_dir, tin
 def test_llama_cpp_sampling_resumes_to_the_same_judgments(tiny_model_dir, sample_pairs, tmp_path):
     """Killed after some batches (the file cut), a resumed run completes every key once
     and writes the texts an uninterrupted run wrote: each judgment is seeded by its key."""
-    recipe = load_recipe("tiny-cpu", ["sampling.n_repeats=2", "sampling.max_new_tokens=16",
+    recipe = load_recipe(find_recipe("tiny-cpu"), ["sampling.n_repeats=2", "sampling.max_new_tokens=16",
                                       "sampling.batch_size=8"])
     pairs = sample_pairs[:4]
     engine = open_engine("llama.cpp", str(tiny_model_dir), None, recipe)
