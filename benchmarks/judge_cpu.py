@@ -3,6 +3,8 @@ rationale mode and verdict mode, side by side in one run.
 
     python benchmarks/judge_cpu.py                  # the recorded run (~10 min on 2 cores)
     python benchmarks/judge_cpu.py --quick          # a smoke run (~2 min)
+    python benchmarks/judge_cpu.py --whole-process --pairs 8 --max-new-tokens 64 --repeats 2
+                                                    # `conj-lite judge --data` as a user runs it, GGUF vs hf
     python benchmarks/judge_cpu.py --model smollm2 --pairs 8 --repeats 2 --max-new-tokens 128
                                                     # the real model: shipped Q4_1, re-exported f16 / q8_0 /
                                                     # q4_k_m, transformers fp32, raw llama-cpp anchor, parallel
@@ -382,6 +384,67 @@ def main_real(args, console) -> int:
     return 0
 
 
+WHOLE_TITLE = "Local judge on CPU: the whole process (benchmarks/judge_cpu.py --whole-process)"
+LLMBAR_NATURAL = REPO.parent / "shared" / "data" / "llmbar" / "Dataset" / "LLMBar" / "Natural" / "dataset.json"
+
+
+def whole_process(args, console) -> int:
+    """`conj-lite judge --data` as a user runs it (a fresh process each: imports, model
+    load, template and grammar set-up, judging), the shipped Q4_1 GGUF against the same
+    weights through transformers (--backend hf), alternated, best of --repeats."""
+    import resource
+    import subprocess
+    import tempfile
+
+    from conj_lite.packaged import BASE_GGUF, packaged_model_path
+
+    model_dir = packaged_model_path("smollm2-135m")
+    data = Path(args.data) if args.data != str(REPO / "data" / "sample_prefs.jsonl") else LLMBAR_NATURAL
+    commands = {
+        "gguf (shipped Q4_1)": ["--model", str(model_dir / BASE_GGUF)],
+        "transformers (--backend hf)": ["--model", str(model_dir), "--backend", "hf"],
+    }
+    common = ["--data", str(data), "--limit", str(args.pairs), "--mode", "rationale",
+              "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    seconds = {name: [] for name in commands}
+    cpu = {name: [] for name in commands}  # user + system: what the process used, whatever else ran
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.repeats):
+            for name, model in commands.items():
+                out = Path(tmp) / f"{round_}-{len(seconds[name])}-{name.split()[0]}.jsonl"
+                cmd = [sys.executable, "-m", "conj_lite.cli", "judge", *model, *common, "--output", str(out)]
+                start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+                subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                seconds[name].append(round(time.perf_counter() - start, 2))
+                now = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu[name].append(round(now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime, 2))
+                console.print(f"bench: {name}: {seconds[name][-1]} s, {cpu[name][-1]} CPU s", highlight=False)
+    best = {name: min(v) for name, v in seconds.items()}
+    ratio = best["transformers (--backend hf)"] / best["gguf (shipped Q4_1)"]
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    command = " ".join(["python benchmarks/judge_cpu.py", *args.argv])
+    body = "\n".join([
+        f"Run {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {cpu_name()} ({args.threads} threads; "
+        f"load average {load_before} before, {load_after} after). Command: `{command}`.",
+        "",
+        f"`conj-lite judge --data` on {args.pairs} pairs of `{data.name}` ({data.parent.name}), both orders, rationale "
+        f"mode, ≤ {args.max_new_tokens} new tokens, each run a fresh process (imports, model load, template and grammar "
+        f"set-up, judging), the two alternated, best of {args.repeats}.",
+        "",
+        "| judge | whole process (s) | runs (s) | CPU time of each run (s) |",
+        "|---|---:|---|---|",
+        *[f"| {name} | {best[name]:.1f} | {seconds[name]} | {cpu[name]} |" for name in commands],
+        f"| **ratio** transformers ÷ gguf | **{ratio:.2f}×** (goal ≥ 8×) | | |",
+    ])
+    console.print(body, highlight=False, markup=False)
+    if not args.quick:
+        raw = {"seconds": seconds, "cpu_seconds": cpu, "ratio": ratio, "load_before": load_before, "load_after": load_after,
+               "command": command, "pairs": args.pairs, "data": str(data)}
+        console.print(f"bench: wrote {write_section(WHOLE_TITLE, body, raw, 'judge_cpu_whole.json')}", highlight=False)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=4, help="pairs per round (default 4)")
@@ -396,8 +459,15 @@ def main(argv=None) -> int:
                         help="tiny: the ~106M random-init model (default); smollm2: the packaged real model")
     parser.add_argument("--data", default=str(REPO / "data" / "sample_prefs.jsonl"),
                         help="pairs to judge with --model smollm2")
+    parser.add_argument("--whole-process", action="store_true",
+                        help="`conj-lite judge --data` as whole processes: the shipped GGUF vs --backend hf on LLMBar "
+                        "Natural (use with --pairs 8 --max-new-tokens 64)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.whole_process:
+        from conj_lite.progress import get_console
+
+        return whole_process(args, get_console())
     if args.render:
         raw = json.loads(Path(args.render).read_text("utf-8"))
         write_section(REAL_TITLE if "real" in raw else TITLE, real_markdown(raw) if "real" in raw else markdown(raw),

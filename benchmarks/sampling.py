@@ -4,6 +4,16 @@
     python benchmarks/sampling.py --shape smollm2      # the embedded real model (packaged), CPU
     python benchmarks/sampling.py --shape qwen2.5-1.5b # real-shaped random init (GPU)
     python benchmarks/sampling.py --shape qwen2.5-1.5b --load-in-4bit   # 4-bit NF4, as the GPU recipes sample
+    python benchmarks/sampling.py --engines            # transformers vs llama.cpp engine, SmolLM2, the demo's recipe
+    python benchmarks/sampling.py --overhead           # the frame sampler's per-token cost, batch 32, 49k/152k vocab
+
+`--engines` samples the demo's plan (recipe smollm2-135m_cpu: its pairs, repeats, hints,
+temperature, 48 new tokens, batch 32) with each engine through `sample_judgments`, the
+engines opened once and the runs alternated (--repeats times), and reports judgments/s
+and the ratio. `--overhead` times one step of `FrameSampler` (grammar mask + draw for
+a whole batch, as `generate` calls it) against the per-row sampler of commit 1ecf871
+(read from git), on real SmolLM2 logits inside a rationale, padded with low logits to a
+152k vocabulary.
 
 Every path samples the same Con-J plan (repeats + hints, both orders) with the same
 settings; "one at a time" calls `generate` once per judgment, "batched" is what
@@ -111,6 +121,190 @@ def run_one_at_a_time(model, tokenizer, requests, prompts, cfg) -> tuple[int, fl
     return count, time.perf_counter() - start
 
 
+def load_average() -> list[float]:
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def engines_benchmark(args) -> int:
+    """transformers vs llama.cpp engine on SmolLM2, the demo's recipe, side by side."""
+    import json
+    import os
+
+    from conj_lite.config import find_recipe, load_recipe
+    from conj_lite.data import heldout_split
+    from conj_lite.engines import open_engine
+    from conj_lite.packaged import packaged_model_path
+    from conj_lite.sampling import round_trip_texts, sample_judgments
+    from conj_lite.system import usable_cpus
+
+    recipe = load_recipe(find_recipe("smollm2-135m_cpu"))
+    torch.set_num_threads(usable_cpus())
+    base = str(packaged_model_path("smollm2-135m"))
+    template = load_template(recipe.prompts.template)
+    pairs, _ = heldout_split([p for p in load_pairs(REPO / recipe.data.path).pairs], recipe.data.heldout)
+    pairs = [p for p in pairs if p.label != "tie"][: args.pairs or None]
+    load_before = load_average()
+    engines, opened = {}, {}
+    for name in ("transformers", "llama.cpp"):
+        start = time.perf_counter()
+        engines[name] = open_engine(name, base, None, recipe)
+        engines[name].prepare(template, recipe.prompts.date_string, round_trip_texts(template, pairs))
+        opened[name] = round(time.perf_counter() - start, 2)
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "conj-lite-bench-engines"
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list] = {name: [] for name in engines}
+    verdicts: dict[str, list] = {}
+    for _ in range(args.repeats):
+        for name, engine in engines.items():
+            out = work / f"{name}.jsonl"
+            out.unlink(missing_ok=True)
+            summary = sample_judgments(engine, pairs, template, recipe.sampling, out)
+            rows = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+            results[name].append({"judgments": summary.generated, "seconds": round(summary.seconds, 2),
+                                  "per_s": round(summary.per_second, 3),
+                                  "new_tokens": sum(r["new_tokens"] for r in rows)})
+            verdicts[name] = [r["verdict"] for r in rows if r["kind"] == "repeat"]
+            print(f"{name}: {summary.generated} judgments in {summary.seconds:.1f}s ({summary.per_second:.2f}/s), "
+                  f"load {load_average()}", flush=True)
+    for engine in engines.values():
+        engine.close()
+    best = {name: max(r["per_s"] for r in runs) for name, runs in results.items()}
+    ratio = best["llama.cpp"] / best["transformers"]
+    rate1 = {name: round(v.count(1) / len(v), 3) for name, v in verdicts.items()}
+    load_after = load_average()
+    print(f"llama.cpp / transformers: {ratio:.2f}x; answer-1 rate {rate1}; load {load_before} -> {load_after}")
+    if args.no_write:
+        return 0
+    n = results["transformers"][0]["judgments"]
+    body = f"""
+Date: {today()}. Machine: {machine()}, {usable_cpus()} threads. Versions: {versions('torch', 'transformers', 'llama_cpp_python', 'llguidance')}.
+Command: `python benchmarks/sampling.py --engines{f' --pairs {args.pairs}' if args.pairs else ''} --repeats {args.repeats}`. Load average {load_before} before, {load_after} after.
+
+The demo's sampling stage (recipe `smollm2-135m_cpu`: {len(pairs)} labelled pairs × 2 orders × (2 repeats + 2 hints) =
+{n} judgments, frame grammar, temperature 0.8, top-p 0.95, ≤ 48 new tokens, batch 32) with each engine through
+`sample_judgments`, best of {args.repeats} alternated runs. transformers: fp32 HF `generate`, the prompt's KV cache shared
+by its repeats. llama.cpp: the packaged GGUF rewritten in f16, an example's prompts in one batch (its plain prompt
+evaluated once for its repeats and hinted prompts), flash attention. Both engines use the same frame sampler and
+per-judgment seeds.
+
+| engine | opened in (s) | judgments/s | new tokens | answer-1 rate (repeats) |
+|---|---:|---:|---:|---:|
+| transformers | {opened['transformers']} | {best['transformers']:.2f} | {results['transformers'][0]['new_tokens']} | {rate1['transformers']} |
+| llama.cpp | {opened['llama.cpp']} | {best['llama.cpp']:.2f} | {results['llama.cpp'][0]['new_tokens']} | {rate1['llama.cpp']} |
+| **ratio** llama.cpp ÷ transformers | | **{ratio:.2f}×** (goal ≥ 5×) | | |
+"""
+    raw = {"date": today(), "machine": machine(), "threads": usable_cpus(), "load_before": load_before,
+           "load_after": load_after, "pairs": len(pairs), "opened_s": opened, "runs": results, "ratio": ratio,
+           "answer1_rate": rate1}
+    print(f"wrote {write_section('Sampling engines: transformers vs llama.cpp (SmolLM2, CPU)', body, raw, 'sampling_engines.json')}")
+    return 0
+
+
+BASELINE_COMMIT = "1ecf871"  # the per-row FrameSampler that issue 21 measured
+
+
+def baseline_frame_module():
+    """conj_lite/frame.py as of BASELINE_COMMIT, imported from git as conj_lite._frame_baseline."""
+    import subprocess
+    import types
+
+    source = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:conj_lite/frame.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType("conj_lite._frame_baseline")
+    module.__package__ = "conj_lite"
+    exec(compile(source, f"{BASELINE_COMMIT}:conj_lite/frame.py", "exec"), module.__dict__)
+    return module
+
+
+def rationale_logits(batch: int):
+    """Real SmolLM2 logits (batch, 49152) at positions inside a judgment's rationale."""
+    from transformers import AutoModelForCausalLM
+
+    from conj_lite.packaged import packaged_model_path
+    from conj_lite.prompts import build_messages
+
+    path = str(packaged_model_path("smollm2-135m"))
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    template = load_template("en")
+    text = render_prompt(tokenizer, build_messages(template, "What is 7 + 5?", "12", "13")) + (
+        '{"rationale": "Answer 1 is better because it gives the right sum, twelve, while answer 2 is off by one and '
+        'does not explain how it was found, so a reader would be misled by it and learn nothing from it at all')
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0, -batch:].float()
+    return tokenizer, logits
+
+
+def overhead_benchmark(args) -> int:
+    """One FrameSampler step for a batch of 32 inside a rationale: today's vs 1ecf871's."""
+    from conj_lite.frame import FrameSampler, judgment_grammar, judgment_lark
+
+    torch.set_num_threads(1)  # what the sampler costs on one core, the model aside
+    batch, steps = 32, args.steps
+    old_module = baseline_frame_module()
+    tokenizer, logits = rationale_logits(batch)
+    template = load_template("en")
+    # what each sampled with: 1ecf871 the GBNF, today the Lark form (the rationale one lexeme)
+    grammars = {"per-row (1ecf871)": judgment_grammar(template), "batched": judgment_lark(template)}
+    head = tokenizer('{"rationale": "Answer', add_special_tokens=False).input_ids
+    load_before = load_average()
+    rows = {}
+    for vocab in (49152, 151936):
+        scores = logits
+        if vocab > logits.shape[1]:  # a larger vocabulary: the extra tokens far below the real ones
+            low = logits.min(dim=1, keepdim=True).values - 10
+            scores = torch.cat([logits, low.expand(-1, vocab - logits.shape[1])], dim=1)
+        timing = {"per-row (1ecf871)": float("inf"), "batched": float("inf")}
+        for _ in range(args.repeats):  # alternated, so that load on the machine hits both alike
+            for name, cls in (("per-row (1ecf871)", old_module.FrameSampler), ("batched", FrameSampler)):
+                sampler = cls(tokenizer, [grammars[name]] * batch, list(range(batch)), temperature=0.8, top_p=0.95,
+                              max_new_tokens=64, eos_ids=[tokenizer.eos_token_id], closing_tokens=10)
+                ids = torch.full((batch, 1), tokenizer.eos_token_id)  # a one-token "prompt"
+                out = sampler(ids, scores)
+                for token in head:  # into the rationale
+                    ids = torch.cat([ids, torch.full((batch, 1), token)], dim=1)
+                    out = sampler(ids, scores)
+                spent = 0.0
+                for _ in range(steps):  # then the sampler's own tokens, as generate feeds them back
+                    ids = torch.cat([ids, out.argmax(-1, keepdim=True)], dim=1)
+                    start = time.perf_counter()
+                    out = sampler(ids, scores)
+                    spent += time.perf_counter() - start
+                timing[name] = min(timing[name], spent / steps)
+        rows[vocab] = timing
+        print(f"vocab {vocab}: " + ", ".join(f"{k} {1000 * v / batch:.3f} ms/row" for k, v in timing.items())
+              + f", ratio {timing['per-row (1ecf871)'] / timing['batched']:.1f}x", flush=True)
+    load_after = load_average()
+    if args.no_write:
+        return 0
+    lines = "\n".join(
+        f"| {vocab:,} | {1000 * t['per-row (1ecf871)'] / batch:.3f} | {1000 * t['batched'] / batch:.3f} | "
+        f"**{t['per-row (1ecf871)'] / t['batched']:.1f}×** |" for vocab, t in rows.items())
+    body = f"""
+Date: {today()}. Machine: {machine()}, 1 torch thread. Versions: {versions('torch', 'llguidance')}.
+Command: `python benchmarks/sampling.py --overhead --steps {steps} --repeats {args.repeats}`. Load average {load_before} before, {load_after} after.
+
+One step of the frame sampler (`FrameSampler.__call__` as `generate` calls it: grammar mask, temperature 0.8,
+top-p 0.95, one draw per row) for a batch of 32 rows inside a rationale, on real SmolLM2 logits (the 152k rows are
+the same logits padded with tokens 10 below the lowest), best of {args.repeats} × {steps} steps, per row. Per-row
+(1ecf871): for every row, the logits copied to the CPU, a softmax, a full sort for top-p, the bitmask unpacked, the
+GBNF grammar. Batched: one llguidance fill for the batch from the Lark form of the same grammar (the rationale one
+lexeme), the mask, top-p on the nucleus candidates (`topk`), inverse-CDF draws with one uniform per row from the row's
+own generator, on the logits' device.
+
+| vocabulary | per-row (1ecf871), ms/row | batched, ms/row | per-row ÷ batched (goal ≥ 5×) |
+|---:|---:|---:|---:|
+{lines}
+"""
+    raw = {"date": today(), "machine": machine(), "batch": batch, "steps": steps, "load_before": load_before,
+           "load_after": load_after, "seconds_per_step": {str(k): v for k, v in rows.items()}}
+    print(f"wrote {write_section('Frame sampler overhead per token (CPU, batch 32)', body, raw, 'sampling_overhead.json')}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["tiny", "smollm2", *SHAPES], default="tiny",
@@ -123,7 +317,17 @@ def main(argv=None) -> int:
     parser.add_argument("--load-in-4bit", action="store_true",
                         help="GPU, with --shape: load the model in 4-bit NF4 through conj_lite.models, as the recipes do")
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch docs/")
+    parser.add_argument("--engines", action="store_true",
+                        help="transformers vs llama.cpp engine on SmolLM2 with the demo's recipe (--pairs: 0 = all)")
+    parser.add_argument("--overhead", action="store_true", help="the frame sampler's per-token cost, batch 32")
+    parser.add_argument("--steps", type=int, default=20, help="--overhead: timed sampler steps")
     args = parser.parse_args(argv)
+    if args.engines:
+        if "--pairs" not in " ".join(argv or sys.argv[1:]):
+            args.pairs = 0  # the demo's whole plan
+        return engines_benchmark(args)
+    if args.overhead:
+        return overhead_benchmark(args)
     if args.load_in_4bit and (args.shape in ("tiny", "smollm2") or not torch.cuda.is_available()):
         parser.error("--load-in-4bit needs a real --shape and a CUDA GPU (bitsandbytes)")
 

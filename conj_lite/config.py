@@ -96,6 +96,9 @@ class SamplingConfig:
     both_orders: bool = opt(True, "judge every pair in both answer orders")
     hints: bool = opt(True, "add hint-driven samples (Con-J); off for the no-hint ablation")
     seed: int = opt(0, "sampling seed")
+    engine: str = opt("auto", "what runs the policy: auto (llama.cpp on a CPU when llama-cpp-python is installed and "
+                      "the model has a GGUF or can be converted to one; transformers otherwise), transformers "
+                      "(HF generate), llama.cpp (llama-cpp-python on a GGUF of the policy, a round's LoRA as a GGUF LoRA)")
 
 
 @dataclass
@@ -113,6 +116,7 @@ class FilterConfig:
 OBJECTIVES = ("dpo+sft", "dpo", "sft")
 SAMPLING_FORMATS = ("frame", "free")
 DATA_TASKS = ("preference", "relevance")
+SAMPLING_ENGINES = ("auto", "transformers", "llama.cpp")
 
 
 @dataclass
@@ -315,6 +319,8 @@ def check_recipe(recipe: Recipe) -> None:
         raise InputError(f"data.task: expected one of {list(DATA_TASKS)}, got {recipe.data.task!r}")
     if sampling.format not in SAMPLING_FORMATS:
         raise InputError(f"sampling.format: expected one of {list(SAMPLING_FORMATS)}, got {sampling.format!r}")
+    if sampling.engine not in SAMPLING_ENGINES:
+        raise InputError(f"sampling.engine: expected one of {list(SAMPLING_ENGINES)}, got {sampling.engine!r}")
     if sampling.top_k < 0:
         raise InputError(f"sampling.top_k: expected 0 (off) or more, got {sampling.top_k}")
     if not str(recipe.prompts.date_string).strip():

@@ -15,7 +15,9 @@ hints.
 from (seed, pair id, order, kind, sample index); `generate` then only takes its
 choice. A judgment thus depends on its key and not on how requests fell into
 batches: a resumed run, a run with another batch size and an uninterrupted run write
-the same texts.
+the same texts. It works on the whole batch at once (one bitmask fill, the draw on
+the logits' device: `draw_tokens`), and it serves every sampling engine: transformers
+calls it as a logits processor, the llama.cpp engine step by step.
 """
 
 from __future__ import annotations
@@ -89,6 +91,23 @@ def forced_judgment(template: JudgeTemplate, verdict: int | None) -> str | None:
     return verdict_only_head(template) + f"{verdict_rule(verdict)[1:-1]}}}"
 
 
+# The same JSON string characters as one regular expression: llguidance lexes the whole
+# rationale as a single token class, and computes its token masks about 20x faster than
+# for the character-by-character GBNF rule (benchmarks/sampling.py --overhead).
+_JSON_CHARS = r'/([^"\\\x00-\x1F\x7F]|\\(["\\\/bfnrt]|u([0-9a-cA-Ce-fE-F][0-9a-fA-F]|[dD][0-7])[0-9a-fA-F][0-9a-fA-F]))*/'
+
+
+def judgment_lark(template: JudgeTemplate, verdict: int | None = None) -> str:
+    """`judgment_grammar` in llguidance's Lark, the rationale's text one lexeme: what
+    sampling holds generation to (the same language; the GGUF judge takes the GBNF)."""
+    digit = "/[12]/" if verdict is None else json.dumps(str(verdict_rule(verdict).strip('"')))
+    if not template.rationale:
+        return f"start: {json.dumps(verdict_only_head(template), ensure_ascii=False)} {digit} \"}}\"\n"
+    return (f"start: {json.dumps(frame_head(template), ensure_ascii=False)} RATIONALE "
+            f"{json.dumps(frame_middle(template), ensure_ascii=False)} {digit} \"}}\"\n"
+            f"RATIONALE: {_JSON_CHARS}\n")
+
+
 def closing_grammar(template: JudgeTemplate, verdict: int | None = None) -> str:
     """GBNF that closes a rationale cut off at a clean point and gives the verdict."""
     return f"root ::= {_gbnf_literal(frame_middle(template))} {verdict_rule(verdict)} \"}}\"\n"
@@ -100,17 +119,111 @@ def sample_seed(seed: int, pair_id: str, order: str, kind: str, sample: int) -> 
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
+def round_trip_problem(texts, encode, decode) -> str | None:
+    """Where `decode(encode(text))` first differs from `text`, for the first of `texts`
+    that does not come back (a leading space a sentencepiece tokenizer adds or drops
+    does not count); None when all do."""
+    for text in texts:
+        want, got = text.lstrip(" "), decode(encode(text)).lstrip(" ")
+        if got != want:
+            at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            return f"{want[max(0, at - 20):at + 20]!r} reads back as {got[max(0, at - 20):at + 20]!r}"
+    return None
+
+
+# ---------------------------------------------------------------- the draw: torch, the whole batch at once
+
+def unpack_bitmask(bitmask, vocab: int):
+    """llguidance's token bitmask (int32, 32 tokens a word, little-endian bits) as a
+    (batch, vocab) bool tensor on the bitmask's device; tokens past its end are refused."""
+    import torch
+
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+    if bits.shape[1] >= vocab:
+        return bits[:, :vocab]
+    return torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]), value=False)
+
+
+# Nucleus candidates taken before the whole vocabulary is sorted: top-p keeps far fewer
+# tokens than this on a language model's distribution, so sorting 49k-152k tokens is rare.
+NUCLEUS_CANDIDATES = 1024
+
+
+def draw_tokens(logits, uniforms, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                candidates: int = NUCLEUS_CANDIDATES):
+    """One token per row of `logits` (batch, vocab; refused tokens at -inf): temperature,
+    top-k and top-p on the whole batch, then inverse-CDF sampling with the row's own
+    uniform in [0, 1) (`uniforms`, one per row). A row's token depends only on its logits
+    and its uniform, never on the other rows (the nucleus is ordered by falling
+    probability, ties by token id). temperature <= 0: the most likely token."""
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    vocab = logits.shape[-1]
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, vocab), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p >= 1.0:
+        probs, index = torch.softmax(logits, dim=-1), None
+    else:
+        total = torch.logsumexp(logits, dim=-1, keepdim=True)
+        values, index = torch.topk(logits, min(candidates, vocab), dim=-1)
+        short = torch.exp(values - total).sum(-1) <= top_p  # the nucleus reaches past the candidates
+        if short.any():
+            values = torch.cat([values, values.new_full((values.shape[0], vocab - values.shape[1]), float("-inf"))], 1)
+            index = torch.cat([index, index.new_zeros(index.shape[0], vocab - index.shape[1])], 1)
+            values[short], index[short] = torch.sort(logits[short], dim=-1, descending=True)
+        index, order = index.sort(dim=-1)  # ties by token id: the order does not depend on the path
+        ranked = values.gather(1, order).sort(dim=-1, descending=True, stable=True)
+        index = index.gather(1, ranked.indices)
+        probs = torch.exp(ranked.values - total)
+        before = probs.cumsum(-1) - probs  # keep a token while the mass before it is <= top_p
+        probs = probs.masked_fill(before > top_p, 0.0)
+    cum = probs.cumsum(-1)
+    last = cum[:, -1:]
+    # u * last < last, so the search lands on a token of positive probability
+    target = torch.minimum(uniforms.to(cum.device, cum.dtype).unsqueeze(1) * last,
+                           torch.nextafter(last, torch.zeros_like(last)))
+    picked = torch.searchsorted(cum, target, right=True).clamp_(max=cum.shape[1] - 1)
+    return (picked if index is None else index.gather(1, picked)).squeeze(1)
+
+
+def apply_repetition_penalty(scores, seen, penalty: float):
+    """transformers' repetition penalty on a batch: the logits of tokens in `seen`
+    (batch, n; a row may repeat a token) divided by `penalty` when positive, multiplied
+    when negative."""
+    import torch
+
+    if penalty == 1.0:
+        return scores
+    picked = torch.gather(scores, 1, seen)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, seen, picked)
+
+
 # ---------------------------------------------------------------- the edge: llguidance + torch
 
 
-class FrameSampler:
-    """A `LogitsProcessor` for `generate(do_sample=False)` that samples every row itself.
+class FrameError(RuntimeError):
+    """The judgment grammar refused a token sampled inside it: the grammar's view of the
+    tokenizer is not the model's (see check_round_trip)."""
 
-    Per row: the grammar's mask (when the row has one), temperature, top-k, top-p, then
-    a draw from the row's own generator; the logits it returns allow only the drawn
-    token. A row that reaches its token budget inside the rationale is made to close
-    the string, so the verdict always fits. Built-in processors that run before it
-    (the repetition penalty) still apply."""
+
+class FrameSampler:
+    """Samples every row of a batch itself, held to the frame: a `LogitsProcessor` for
+    `generate(do_sample=False)`, or called step by step (`choose`, `advance`) by an engine
+    that decodes by itself (llama.cpp).
+
+    Per step, for the whole batch: one llguidance bitmask fill (the rows with a grammar),
+    the mask applied, then temperature, top-k, top-p and one uniform per row from the
+    row's own generator (`draw_tokens`), on the logits' device. A row that reaches its
+    token budget inside the rationale is made to close the string, so the verdict always
+    fits. A token the grammar refuses stops sampling (`FrameError`): it means the
+    grammar and the model read the tokens differently. Built-in processors that run
+    before it (the repetition penalty) still apply."""
 
     def __init__(self, tokenizer, grammars: list[str | None], seeds: list[int], *, temperature: float,
                  top_p: float = 1.0, top_k: int = 0, max_new_tokens: int, eos_ids: list[int], closing_tokens: int = 0,
@@ -127,83 +240,94 @@ class FrameSampler:
             import llguidance
 
             self.ll_tokenizer = ll_tokenizer or ll_tokenizer_for(tokenizer, self.eos_ids)
-            compiled = {g: llguidance.grammar_from("gbnf", g) for g in set(grammars) if g is not None}
+            # GBNF (judgment_grammar, what the GGUF judge takes) or llguidance's Lark (judgment_lark)
+            compiled = {g: llguidance.grammar_from("gbnf" if "::=" in g else "lark", g)
+                        for g in set(grammars) if g is not None}
             self.matchers = [llguidance.LLMatcher(self.ll_tokenizer, compiled[g]) if g is not None else None
                              for g in grammars]
             for m in self.matchers:
                 if m is not None and m.is_error():
                     raise ValueError(f"grammar error: {m.get_error()}")
-            self._closers = _closing_token_ids(tokenizer)
+            self._executor = _executor()
+            self._closers = closing_token_mask(self.ll_tokenizer)
+            self._bitmask = torch.full((len(grammars), (self.ll_tokenizer.vocab_size + 31) // 32), -1,
+                                       dtype=torch.int32)
 
     def __call__(self, input_ids, scores):
         import torch
 
-        step = 0
         if self.prompt_len is None:
             self.prompt_len = input_ids.shape[1]
         else:
-            step = input_ids.shape[1] - self.prompt_len
-            last = input_ids[:, -1].tolist()
-            for m, token in zip(self.matchers, last):
-                if m is not None and not m.is_stopped():
-                    m.consume_token(token)
-        scores = scores.float().cpu()
-        chosen = torch.empty(scores.shape[0], dtype=torch.long)
-        for row in range(scores.shape[0]):
-            logits = scores[row]
-            m = self.matchers[row]
-            if m is not None:
-                if m.is_stopped() or m.is_error():
-                    chosen[row] = self.eos_ids[0]
-                    continue
-                logits = logits.masked_fill(~self._allowed(m, logits.shape[0], step), float("-inf"))
-            chosen[row] = self._draw(logits, self.generators[row])
+            self.advance(range(input_ids.shape[0]), input_ids[:, -1].tolist())
+        chosen = self.choose(scores, input_ids.shape[1] - self.prompt_len)
         out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(scores.shape[0]), chosen] = 0.0
-        return out.to(input_ids.device)
+        return out.scatter_(1, chosen.unsqueeze(1), 0.0)
 
-    def _allowed(self, matcher, vocab: int, step: int):
-        import numpy as np
+    def advance(self, rows, tokens: list[int]) -> None:
+        """The tokens just chosen for `rows` enter their grammars."""
+        held = [(self.matchers[r], t) for r, t in zip(rows, tokens)
+                if self.matchers[r] is not None and not self.matchers[r].is_stopped()]
+        if not held:
+            return
+        for (m, token), ok in zip(held, self._executor.consume_token_par(held)):
+            if not ok or m.is_error():
+                raise FrameError(f"the judgment grammar refused token {token} "
+                                 f"({self.ll_tokenizer.dbg_tokens([token])}): {m.get_error()}")
+
+    def choose(self, scores, step: int, rows=None):
+        """The next token of each row in `rows` (default: all) from their logits `scores`
+        (len(rows), vocab), `step` tokens into the judgment; a tensor on scores' device."""
         import torch
 
-        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        allowed = torch.zeros(vocab, dtype=torch.bool)
-        n = min(vocab, bits.shape[0])
-        allowed[:n] = torch.from_numpy(bits[:n].astype(bool))
-        if self.closing_tokens and step >= self.max_new_tokens - self.closing_tokens:
-            closing = allowed & self._closers[:vocab] if self._closers.shape[0] >= vocab else allowed
-            if closing.any():  # inside the rationale: end the string now
-                return closing
-        return allowed
+        rows = list(range(scores.shape[0])) if rows is None else list(rows)
+        scores = scores.float()
+        held = [(i, self.matchers[r]) for i, r in enumerate(rows) if self.matchers[r] is not None]
+        done = [i for i, m in held if m.is_stopped()]
+        if held:
+            mask = self._bitmask[: len(rows)].fill_(-1)
+            live = [(m, i) for i, m in held if not m.is_stopped()]
+            if live:
+                self._executor.unsafe_compute_mask_ptr(live, mask.data_ptr(), mask.shape[1] * 4, mask.shape[0])
+            allowed = unpack_bitmask(mask.to(scores.device), scores.shape[1])
+            if self.closing_tokens and step >= self.max_new_tokens - self.closing_tokens:
+                closers = self._closers.to(scores.device)
+                closing = allowed & _fit(closers, scores.shape[1])
+                allowed = torch.where(closing.any(-1, keepdim=True), closing, allowed)  # inside the rationale: end it
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            if done:  # a finished judgment only ends its turn
+                scores[done] = 0.0
+        uniforms = torch.tensor([torch.rand(1, generator=self.generators[r]).item() for r in rows])
+        chosen = draw_tokens(scores, uniforms, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        if done:
+            chosen[done] = self.eos_ids[0]
+        return chosen
 
-    def _draw(self, logits, generator) -> int:
-        import torch
 
-        if self.temperature <= 0:
-            return int(torch.argmax(logits))
-        logits = logits / self.temperature
-        if self.top_k and self.top_k > 0:
-            kth = torch.topk(logits, min(self.top_k, logits.shape[0])).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if self.top_p < 1.0:
-            sorted_p, idx = torch.sort(probs, descending=True)
-            cum = torch.cumsum(sorted_p, dim=-1)
-            drop = cum - sorted_p > self.top_p  # keep the smallest set reaching top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, idx, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=generator))
+def _fit(mask, vocab: int):
+    """A per-token mask cut or padded (False) to `vocab` entries."""
+    import torch
+
+    if mask.shape[0] >= vocab:
+        return mask[:vocab]
+    return torch.cat([mask, mask.new_zeros(vocab - mask.shape[0])])
 
 
 _CACHE: dict[tuple, tuple[object, object]] = {}
 
 
-def _cached(tokenizer, what: str, build):
-    """One `build()` per tokenizer object (the entry keeps the tokenizer alive, so its id is not reused)."""
-    key = (id(tokenizer), what)
-    if key not in _CACHE or _CACHE[key][0] is not tokenizer:
-        _CACHE[key] = (tokenizer, build())
+def _cached(owner, what: str, build):
+    """One `build()` per owner object (the entry keeps the owner alive, so its id is not reused)."""
+    key = (id(owner), what)
+    if key not in _CACHE or _CACHE[key][0] is not owner:
+        _CACHE[key] = (owner, build())
     return _CACHE[key][1]
+
+
+def _executor():
+    import llguidance
+
+    return _cached(llguidance, "executor", llguidance.LLExecutor)
 
 
 def ll_tokenizer_for(tokenizer, eos_ids: list[int]):
@@ -213,15 +337,12 @@ def ll_tokenizer_for(tokenizer, eos_ids: list[int]):
     return _cached(tokenizer, f"ll{tuple(eos_ids)}", lambda: llguidance.hf.from_tokenizer(tokenizer, eos_token=list(eos_ids)))
 
 
-def _closing_token_ids(tokenizer):
-    """Tokens whose text starts with a double quote: the ways to end a JSON string (cached)."""
+def closing_token_mask(ll_tokenizer):
+    """Tokens whose bytes start with a double quote: the ways to end a JSON string (cached)."""
     import torch
 
     def build():
-        mask = torch.zeros(len(tokenizer), dtype=torch.bool)
-        for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
-            if token and token.startswith('"') and tokenizer.decode([token_id]).startswith('"'):
-                mask[token_id] = True
-        return mask
+        n = ll_tokenizer.vocab_size
+        return torch.tensor([ll_tokenizer.decode_bytes([t]).startswith(b'"') for t in range(n)], dtype=torch.bool)
 
-    return _cached(tokenizer, "closers", build)
+    return _cached(ll_tokenizer, "closers", build)

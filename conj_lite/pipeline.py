@@ -37,12 +37,13 @@ from .errors import InputError
 from .filtering import build_pairs
 from .jsonio import read_json, write_json, write_jsonl
 from .judging import Judge, evaluate
-from .models import import_unsloth_early, load_for_sampling, resolve_model_path, resolve_runtime, set_cpu_threads
+from .engines import choose_engine, engine_inputs, open_engine
+from .models import import_unsloth_early, resolve_model_path, set_cpu_threads
 from .packaged import PACKAGED
 from .progress import get_console, quiet_libraries, stage_progress
-from .prompts import check_chat_template, load_template
+from .prompts import load_template
 from .relevance import pair_chars, relevance_split
-from .sampling import TOO_LONG, JudgmentFile, load_too_long, plan_requests, row_key, sample_judgments
+from .sampling import TOO_LONG, JudgmentFile, load_too_long, plan_requests, round_trip_texts, row_key, sample_judgments
 from .system import children_peak_rss_bytes, network_switches, peak_rss_bytes, release_memory, reset_peak_rss
 from .training import train_adapter
 from .warmup import SFT_FILE, read_warmup_file, sft_from_pairs, warmup_from_judgments, warmup_stats, write_sft_file
@@ -202,8 +203,11 @@ class ConjRun:
     def sampling_inputs(self, adapter: Path | None) -> dict:
         sampling = asdict(self.recipe.sampling)
         sampling.pop("batch_size", None)  # judgments are seeded per judgment, not per batch
+        sampling.pop("engine", None)  # recorded as the engine auto picks, with the files it runs
+        engine = choose_engine(self.recipe.sampling.engine, self.base_model())
         return _plain({"model": self.model_identity(), "adapter": path_identity(adapter),
-                       "data": self.data_identity(), "sampling": sampling})
+                       "data": self.data_identity(), "sampling": sampling,
+                       "engine": engine_inputs(engine, self.base_model(), adapter)})
 
     def filter_inputs(self, work: Path) -> dict:
         return _plain({"judgments": path_identity(work / JUDGMENTS), "filtering": asdict(self.recipe.filtering),
@@ -307,16 +311,18 @@ class ConjRun:
         if adapter is not None and not (adapter / "adapter_config.json").is_file():
             raise InputError(f"{adapter}: the adapter to sample from is missing; train the previous stage first")
         set_cpu_threads()
-        runtime = resolve_runtime(self.recipe.model)
         base = self.base_model()
-        write_json(work / SAMPLED_FROM, {"model": base, "adapter": adapter and str(adapter), "inputs": inputs})
-        model, tokenizer = load_for_sampling(base, self.recipe.model, runtime, adapter=adapter)
-        check_chat_template(tokenizer, self.template, self.recipe.prompts.date_string)
-        source = f"{base} + {adapter}" if adapter else base
-        self.console.print(f"sample ({label}): from {source}", highlight=False)
-        # unsloth's fast inference keeps its own cache: its prompts are not shared (untested here)
-        summary = sample_judgments(model, tokenizer, pairs, self.template, self.recipe.sampling, path, self.console,
-                                   max_prompt_tokens=max_prompt_tokens, share_prompts=not runtime.use_unsloth)
+        record = {"model": base, "adapter": adapter and str(adapter), "inputs": inputs}
+        write_json(work / SAMPLED_FROM, record)
+        engine = open_engine(self.recipe.sampling.engine, base, adapter, self.recipe, console=self.console)
+        try:
+            write_json(work / SAMPLED_FROM, {**record, "policy": engine.policy()})  # the files it really runs
+            engine.prepare(self.template, self.recipe.prompts.date_string, round_trip_texts(self.template, pairs))
+            self.console.print(f"sample ({label}): from {engine.source} on {engine.name}", highlight=False)
+            summary = sample_judgments(engine, pairs, self.template, self.recipe.sampling, path, self.console,
+                                       max_prompt_tokens=max_prompt_tokens)
+        finally:
+            engine.close()  # nothing of sampling stays alive into training
         self.console.print(
             f"sample ({label}): {summary.generated} new judgments in {summary.seconds:.1f}s "
             f"({summary.per_second:.2f}/s), {summary.total} in {path}"

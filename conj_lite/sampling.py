@@ -1,4 +1,4 @@
-"""Stage S1: sample judgments with batched `generate`, resumably.
+"""Stage S1: sample judgments in batches, resumably.
 
 For every labelled pair and each answer order the model writes
   - `n_repeats` judgments to the plain judge prompt        (kind "repeat")
@@ -9,6 +9,9 @@ Each judgment is a row of `judgments.jsonl` keyed by (id, order, kind, sample).
 Rows are appended a whole batch at a time and fsync'ed. A re-run reads the file,
 cuts a torn last line (the process died mid-write), and generates only the keys that
 are missing, so nothing is lost or written twice.
+
+What runs the policy is a sampling engine (`conj_lite.engines`: transformers, whose
+batched `generate` is here, or llama.cpp); `sample_judgments` treats them alike.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from pathlib import Path
 
 from .config import SamplingConfig
 from .filtering import read_judgment
-from .frame import FrameSampler, forced_judgment, frame_middle, judgment_grammar, sample_seed
+from .errors import InputError
+from .frame import FrameError, FrameSampler, forced_judgment, frame_middle, judgment_lark, sample_seed
 from .jsonio import JudgmentFile
 from .progress import stage_progress
-from .prompts import JudgeTemplate, build_messages, hint_prefix, ordered_answers, render_prompt, true_slot
+from .prompts import JudgeTemplate, build_messages, hint_prefix, judge_verdict_json, ordered_answers, true_slot
 
 
 
@@ -90,9 +94,16 @@ def split_requests(requests: list[Request], max_sequences: int) -> list[Request]
     return out
 
 
-def make_batches(requests: list[Request], lengths: list[int], max_sequences: int) -> list[list[int]]:
-    """Group request indices into generate calls: same sample count, similar prompt
-    length (less padding), at most `max_sequences` sequences per call."""
+def make_batches(requests: list[Request], lengths: list[int], max_sequences: int,
+                 by_example: bool = False) -> list[list[int]]:
+    """Group request indices into engine calls of at most `max_sequences` sequences.
+
+    Default: same sample count per call, similar prompt lengths (less padding). by_example
+    (an engine that takes mixed counts and shares the prefixes of neighbouring prompts):
+    the requests of one example (pair x order: its plain and hinted prompts) together,
+    in plan order, so the plain prompt they all begin with is evaluated once."""
+    if by_example:
+        return _example_batches(requests, max_sequences)
     order = sorted(range(len(requests)), key=lambda i: (len(requests[i].samples), lengths[i]))
     batches, current, current_n = [], [], None
     for i in order:
@@ -102,6 +113,28 @@ def make_batches(requests: list[Request], lengths: list[int], max_sequences: int
             current = []
         current.append(i)
         current_n = n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _example_batches(requests: list[Request], max_sequences: int) -> list[list[int]]:
+    examples: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(requests):
+        examples.setdefault((r.pair_id, r.order), []).append(i)
+    batches, current, used = [], [], 0
+    for members in examples.values():
+        size = sum(len(requests[i].samples) for i in members)
+        if current and used + size > max_sequences and size <= max_sequences:
+            batches.append(current)  # keep the example whole in the next call
+            current, used = [], 0
+        for i in members:  # an example larger than a call is cut between its requests
+            n = len(requests[i].samples)
+            if current and used + n > max_sequences:
+                batches.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += n
     if current:
         batches.append(current)
     return batches
@@ -126,9 +159,17 @@ def cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], str]:
     return ids, "length"
 
 
-def closing_budget(tokenizer, template: JudgeTemplate) -> int:
+def closing_budget(count_tokens, template: JudgeTemplate) -> int:
     """Tokens a frame judgment needs after its rationale: `", "better_answer": 1}` and EOS."""
-    return len(tokenizer(frame_middle(template) + "1}", add_special_tokens=False).input_ids) + 2
+    return count_tokens(frame_middle(template) + "1}") + 2
+
+
+def round_trip_texts(template: JudgeTemplate, pairs, n_answers: int = 4) -> list[str]:
+    """What the tokenizer must read back unchanged before frame sampling: a whole
+    judgment in the frame, the hint prefixes, and the first answers of the data."""
+    frame = judge_verdict_json(template, 'Answer 1 is better: it says "12", and 7 + 5 = 12 (not 13).', 1)
+    answers = [a for p in pairs[:n_answers] for a in (p.answer_a, p.answer_b)]
+    return [frame, hint_prefix(template, 1), hint_prefix(template, 2), *answers]
 
 
 def shared_prompt_cache(model, input_ids, attention_mask, n: int):
@@ -240,19 +281,21 @@ class SampleSummary:
         return self.generated / self.seconds if self.seconds else 0.0
 
 
-def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: SamplingConfig, out_path, console=None,
-                     max_prompt_tokens: int | None = None, share_prompts: bool = True) -> SampleSummary:
-    """Run the whole sampling plan into `out_path`, skipping what is already there.
+def sample_judgments(engine, pairs, template: JudgeTemplate, cfg: SamplingConfig, out_path, console=None,
+                     max_prompt_tokens: int | None = None) -> SampleSummary:
+    """Run the whole sampling plan into `out_path` on `engine` (a conj_lite.engines
+    SamplingEngine), skipping what is already there.
 
     With `max_prompt_tokens` (model.max_seq_length - sampling.max_new_tokens), examples
     whose prompt is longer are left out, with a warning, and listed in too_long.json
-    next to `out_path`: training would truncate their judgments away."""
+    next to `out_path`: training would truncate their judgments away. A token the frame's
+    grammar refuses stops the stage (the batches written so far are kept)."""
     store = JudgmentFile(out_path)
     done = {row_key(r) for r in store.load()}
     skip = load_too_long(out_path, max_prompt_tokens)
     requests = split_requests(plan_requests(pairs, template, cfg, done, skip), max(1, cfg.batch_size))
-    prompts = [render_prompt(tokenizer, r.messages, r.prefix) for r in requests]
-    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    prompts = [engine.render(r.messages, r.prefix) for r in requests]
+    lengths = [engine.count_tokens(p) for p in prompts]
     too_long = over_length(requests, lengths, max_prompt_tokens)
     if too_long:
         skip |= too_long
@@ -274,24 +317,30 @@ def sample_judgments(model, tokenizer, pairs, template: JudgeTemplate, cfg: Samp
     forced = [forced_judgment(template, r.hint_slot) if framed else None for r in requests]
     free = [i for i, text in enumerate(forced) if text is None]
     batches = [[free[i] for i in batch]
-               for batch in make_batches([requests[i] for i in free], [lengths[i] for i in free], max(1, cfg.batch_size))]
-    closing = closing_budget(tokenizer, template) if framed else 0
+               for batch in make_batches([requests[i] for i in free], [lengths[i] for i in free], max(1, cfg.batch_size),
+                                         by_example=engine.mixed_counts)]
+    closing = closing_budget(engine.count_tokens, template) if framed else 0
     start, generated = time.perf_counter(), 0
     with stage_progress("sampling", console) as progress:
         task = progress.add_task("judgments", total=total, completed=len(done), resumed=len(done))
-        rows = [judgment_row(r, index, text, "stop", len(tokenizer(text, add_special_tokens=False).input_ids), template)
+        rows = [judgment_row(r, index, text, "stop", engine.count_tokens(text), template)
                 for r, text in zip(requests, forced) if text is not None for index in r.samples]
         if rows:
             store.append(rows)
             generated += len(rows)
             progress.update(task, advance=len(rows))
         for batch in batches:
-            n = len(requests[batch[0]].samples)
             seeds = [sample_seed(cfg.seed, requests[i].pair_id, requests[i].order, requests[i].kind, k)
                      for i in batch for k in requests[i].samples]
-            grammars = [judgment_grammar(template, requests[i].hint_slot) for i in batch for _ in range(n)] if framed else None
-            outputs = generate(model, tokenizer, [prompts[i] for i in batch], n, cfg, seeds=seeds, grammars=grammars,
-                               closing_tokens=closing, share_prompts=share_prompts)
+            grammars = ([judgment_lark(template, requests[i].hint_slot) for i in batch for _ in requests[i].samples]
+                        if framed else None)
+            try:
+                outputs = engine.generate([prompts[i] for i in batch], [len(requests[i].samples) for i in batch], cfg,
+                                          seeds=seeds, grammars=grammars, closing_tokens=closing)
+            except FrameError as exc:
+                raise InputError(f"{engine.source}: sampling stopped: {exc}. The grammar reads this model's tokens "
+                                 f"differently from the model; {len(done) + generated} judgments written so far "
+                                 f"stay in {out_path}") from None
             rows = [judgment_row(requests[i], index, text, finish, n_tokens, template)
                     for i, samples in zip(batch, outputs)
                     for index, (text, finish, n_tokens) in zip(requests[i].samples, samples)]

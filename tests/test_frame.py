@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conj_lite.config import SamplingConfig
-from conj_lite.frame import closing_grammar, judgment_grammar, sample_seed, verdict_prefix
+from conj_lite.frame import closing_grammar, judgment_grammar, judgment_lark, sample_seed, verdict_prefix
 from conj_lite.parsing import parse_verdict
 from conj_lite.prompts import judge_verdict_json, load_template
 
@@ -43,7 +43,7 @@ def _matcher(tokenizer, grammar):
     from conj_lite.frame import ll_tokenizer_for
 
     return llguidance.LLMatcher(ll_tokenizer_for(tokenizer, [tokenizer.eos_token_id]),
-                                llguidance.grammar_from("gbnf", grammar))
+                                llguidance.grammar_from("gbnf" if "::=" in grammar else "lark", grammar))
 
 
 def _accepts(tokenizer, grammar, text) -> bool:
@@ -52,16 +52,23 @@ def _accepts(tokenizer, grammar, text) -> bool:
     return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
 
 
-def test_grammar_accepts_judgments_and_refuses_lone_surrogates(tiny_model_dir):
+@pytest.mark.parametrize("grammar", [judgment_grammar, judgment_lark], ids=["gbnf", "lark"])
+def test_grammar_accepts_judgments_and_refuses_lone_surrogates(tiny_model_dir, grammar):
+    """The GBNF (the GGUF judge) and the Lark form (sampling) hold the same language."""
     from conj_lite.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
-    g = judgment_grammar(EN)
+    g = grammar(EN)
     assert _accepts(tok, g, '{"rationale": "Both are fine, answer 1 is exact.", "better_answer": 1}')
-    assert _accepts(tok, g, '{"rationale": "caf\\u00e9", "better_answer": 2}')
+    assert _accepts(tok, g, '{"rationale": "caf\\u00e9 \\"quoted\\" \\\\ \\n", "better_answer": 2}')
     # A lone surrogate escape is valid JSON text but no UTF-8 file can hold it.
     assert not _accepts(tok, g, '{"rationale": "x \\ud83d y", "better_answer": 2}')
-    assert not _accepts(tok, judgment_grammar(EN, 1), '{"rationale": "ok", "better_answer": 2}')
+    assert not _accepts(tok, g, '{"rationale": "a "quote" inside", "better_answer": 2}')
+    assert not _accepts(tok, g, '{"rationale": "ok", "better_answer": 3}')
+    assert not _accepts(tok, grammar(EN, 1), '{"rationale": "ok", "better_answer": 2}')
+    assert _accepts(tok, grammar(EN, 2), '{"rationale": "ok", "better_answer": 2}')
+    zh = load_template("zh")
+    assert _accepts(tok, grammar(zh), judge_verdict_json(zh, "答案一更好。", 1))
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +187,143 @@ def test_top_k_is_ours_not_the_model_generation_config(tiny):
     finally:
         model.generation_config.top_k = saved
     assert len({text for text, _, _ in out}) > 1
+
+
+# ---------------------------------------------------------------- the batched draw
+
+
+def _chi_square_limit(df: int, z: float = 3.72) -> float:
+    """The chi-square value a fit exceeds with probability ~1e-4 (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def _nucleus(logits, temperature, top_p):
+    """The distribution draw_tokens samples, computed the plain way (one row, a full sort)."""
+    import torch
+
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    sorted_p, index = torch.sort(probs, descending=True)
+    keep = (sorted_p.cumsum(-1) - sorted_p) <= top_p
+    out = torch.zeros_like(probs)
+    out[index[keep]] = sorted_p[keep]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("top_p, candidates", [(0.9, 1024), (0.9, 8), (0.999, 1024), (1.0, 1024)],
+                         ids=["topk-nucleus", "full-sort", "nucleus-past-the-candidates", "no-top-p"])
+def test_the_batched_draw_samples_the_nucleus_distribution(top_p, candidates):
+    """10,000 rows, each with its own uniform, follow the temperature/top-p distribution
+    (chi-square test), whether the nucleus is found among the candidates or by sorting."""
+    import torch
+
+    from conj_lite.frame import draw_tokens
+
+    g = torch.Generator().manual_seed(0)
+    vocab, rows = 2000, 10000
+    logits = torch.randn(vocab, generator=g) * 2
+    logits[::7] = float("-inf")  # refused by a grammar
+    drawn = draw_tokens(logits.expand(rows, -1), torch.rand(rows, generator=g), temperature=0.8, top_p=top_p,
+                        candidates=candidates)
+    expected = _nucleus(logits, 0.8, top_p) * rows
+    size = int((expected > 0).sum())
+    assert 20 < size < 1024 if top_p == 0.9 else size > 1024  # within the candidates, or past them
+    assert expected[::7].sum() == 0 and not bool(torch.isin(drawn, torch.arange(0, vocab, 7)).any())
+    counts = torch.bincount(drawn, minlength=vocab).double()
+    assert counts[expected == 0].sum() == 0  # nothing outside the nucleus
+    big = expected >= 5
+    pooled_e, pooled_c = expected[~big].sum(), counts[~big].sum()  # rare tokens pooled into one bin
+    chi2 = float((((counts[big] - expected[big]) ** 2) / expected[big]).sum())
+    if pooled_e > 0:
+        chi2 += float((pooled_c - pooled_e) ** 2 / pooled_e)
+    df = int(big.sum()) + (1 if pooled_e > 0 else 0) - 1
+    assert chi2 < _chi_square_limit(df), (chi2, df)
+
+
+def test_a_row_draws_the_same_token_alone_or_in_any_batch():
+    """draw_tokens: a row's token depends on its logits and its uniform only (top-k,
+    top-p, a neighbour that needs the full sort, greedy)."""
+    import torch
+
+    from conj_lite.frame import draw_tokens
+
+    g = torch.Generator().manual_seed(1)
+    peaked = torch.randn(6, 5000, generator=g) * 8
+    flat = torch.randn(2, 5000, generator=g) * 0.1  # its nucleus is most of the vocabulary
+    batch = torch.cat([peaked, flat])
+    batch[0, 10:20] = batch[0].max()  # ties, ordered by token id whatever else is in the batch
+    u = torch.rand(8, generator=g)
+    for options in ({"temperature": 0.9, "top_p": 0.95}, {"temperature": 1.2, "top_k": 40, "top_p": 0.8},
+                    {"temperature": 0.7}, {"temperature": 0.0}):
+        together = draw_tokens(batch, u, **options)
+        alone = torch.cat([draw_tokens(batch[i:i + 1], u[i:i + 1], **options) for i in range(8)])
+        reordered = draw_tokens(batch.flip(0), u.flip(0), **options).flip(0)
+        assert together.tolist() == alone.tolist() == reordered.tolist(), options
+
+
+def test_unpack_bitmask_reads_llguidance_bits():
+    import numpy as np
+    import torch
+
+    from conj_lite.frame import unpack_bitmask
+
+    words = torch.tensor([[1 - 2**31, -1], [0, 1 << 4]], dtype=torch.int32)  # bits 0 and 31; all; bit 36
+    allowed = unpack_bitmask(words, 70)  # 64 bits known, 6 tokens past the mask are refused
+    reference = np.unpackbits(words.numpy().view(np.uint8), bitorder="little").reshape(2, 64).astype(bool)
+    assert allowed[:, :64].numpy().tolist() == reference.tolist()
+    assert not allowed[:, 64:].any() and allowed[0, 0] and allowed[0, 31] and allowed[1, 36]
+    assert unpack_bitmask(words, 40).shape == (2, 40)
+
+
+def test_repetition_penalty_is_transformers_own():
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from conj_lite.frame import apply_repetition_penalty
+
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(3, 50, generator=g)
+    seen = torch.tensor([[1, 2, 2, 7], [0, 0, 0, 0], [49, 3, 8, 9]])
+    ours = apply_repetition_penalty(scores, seen, 1.3)
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(seen, scores.clone())
+    assert torch.equal(ours, theirs)
+    assert apply_repetition_penalty(scores, seen, 1.0) is scores
+
+
+def test_round_trip_problem_says_where_the_text_changed():
+    from conj_lite.frame import round_trip_problem
+
+    same = round_trip_problem(["a b", " c"], list, lambda ids: "".join(ids))
+    assert same is None
+    broken = round_trip_problem(['{"rationale": "x"}'], list, lambda ids: "".join(ids).replace(" ", "Ġ"))
+    assert broken == "'{\"rationale\": \"x\"}' reads back as '{\"rationale\":Ġ\"x\"}'"
+
+
+def test_sampled_verdicts_follow_the_model_verdict_distribution(tiny):
+    """At the verdict position of a real prompt, the frame sampler's draws (grammar mask,
+    temperature, one uniform per row) follow the model's own probabilities over the
+    tokens the grammar allows there (a binomial test over 3,000 seeded rows)."""
+    import torch
+
+    from conj_lite.frame import FrameSampler
+
+    model, tok = tiny
+    frame = '{"rationale": "Answer 1 adds up.", "better_answer": '
+    ids = tok(_prompt(tok, "What is 7 + 5?", "12", "13") + frame, add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+    head = tok(frame, add_special_tokens=False).input_ids
+    grammar, rows, temperature = judgment_grammar(EN), 3000, 1.3
+    sampler = FrameSampler(tok, [grammar] * rows, list(range(rows)), temperature=temperature,
+                           max_new_tokens=64, eos_ids=[tok.eos_token_id])
+    for token in head:  # every row's grammar walked up to the verdict digit
+        sampler.advance(range(rows), [token] * rows)
+    drawn = sampler.choose(logits.expand(rows, -1), len(head)).tolist()
+    m = _matcher(tok, grammar)
+    assert m.consume_tokens(head)
+    allowed = [t for t in range(logits.shape[0]) if m.validate_tokens([t]) == 1]
+    digit = {t: tok.decode([t]).strip()[:1] for t in allowed}
+    assert set(digit.values()) == {"1", "2"} and set(drawn) <= set(allowed)
+    p = torch.softmax(logits[allowed] / temperature, -1)
+    p1 = float(sum(q for t, q in zip(allowed, p.tolist()) if digit[t] == "1"))
+    k = sum(digit[t] == "1" for t in drawn)
+    assert abs(k - rows * p1) < 4 * (rows * p1 * (1 - p1)) ** 0.5 + 1, (k, rows * p1)

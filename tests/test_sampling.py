@@ -16,6 +16,7 @@ from conj_lite.data import PreferencePair, load_pairs
 from conj_lite.errors import InputError
 from conj_lite.filtering import read_judgment
 from conj_lite.prompts import build_messages, hint_prefix, load_template, ordered_answers, render_prompt, true_slot
+from conj_lite.engines import TransformersEngine
 from conj_lite.sampling import (
     JudgmentFile,
     Request,
@@ -23,6 +24,7 @@ from conj_lite.sampling import (
     make_batches,
     plan_requests,
     row_key,
+    split_requests,
 )
 
 EN = load_template("en")
@@ -153,7 +155,26 @@ def test_make_batches(max_sequences):
 
 
 def test_make_batches_empty():
-    assert make_batches([], [], 8) == []
+    assert make_batches([], [], 8) == [] == make_batches([], [], 8, by_example=True)
+
+
+@pytest.mark.parametrize("max_sequences", [1, 3, 4, 6, 32])
+def test_example_batches_keep_an_example_together(max_sequences):
+    """by_example (the llama.cpp engine): an example's plain and hinted prompts go to one
+    call, in plan order, mixed sample counts, within max_sequences; an example larger
+    than a call is cut between its requests."""
+    cfg = SamplingConfig(n_repeats=2, hint_samples=1)
+    requests = split_requests(plan_requests(PAIRS, EN, cfg), max_sequences)
+    batches = make_batches(requests, [0] * len(requests), max_sequences, by_example=True)
+    assert [i for batch in batches for i in batch] == list(range(len(requests)))  # plan order, each once
+    for batch in batches:
+        assert sum(len(requests[i].samples) for i in batch) <= max_sequences
+    example_of = [(r.pair_id, r.order) for r in requests]
+    split = {e for e in set(example_of) if len({b for b, batch in enumerate(batches) for i in batch
+                                                if example_of[i] == e}) > 1}
+    assert (split == set()) == (max_sequences >= 4)  # 4 sequences per example: 2 repeats + 2 hints
+    if max_sequences == 32:
+        assert len(batches) == 1 and {len(requests[i].samples) for i in batches[0]} == {1, 2}
 
 
 # ---------------------------------------------------------------- the judgments file
@@ -338,7 +359,7 @@ def test_sample_judgments_rows_and_rerun(tiny, sample_pairs, tmp_path):
     cfg = SamplingConfig(n_repeats=2, max_new_tokens=24, batch_size=8, repetition_penalty=1.0)
     out = tmp_path / "judgments.jsonl"
     with GenerateSpy(model, tokenizer) as spy:
-        summary = sample_judgments(model, tokenizer, pairs, EN, cfg, out)
+        summary = sample_judgments(TransformersEngine(model, tokenizer), pairs, EN, cfg, out)
     expected = len(pairs) * 2 * (2 + 1 + 1)  # pairs x orders x (repeats + true hint + reversed hint)
     assert (summary.total, summary.generated) == (expected, expected)
     assert summary.per_second > 0
@@ -372,7 +393,7 @@ def test_sample_judgments_rows_and_rerun(tiny, sample_pairs, tmp_path):
 
     # a re-run finds everything done and writes nothing
     before = out.read_bytes()
-    again = sample_judgments(model, tokenizer, pairs, EN, cfg, out)
+    again = sample_judgments(TransformersEngine(model, tokenizer), pairs, EN, cfg, out)
     assert (again.total, again.generated) == (expected, 0)
     assert out.read_bytes() == before
 
@@ -380,7 +401,7 @@ def test_sample_judgments_rows_and_rerun(tiny, sample_pairs, tmp_path):
     lines = before.decode("utf-8").splitlines(keepends=True)
     kept = expected - 5
     out.write_text("".join(lines[:kept]), "utf-8")
-    resumed = sample_judgments(model, tokenizer, pairs, EN, cfg, out)
+    resumed = sample_judgments(TransformersEngine(model, tokenizer), pairs, EN, cfg, out)
     assert (resumed.total, resumed.generated) == (expected, 5)
     final = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
     assert final[:kept] == rows[:kept]
@@ -394,7 +415,7 @@ def test_batch_size_below_n_repeats_is_respected(tiny, sample_pairs, tmp_path):
     model, tokenizer = tiny
     cfg = SamplingConfig(n_repeats=4, hints=False, both_orders=False, batch_size=2, max_new_tokens=2)
     with GenerateSpy(model, tokenizer) as spy:
-        summary = sample_judgments(model, tokenizer, sample_pairs[:1], EN, cfg, tmp_path / "j.jsonl")
+        summary = sample_judgments(TransformersEngine(model, tokenizer), sample_pairs[:1], EN, cfg, tmp_path / "j.jsonl")
     assert summary.generated == 4
     assert max(call["sequences"] for call in spy.calls) <= cfg.batch_size
 
@@ -407,6 +428,7 @@ from conj_lite.config import SamplingConfig
 from conj_lite.data import load_pairs
 from conj_lite.models import load_tokenizer
 from conj_lite.prompts import load_template
+from conj_lite.engines import TransformersEngine
 from conj_lite.sampling import sample_judgments
 model_dir, data, out, n_pairs = sys.argv[1:5]
 tokenizer = load_tokenizer(model_dir)
@@ -414,7 +436,7 @@ model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
 pairs = load_pairs(data).pairs[: int(n_pairs)]
 cfg = SamplingConfig(**__CFG__)
 print("ready", flush=True)
-sample_judgments(model, tokenizer, pairs, load_template("en"), cfg, out)
+sample_judgments(TransformersEngine(model, tokenizer), pairs, load_template("en"), cfg, out)
 print("done", flush=True)
 """
 
@@ -461,7 +483,7 @@ def test_killed_sampling_resumes_without_loss_or_duplicates(tiny, tiny_model_dir
         f.write(b'{"id": "' + pairs[-1].id.encode() + b'", "order": "ba", "kind": "rep')
 
     model, tokenizer = tiny
-    summary = sample_judgments(model, tokenizer, pairs, EN, cfg, out)
+    summary = sample_judgments(TransformersEngine(model, tokenizer), pairs, EN, cfg, out)
     assert summary.total == len(expected)
     assert summary.generated == len(expected) - len(before)
 
@@ -472,7 +494,7 @@ def test_killed_sampling_resumes_without_loss_or_duplicates(tiny, tiny_model_dir
     assert Counter(keys) == Counter(expected)  # each planned key exactly once
     assert final[: len(before)] == before  # what survived the kill is kept as it was
     assert all(set(r) == ROW_FIELDS for r in final)
-    assert sample_judgments(model, tokenizer, pairs, EN, cfg, out).generated == 0
+    assert sample_judgments(TransformersEngine(model, tokenizer), pairs, EN, cfg, out).generated == 0
 
 
 def test_plan_requests_leaves_out_skipped_examples():
@@ -497,7 +519,7 @@ def test_prompts_too_long_to_train_on_are_left_out_and_listed(tiny, sample_pairs
     limit = lengths[len(lengths) // 2]  # about half of the plain prompts fit; hinted ones are a little longer
     cfg = SamplingConfig(n_repeats=1, max_new_tokens=8, batch_size=8, repetition_penalty=1.0)
     out = tmp_path / "judgments.jsonl"
-    summary = sample_judgments(model, tokenizer, pairs, EN, cfg, out, max_prompt_tokens=limit)
+    summary = sample_judgments(TransformersEngine(model, tokenizer), pairs, EN, cfg, out, max_prompt_tokens=limit)
     skipped = load_too_long(out, limit)
     long_plain = {(p.id, o) for p in pairs for o in ("ab", "ba") if plain_length(p, o) > limit}
     assert long_plain <= skipped and summary.too_long == len(skipped) < 8
@@ -506,11 +528,11 @@ def test_prompts_too_long_to_train_on_are_left_out_and_listed(tiny, sample_pairs
     # every example that was kept has all of its kinds (repeat, true hint, reversed hint)
     assert Counter((r["id"], r["order"]) for r in rows) == {k: 3 for k in {(r["id"], r["order"]) for r in rows}}
     # a rerun neither samples them nor counts them as missing
-    again = sample_judgments(model, tokenizer, pairs, EN, cfg, out, max_prompt_tokens=limit)
+    again = sample_judgments(TransformersEngine(model, tokenizer), pairs, EN, cfg, out, max_prompt_tokens=limit)
     assert (again.generated, again.too_long) == (0, 0)
     # a higher limit brings the left-out examples back (the old list is not re-used unchecked)
     assert load_too_long(out, lengths[-1] + 64) == set()
-    more = sample_judgments(model, tokenizer, pairs, EN, cfg, out, max_prompt_tokens=lengths[-1] + 64)
+    more = sample_judgments(TransformersEngine(model, tokenizer), pairs, EN, cfg, out, max_prompt_tokens=lengths[-1] + 64)
     assert more.too_long == 0 and more.generated == 3 * len(skipped)
     rows = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
     assert skipped <= {(r["id"], r["order"]) for r in rows}

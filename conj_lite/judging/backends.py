@@ -280,7 +280,7 @@ class ParallelDecoder:
     sequence in a single `llama_decode`. Logits are handed to a callback right after
     the decode that made them (the next one overwrites them)."""
 
-    def __init__(self, llm, n_seq: int, n_ctx: int):
+    def __init__(self, llm, n_seq: int, n_ctx: int, flash_attn: bool = False):
         import llama_cpp
 
         self._lib = llama_cpp
@@ -288,6 +288,8 @@ class ParallelDecoder:
         params.n_ctx = n_ctx
         params.n_seq_max = n_seq
         params.kv_unified = True  # the copied prefix is shared, not duplicated
+        if flash_attn:  # llama.cpp's CPU flash attention skips the cells of other sequences
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.n_batch = max(params.n_batch, n_seq)
         params.n_ubatch = min(params.n_ubatch, params.n_batch)
         from llama_cpp._utils import suppress_stdout_stderr
