@@ -65,7 +65,7 @@ def fill(text: str, **values: object) -> str:
     return PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), text)
 
 
-BUILTIN_TEMPLATES = ("en", "zh")
+BUILTIN_TEMPLATES = ("en", "en-brief", "zh")
 
 
 def load_template(name_or_path: str = "en") -> JudgeTemplate:

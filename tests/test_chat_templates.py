@@ -57,7 +57,7 @@ def judgment(template) -> dict:
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
-@pytest.mark.parametrize("template_name", ["en", "zh"])
+@pytest.mark.parametrize("template_name", ["en", "en-brief", "zh"])
 def test_rendered_prompt_is_a_prefix_of_prompt_plus_judgment(name, template_name):
     """What sampling renders must be where training's prompt + judgment starts, and the
     system text must be in it once (TRL's DPOTrainer starts the completion where the two

@@ -32,7 +32,7 @@ GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 # ---------------------------------------------------------------- pure core
 
 
-@pytest.mark.parametrize("name", ["en", "zh"])
+@pytest.mark.parametrize("name", ["en", "en-brief", "zh"])
 def test_verdict_prefix_is_the_training_target_up_to_the_verdict(name):
     template = load_template(name)
     for rationale in ("", 'Answer 1 says "12", which is right.\nAnswer 2 is wrong.', "回答1正确。"):

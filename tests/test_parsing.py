@@ -287,7 +287,7 @@ def test_verdict_ok() -> None:
 # ---------------------------------------------------------------- format_judgment
 
 
-@pytest.mark.parametrize("name", ["en", "zh"])
+@pytest.mark.parametrize("name", ["en", "en-brief", "zh"])
 def test_format_judgment_matches_the_template(name: str) -> None:
     template = load_template(name)
     rationale = "回答2更准确 — \"quoted\" {braces}"

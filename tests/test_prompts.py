@@ -32,7 +32,7 @@ def write(tmp_path, name, text):
 # ---------------------------------------------------------------- loading templates
 
 
-@pytest.mark.parametrize("name", ["en", "zh"])
+@pytest.mark.parametrize("name", ["en", "en-brief", "zh"])
 def test_builtin_templates_load_with_all_placeholders(name):
     template = load_template(name)
     assert template.name == name
@@ -209,7 +209,7 @@ def test_hint_prefix_rejects_invalid_slot(k):
         hint_prefix(load_template("en"), k)
 
 
-@pytest.mark.parametrize("name", ["en", "zh"])
+@pytest.mark.parametrize("name", ["en", "en-brief", "zh"])
 def test_judge_verdict_json_parses_back(name):
     template = load_template(name)
     text = judge_verdict_json(template, "Answer 2 is correct.", 2)
