@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import platform
-import random
 import shutil
 import sys
 import time
@@ -39,6 +38,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from conj_lite.data import load_pairs, write_pairs_jsonl  # noqa: E402
 from conj_lite.export import convert_lora_to_gguf  # noqa: E402
 from conj_lite.judging import Judge, evaluate  # noqa: E402
+from conj_lite.judging.evaluation import paired_gain  # noqa: E402
 from conj_lite.artifacts import TRAIN_META  # noqa: E402
 from conj_lite.packaged import BASE_GGUF  # noqa: E402
 from conj_lite.pipeline import JUDGMENTS, SAMPLED_FROM, WARMUP, ConjRun  # noqa: E402
@@ -89,23 +89,6 @@ def judge_sets(base_gguf: Path, lora_gguf: Path | None, sets: dict, work: Path, 
     finally:
         judge.close()
     return out
-
-
-def paired_gain(before: list[dict], after: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
-    """Accuracy gain (per-order verdicts) with a paired bootstrap interval over pairs."""
-    def score(record) -> float:
-        label = record.get("label")
-        verdicts = [record.get("verdict_ab"), record.get("verdict_ba")]
-        return sum(v == label for v in verdicts) / 2.0
-
-    b = {r["id"]: score(r) for r in before if r.get("label") in ("A", "B")}
-    a = {r["id"]: score(r) for r in after if r.get("label") in ("A", "B")}
-    ids = sorted(set(a) & set(b))
-    diffs = [a[i] - b[i] for i in ids]
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choice(diffs) for _ in diffs) / len(diffs) for _ in range(n_resamples))
-    return {"gain": sum(diffs) / len(diffs), "ci": [means[int(0.025 * n_resamples)], means[int(0.975 * n_resamples) - 1]],
-            "n": len(ids)}
 
 
 def run_one(variant: str, seed: int, train_file: Path, sets: dict, out: Path, extra: list[str]) -> dict:

@@ -67,7 +67,7 @@ def killed_run(cmd: list[str], judgments: Path, kills: int, rng: random.Random, 
                 proc.kill()
                 raise RuntimeError("no progress")
             time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))  # somewhere in the next batches, maybe mid-write
+        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the next batches, maybe mid-write (llama.cpp samples the tiny model in ~1 s)
         if proc.poll() is not None:
             break  # it finished before this kill: fewer kills than asked
         proc.send_signal(signal.SIGKILL)

@@ -37,6 +37,7 @@ from .errors import InputError
 from .filtering import build_pairs
 from .jsonio import read_json, write_json, write_jsonl
 from .judging import Judge, evaluate
+from .judging.evaluation import paired_gain
 from .engines import choose_engine, engine_inputs, open_engine
 from .models import import_unsloth_early, resolve_model_path, set_cpu_threads
 from .packaged import PACKAGED
@@ -384,6 +385,8 @@ class ConjRun:
         else:
             measures = (f"reward margin {b.get('margin', float('nan')):.4f} -> {a.get('margin', float('nan')):.4f}, "
                         f"pair accuracy {b.get('accuracy', float('nan')):.2f} -> {a.get('accuracy', float('nan')):.2f}")
+        if not (b or a):  # training.eval_pairs: 0
+            measures = "last 8 steps: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.last_steps.items())
         self.console.print(
             f"train ({label}, {summary.objective}): {summary.steps} steps in {summary.seconds:.1f}s "
             f"({summary.path}); {measures}; adapter in {summary.adapter_dir}",
@@ -449,6 +452,7 @@ class ConjRun:
         if not pairs or adapter is None:
             return None
         out = {"pairs": len(pairs), "mode": "verdict", "base": self.base_model(), "adapter": str(adapter)}
+        records = {}
         for name, with_adapter in (("before", None), ("after", adapter)):
             judge = Judge.from_hf(self.base_model(), adapter=with_adapter, template=self.template, mode="verdict",
                                   n_ctx=self.recipe.model.max_seq_length, chat_date=self.recipe.prompts.date_string)
@@ -457,7 +461,10 @@ class ConjRun:
                                   records_path=self.out_dir / HELDOUT_DIR / f"{name}.jsonl")
             finally:
                 judge.close()
-            out[name] = report.metrics
+            out[name], records[name] = report.metrics, report.records
+        # the change with a paired interval: both judges scored on the same resampled pairs
+        out["gain"] = {metric: paired_gain(records["before"], records["after"], metric, n_resamples=2000)
+                       for metric in ("accuracy", "accuracy_prob")}
         write_json(self.out_dir / HELDOUT, out)
         print_before_after(out, self.console)
         return out
@@ -641,7 +648,11 @@ def print_before_after(result: dict, console) -> None:
     for name in ("accuracy", "consistency", "position_bias", "accuracy_prob"):
         before, after = result["before"].get(name), result["after"].get(name)
         change = f"{100 * (after - before):+.1f} pts" if before is not None and after is not None else "-"
+        gain = result.get("gain", {}).get(name)
+        if gain and gain["ci"]:
+            change += f" [{100 * gain['ci'][0]:+.0f}, {100 * gain['ci'][1]:+.0f}]"
         table.add_row(name, cell(result["before"], name), cell(result["after"], name), change)
     console.print(table)
-    console.print("position_bias: the share of verdicts for answer 1 (0.5 = none). "
-                  "A handful of pairs gives wide intervals: this shows the loop works, not how good the judge is.")
+    console.print("accuracy: per-order verdicts; accuracy_prob: the both-order decision (P(A) averaged over the "
+                  "orders); position_bias: the share of verdicts for answer 1 (0.5 = none). Intervals: 95% bootstrap "
+                  "over pairs; the change's is paired (both judges on the same resampled pairs).")

@@ -28,7 +28,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .artifacts import TRAIN_META
@@ -82,8 +82,13 @@ def frame_rows(rows: list[dict], tokenizer, template: JudgeTemplate, fields: tup
     frame the grammar writes at sampling and judging time. Verdict-only, chosen and
     rejected are then the verdict token and the turn's end: the DPO term and the SFT
     term act on the verdict alone, and the prompt is exactly what the verdict-mode judge
-    reads P(1) vs P(2) after. None when some judgment does not start with the head
-    (free-form samples): those train as chat rows."""
+    reads P(1) vs P(2) after. None for judgments with a rationale, and when some judgment
+    does not start with the head (free-form samples): those train as chat rows, the whole
+    judgment as the completion, as the rationale-mode judge writes it. (Measured on the
+    synthetic learnability check, seed 0: the rationale judge reached 69% held-out with the
+    head in the prompt, 97.5% with chat rows.)"""
+    if template.rationale:
+        return None
     head = judgment_head(template)
     if not all(str(row[k]).startswith(head) for row in rows for k in fields):
         return None
@@ -325,6 +330,7 @@ class TrainSummary:
     path: str  # "unsloth", "qlora", "lora"
     objective: str = "dpo+sft"
     init_adapter: str | None = None
+    last_steps: dict = field(default_factory=dict)  # the mean of the last logged steps' measures
 
     def to_dict(self) -> dict:
         return {
@@ -336,6 +342,7 @@ class TrainSummary:
             "init_adapter": self.init_adapter,
             "before": self.before,
             "after": self.after,
+            "last_steps": self.last_steps,
         }
 
 
@@ -436,13 +443,28 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     adapter_dir = out_dir / "adapter"
     path = "unsloth" if runtime.use_unsloth else ("qlora" if runtime.load_in_4bit else "lora")
     summary = TrainSummary(adapter_dir, result.global_step, seconds, before, after, path, objective,
-                           None if init_adapter is None else str(init_adapter))
+                           None if init_adapter is None else str(init_adapter),
+                           last_steps_mean(trainer.state.log_history, objective))
     # Under `accelerate launch` every process gets here; only the main one writes.
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
         write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out_dir)
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+def last_steps_mean(log_history: list[dict], objective: str, n: int = 8) -> dict:
+    """The mean of the training measures (METRIC_NAMES: loss, and reward margin and pair
+    accuracy or token accuracy) over the last `n` logged steps: what the batches said
+    at the end when no evaluation pairs are set aside (training.eval_pairs: 0)."""
+    names = METRIC_NAMES["sft" if objective == "sft" else "dpo"]
+    logged = [entry for entry in log_history if "loss" in entry][-n:]
+    out = {}
+    for name, key in names:
+        values = [entry[key] for entry in logged if isinstance(entry.get(key), (int, float))]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out
 
 
 def write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out_dir: Path) -> None:

@@ -374,3 +374,30 @@ def test_cli_eval_reads_every_benchmark_shape(shape, tiny_model_dir, tmp_path):
     assert report["metrics"]["n_ties"] == ties
     if shape in ("pandalm", "rewardbench"):
         assert len(report["by_subset"]) == 2
+
+
+def _record(i, label, ab, ba, p_a=None):
+    return {"id": f"p{i}", "label": label, "verdict_ab": ab, "verdict_ba": ba, "p_a": p_a}
+
+
+def test_paired_gain_is_the_change_with_a_paired_interval():
+    from conj_lite.judging.evaluation import paired_gain
+
+    # 40 pairs; before: answer 1 always (50% per order); after: 30 pairs right in both orders, 10 wrong
+    before = [_record(i, "AB"[i % 2], "A", "B", 0.5 + 0.1 * (i % 2 == 0) - 0.05) for i in range(40)]
+    right, wrong = {"A": ("A", "A"), "B": ("B", "B")}, {"A": ("B", "B"), "B": ("A", "A")}
+    after = [_record(i, "AB"[i % 2], *(right if i < 30 else wrong)["AB"[i % 2]]) for i in range(40)]
+    result = paired_gain(before, after, n_resamples=500, seed=1)
+    assert result["n"] == 40
+    assert result["gain"] == pytest.approx(30 / 40 - 0.5)
+    low, high = result["ci"]
+    assert 0 < low < result["gain"] < high < 0.5
+    # the same judge twice: no change, an interval of one point
+    same = paired_gain(before, before, n_resamples=200)
+    assert same["gain"] == 0 and same["ci"] == [0.0, 0.0]
+    # records are matched by id, ties and unknown ids left out
+    assert paired_gain(before[:10] + [_record(99, "tie", "A", "A")], after)["n"] == 10
+    # the both-order decision reads P(A): the "after" side has none here
+    assert paired_gain(before, after, "accuracy_prob")["ci"] is None
+    with pytest.raises(ValueError, match="metric must be one of"):
+        paired_gain(before, after, "ece")

@@ -555,7 +555,7 @@ def test_a_verdict_only_hint_sample_is_the_text_generation_would_write(tiny, sam
     assert generated[0] == forced_judgment(only, 2) == '{"better_answer": 2}'
     assert forced_judgment(EN, 2) is None and forced_judgment(only, None) is None
     with GenerateSpy(model, tokenizer) as spy:
-        summary = sample_judgments(model, tokenizer, sample_pairs[:4], only, cfg, tmp_path / "j.jsonl")
+        summary = sample_judgments(TransformersEngine(model, tokenizer), sample_pairs[:4], only, cfg, tmp_path / "j.jsonl")
     rows = JudgmentFile(tmp_path / "j.jsonl").load()
     hints = [r for r in rows if r["kind"] != "repeat"]
     assert hints and all(r["text"] == forced_judgment(only, r["hint_slot"]) and r["verdict"] == r["hint_slot"]

@@ -119,18 +119,24 @@ def test_verdict_only_dpo_trains_the_verdict_in_the_context_the_judge_reads(tiny
     assert example["chosen_ids"][-1] == tiny_tokenizer.eos_token_id and len(example["chosen_ids"]) <= 4
 
 
-def test_free_form_judgments_keep_chat_rows(tiny_tokenizer):
+def test_judgments_with_a_rationale_or_free_form_keep_chat_rows(tiny_tokenizer):
+    """Only verdict-only judgments move the head into the prompt: with a rationale the
+    judge writes the whole judgment (rationale mode), and the synthetic check learned far
+    less (69% against 97.5% held-out) with the head in the prompt."""
     from conj_lite.prompts import check_chat_template, load_template
     from conj_lite.training import frame_rows
 
     template = load_template("en")
     check_chat_template(tiny_tokenizer, template)
-    pairs = [{"prompt": verdict_only_rows(tiny_tokenizer, template, 1)[0]["prompt"],
-              "chosen": '{"rationale": "Yes.", "better_answer": 1}', "rejected": "I think answer 2."}]
-    assert frame_rows(pairs, tiny_tokenizer, template, ("chosen", "rejected")) is None
-    framed = [{**pairs[0], "rejected": '{"rationale": "No.", "better_answer": 2}'}]
-    (row,) = frame_rows(framed, tiny_tokenizer, template, ("chosen", "rejected"))
-    assert row["prompt"].endswith('{"rationale": "') and row["chosen"].startswith('Yes.", "better_answer": 1}')
+    prompt = verdict_only_rows(tiny_tokenizer, template, 1)[0]["prompt"]
+    framed = [{"prompt": prompt, "chosen": '{"rationale": "Yes.", "better_answer": 1}',
+               "rejected": '{"rationale": "No.", "better_answer": 2}'}]
+    assert frame_rows(framed, tiny_tokenizer, template, ("chosen", "rejected")) is None
+    only = replace(template, rationale=False)
+    free = [{"prompt": prompt, "chosen": '{"better_answer": 1}', "rejected": "I think answer 2."}]
+    assert frame_rows(free, tiny_tokenizer, only, ("chosen", "rejected")) is None
+    (row,) = frame_rows([{**free[0], "rejected": '{"better_answer": 2}'}], tiny_tokenizer, only, ("chosen", "rejected"))
+    assert row["prompt"].endswith('{"better_answer": ') and row["chosen"].startswith("1}")
 
 
 @pytest.mark.slow
@@ -146,3 +152,14 @@ def test_smollm2_rows_end_with_im_end(smollm2_dir):
     (row,) = frame_rows(verdict_only_rows(tokenizer, template, 1), tokenizer, template, ("chosen", "rejected"))
     assert row["prompt"].startswith("<|im_start|>system") and row["prompt"].endswith('<|im_start|>assistant\n{"better_answer": ')
     assert (row["chosen"], row["rejected"]) == ("1}<|im_end|>", "2}<|im_end|>")
+
+
+def test_last_steps_mean_is_what_the_final_batches_said():
+    from conj_lite.training import last_steps_mean
+
+    history = [{"loss": 1.0 + i, "rewards/margins": 0.1 * i, "rewards/accuracies": 0.5, "step": i} for i in range(12)]
+    history.insert(3, {"train_runtime": 5.0})  # TRL's closing entry has no loss
+    got = last_steps_mean(history, "dpo+sft", n=4)
+    assert got == pytest.approx({"loss": 10.5, "margin": 0.95, "accuracy": 0.5})
+    assert last_steps_mean([{"loss": 2.0, "mean_token_accuracy": 0.25}], "sft") == {"loss": 2.0, "token_accuracy": 0.25}
+    assert last_steps_mean([], "dpo") == {}

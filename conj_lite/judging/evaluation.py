@@ -252,6 +252,34 @@ def metrics_with_cis(outcomes: Sequence[PairOutcome], ties: str, n_resamples: in
     return metrics
 
 
+def paired_gain(before: Sequence[dict], after: Sequence[dict], metric: str = "accuracy", n_resamples: int = 2000,
+                seed: int = 0, level: float = 0.95) -> dict:
+    """The change of `metric` between two judgments of the same labelled pairs (records
+    of `evaluate`, matched by id), with a paired percentile bootstrap interval: each
+    resample draws pairs and scores both judges on the same draw. Metrics are the
+    per-pair ratios of `compute_metrics` ("accuracy": per-order verdicts, "accuracy_prob":
+    the both-order decision). {"gain", "ci": [low, high], "n"}; n counts the pairs in
+    both and labelled A or B."""
+    import numpy as np
+
+    if metric not in RATIO_METRICS:
+        raise ValueError(f"metric must be one of {', '.join(RATIO_METRICS)}, got {metric!r}")
+    num, den, _ = RATIO_METRICS[metric]
+    by_id = [{str(r["id"]): PairOutcome.from_record(r) for r in side if r.get("label") in ("A", "B")}
+             for side in (before, after)]
+    ids = sorted(set(by_id[0]) & set(by_id[1]))
+    if not ids:
+        return {"gain": None, "ci": None, "n": 0}
+    tables = [np.array([[score_outcome(side[i], "drop")[k] for k in (num, den)] for i in ids]) for side in by_id]
+    n = len(ids)
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_resamples).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratios = [(weights @ t[:, 0]) / (weights @ t[:, 1]) for t in tables]
+        gain = tables[1][:, 0].sum() / tables[1][:, 1].sum() - tables[0][:, 0].sum() / tables[0][:, 1].sum()
+    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    return {"gain": float(gain), "ci": _interval(ratios[1] - ratios[0], lo_q, hi_q), "n": n}
+
+
 def split_for_calibration(ids: Sequence[str], seed: int = 0) -> tuple[set[str], set[str]]:
     """A deterministic half/half split of pair ids into (calibration, test)."""
     ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode("utf-8")).hexdigest())
