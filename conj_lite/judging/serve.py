@@ -329,12 +329,12 @@ class JudgeService:
                 for job in ready:
                     self._run([job], mode)
             return
+        self.judged += len(pairs)  # before any reply leaves: /health after a reply counts it
         start = 0
         for job in ready:
             n = len(job.request.pairs)
             job.future.set_result(self._records(job.request, results[start:start + n], mode))
             start += n
-        self.judged += len(pairs)
 
     def _check_fits(self, pair: tuple[str, str, str], mode: str, index: int | None) -> None:
         need, n_ctx = self.judge.tokens_needed(*pair, mode=mode)
