@@ -555,3 +555,22 @@ def test_wait_until_up_reports_an_exited_server_with_its_log(tmp_path):
         wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=5, log_path=log)
     with pytest.raises(RuntimeError, match="did not come up"):
         wait_until_up(f"http://127.0.0.1:{port}", None, timeout=0.5)
+
+
+@pytest.mark.slow
+def test_a_reply_is_counted_before_it_leaves(exported):
+    """/health's `judged` read right after a reply includes that reply's pairs (the
+    count was once made after the futures resolved: test_serve flaked on it)."""
+    from conj_lite.judging import Judge
+    from conj_lite.judging.serve import JudgeRequest, JudgeService
+
+    service = JudgeService(Judge.from_gguf(exported.gguf_paths["q8_0"], n_threads=2, warn=None))
+    try:
+        future = service.submit(JudgeRequest(pairs=[tuple(PAIR.values())] * 2, ids=[0, 1], mode="verdict",
+                                             rationales=False))
+        seen = []
+        future.add_done_callback(lambda f: seen.append(service.judged))  # runs as the reply is handed over
+        assert len(future.result(timeout=120)) == 2
+        assert seen == [2]
+    finally:
+        service.close()
