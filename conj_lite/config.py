@@ -145,6 +145,9 @@ class TrainConfig:
     save_steps: int = opt(50, "checkpoint every N steps (resumable)")
     precompute_ref: bool = opt(False, "compute the reference log-probabilities of every pair once before training, "
                                "in batches of ref_batch_size (TRL precompute_ref_log_probs), not at every step")
+    shared_prompt: bool | None = opt(None, "DPO objectives: each pair as one row, its prompt computed once and "
+                                     "logits only where a judgment token is predicted (conj_lite/shared_prompt.py); "
+                                     "default: on without CUDA, off with unsloth")
     ref_batch_size: int = opt(16, "pairs per batch when precomputing the reference log-probabilities")
     eval_pairs: int = opt(64, "training pairs (a seeded sample) measured before and after training: loss, "
                           "reward margin, pair accuracy (0: none)")

@@ -39,7 +39,7 @@ from .jsonio import read_json, write_json, write_jsonl
 from .judging import Judge, evaluate
 from .judging.evaluation import paired_gain
 from .engines import choose_engine, engine_inputs, open_engine
-from .models import import_unsloth_early, resolve_model_path, set_cpu_threads
+from .models import import_unsloth_early, resolve_model_path, resolve_runtime, set_cpu_threads
 from .packaged import PACKAGED
 from .progress import get_console, quiet_libraries, stage_progress
 from .prompts import load_template
@@ -451,11 +451,15 @@ class ConjRun:
         pairs, adapter = self.heldout(), self.final_adapter()
         if not pairs or adapter is None:
             return None
-        out = {"pairs": len(pairs), "mode": "verdict", "base": self.base_model(), "adapter": str(adapter)}
+        # in the precision training used (bf16 on a CPU reads 2x faster than fp32)
+        dtype = "bfloat16" if resolve_runtime(self.recipe.model).dtype == "bf16" else "float32"
+        out = {"pairs": len(pairs), "mode": "verdict", "base": self.base_model(), "adapter": str(adapter),
+               "dtype": dtype}
         records = {}
         for name, with_adapter in (("before", None), ("after", adapter)):
             judge = Judge.from_hf(self.base_model(), adapter=with_adapter, template=self.template, mode="verdict",
-                                  n_ctx=self.recipe.model.max_seq_length, chat_date=self.recipe.prompts.date_string)
+                                  n_ctx=self.recipe.model.max_seq_length, chat_date=self.recipe.prompts.date_string,
+                                  dtype=dtype)
             try:
                 report = evaluate(judge, pairs, mode="verdict", bootstrap=1000, name=name, console=self.console,
                                   records_path=self.out_dir / HELDOUT_DIR / f"{name}.jsonl")

@@ -33,6 +33,13 @@ def release_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """glibc: hand the free pages of the malloc heaps back to the OS, those between live
+    blocks too. A CPU training step allocates tensors of a new size with each batch
+    length; freed, they stay resident, and a run's RSS climbs with every longer batch."""
     try:
         import ctypes
 

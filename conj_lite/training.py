@@ -38,6 +38,7 @@ from .frame import frame_head, verdict_only_head
 from .jsonio import iter_jsonl_objects
 from .models import Runtime, import_unsloth_first, load_causal_lm, load_tokenizer, resolve_runtime
 from .progress import stage_progress
+from .system import trim_heap
 from .prompts import JudgeTemplate, check_chat_template, load_template, render_prompt
 
 
@@ -245,6 +246,16 @@ def loss_terms(objective: str, alpha: float) -> tuple[list[str], list[float]]:
     raise ValueError(f"objective {objective!r} is not trained with DPOTrainer")
 
 
+def uses_shared_prompt(recipe: Recipe, runtime: Runtime) -> bool:
+    """Whether DPO trains each pair as one row with its prompt once (conj_lite/shared_prompt.py):
+    training.shared_prompt, by default on without CUDA; never with unsloth, whose patched
+    attention takes no block mask."""
+    if recipe.training.objective == "sft" or runtime.use_unsloth:
+        return False
+    choice = recipe.training.shared_prompt
+    return runtime.device != "cuda" if choice is None else bool(choice)
+
+
 def trainer_config(recipe: Recipe, runtime: Runtime, out_dir: Path, gradient_checkpointing: bool):
     """DPOConfig for the DPO objectives, SFTConfig for `sft`; the same schedule for both."""
     t = recipe.training
@@ -291,6 +302,9 @@ def trainer_config(recipe: Recipe, runtime: Runtime, out_dir: Path, gradient_che
     )
 
 
+TRIM_EVERY = 8  # training steps between handing the CPU heap's free pages back (system.trim_heap)
+
+
 def rich_callback(console=None):
     """A TrainerCallback that shows a rich progress bar and keeps the log history."""
     from transformers import TrainerCallback
@@ -305,6 +319,8 @@ def rich_callback(console=None):
 
         def on_step_end(self, args, state, control, **kwargs):
             self.progress.update(self.task, completed=state.global_step)
+            if args.use_cpu and state.global_step % TRIM_EVERY == 0:
+                trim_heap()  # batches of new lengths grow the heap; every step would cost ~15% time
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -416,6 +432,10 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
         args.num_train_epochs = recipe.training.epochs / passes  # the passes are in train_set
     if sft:
         from trl import SFTTrainer as trainer_class
+    elif uses_shared_prompt(recipe, runtime):
+        from conj_lite.shared_prompt import make_trainer_class
+
+        trainer_class = make_trainer_class()
     else:
         from trl import DPOTrainer as trainer_class
     trainer = trainer_class(
@@ -490,6 +510,7 @@ def write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out
         "template": recorded_template(recipe),
         "chat_date": recipe.prompts.date_string,
         "objective": recipe.training.objective,
+        "shared_prompt": uses_shared_prompt(recipe, runtime),
         "init_adapter": summary.init_adapter,
         "pairs": len(pairs),
         "summary": summary.to_dict(),

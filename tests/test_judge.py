@@ -112,6 +112,57 @@ def test_bad_gguf_files_are_input_errors(tmp_path):
         read_gguf_metadata(header_only)
 
 
+def written_gguf(path, tokens: int = 300):
+    """A small GGUF written by the gguf package: every kind of value, a vocabulary, and
+    tensors of three types."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("conj_lite.judge_template", '{"name": "en"}')
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_float32("llama.rope.freq_base", 10000.0)
+    writer.add_bool("general.flag", True)
+    writer.add_int64("general.big", -(2 ** 40))
+    writer.add_array("general.tags", ["judge", "tiny"])
+    writer.add_array("general.numbers", [1, 2, 3])
+    writer.add_token_list([f"tok{i}" for i in range(tokens)])
+    writer.add_token_scores([float(i) for i in range(tokens)])
+    writer.add_token_merges([f"t o{i}" for i in range(tokens)])
+    writer.add_tensor("a.weight", np.ones((4, 64), dtype=np.float32))
+    writer.add_tensor("b.weight", np.ones((3, 32), dtype=np.float16))
+    q8 = gguf.quants.quantize(np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64), gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("c.weight", q8, raw_shape=q8.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_the_gguf_header_walk_reads_what_ggufs_own_reader_reads(tmp_path):
+    import gguf
+
+    from conj_lite.artifacts import walk_gguf_header
+
+    path = written_gguf(tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(path))
+    meta, tensors = walk_gguf_header(path, gguf.GGML_QUANT_SIZES)
+    vocab = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.merges"}
+    assert meta == {k: f.contents() for k, f in reader.fields.items() if k not in vocab}
+    assert tensors == [(t.name, int(t.data_offset) + int(t.n_bytes)) for t in reader.tensors]
+    assert read_gguf_metadata(path)["general.tags"] == ["judge", "tiny"]
+
+
+def test_a_gguf_cut_inside_its_header_or_its_tensors_is_named_truncated(tmp_path):
+    data = written_gguf(tmp_path / "m.gguf").read_bytes()
+    for cut, message in ((200, "corrupt or truncated"), (len(data) - 40, "tensor c.weight ends at byte")):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(InputError, match=message):
+            read_gguf_metadata(bad)
+
+
 # ---------------------------------------------------------------- the tiny model, exported
 
 
@@ -437,3 +488,13 @@ def test_judge_file_keeps_empty_answers_and_skips_broken_rows(exported, tmp_path
     assert main(args[:-1]) == 2  # without --skip-invalid the broken row is an error naming it
     captured = capsys.readouterr()
     assert ":3" in captured.out + captured.err
+
+
+def test_a_transformers_judge_in_bf16_is_not_the_fp32_one_for_stored_judgments(tiny_model_dir):
+    """bf16 weights move P(A): judgments stored by the fp32 judge are not reused by the bf16
+    one (the pipeline judges its held-out pairs in the precision training used)."""
+    from conj_lite.judging.batch import fingerprint_id, judge_provenance
+
+    fp32, bf16 = (Judge.from_hf(tiny_model_dir, template="en", mode="verdict", dtype=d) for d in ("float32", "bfloat16"))
+    assert (judge_provenance(fp32)["dtype"], judge_provenance(bf16)["dtype"]) == ("float32", "bfloat16")
+    assert fingerprint_id(judge_provenance(fp32)) != fingerprint_id(judge_provenance(bf16))

@@ -163,3 +163,18 @@ def test_last_steps_mean_is_what_the_final_batches_said():
     assert got == pytest.approx({"loss": 10.5, "margin": 0.95, "accuracy": 0.5})
     assert last_steps_mean([{"loss": 2.0, "mean_token_accuracy": 0.25}], "sft") == {"loss": 2.0, "token_accuracy": 0.25}
     assert last_steps_mean([], "dpo") == {}
+
+
+def test_the_shared_prompt_step_is_the_cpu_default_and_never_under_unsloth():
+    from conj_lite.models import Runtime
+    from conj_lite.training import uses_shared_prompt
+
+    cpu = Runtime(device="cpu", dtype="bf16", load_in_4bit=False, use_unsloth=False)
+    gpu = Runtime(device="cuda", dtype="bf16", load_in_4bit=True, use_unsloth=False)
+    unsloth = Runtime(device="cuda", dtype="bf16", load_in_4bit=True, use_unsloth=True)
+    default, on, off = (load_recipe(None, o) for o in ([], ["training.shared_prompt=true"],
+                                                        ["training.shared_prompt=false"]))
+    assert uses_shared_prompt(default, cpu) and not uses_shared_prompt(default, gpu)
+    assert uses_shared_prompt(on, gpu) and not uses_shared_prompt(off, cpu)
+    assert not uses_shared_prompt(on, unsloth)
+    assert not uses_shared_prompt(load_recipe(None, ["training.objective=sft"]), cpu)

@@ -735,7 +735,8 @@ class HFBackend:
         self.chat_date = chat_date or DEFAULT_CHAT_DATE  # the date training gave the chat template
         limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CTX
         self.n_ctx = n_ctx if n_ctx else min(DEFAULT_CTX, limit)
-        self.device = next(model.parameters()).device
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, str(first.dtype).removeprefix("torch.")
 
     def default_template(self):
         """The judge template recorded with the model or adapter (name, dict or None)."""
@@ -759,7 +760,8 @@ class HFBackend:
         import torch
 
         with torch.inference_mode():
-            logits = self.model(torch.tensor([list(ids)], device=self.device)).logits[0, -1]
+            # one prompt at a time, no padding: on a CPU, faster than padded batches (masked attention)
+            logits = self.model(torch.tensor([list(ids)], device=self.device), logits_to_keep=1).logits[0, -1]
         return logits.float().cpu().numpy()
 
     def generate(self, ids: Sequence[int], max_new_tokens: int) -> Generation:
@@ -862,6 +864,7 @@ def open_hf(model_dir: str | Path, *, adapter: str | Path | None = None, base: s
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise InputError(f"{adapter_path}: the adapter does not fit the base model {base_path} ({first}); "
                              "pass the base it was trained on with --base") from None
+        model = model.merge_and_unload()  # judged as exported: one matmul per projection, not three
     model.eval()
     tok_dir = adapter_path if adapter_path and (adapter_path / "tokenizer_config.json").is_file() else base_path
     try:

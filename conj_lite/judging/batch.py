@@ -75,6 +75,8 @@ def judge_provenance(judge, mode: str | None = None) -> dict:
         "max_new_tokens": getattr(judge, "max_new_tokens", None) if mode == "rationale" else None,
         # the GGUF's chat template is in the file (its digest); transformers renders with a date
         "chat_date": (getattr(chat, "date_string", DEFAULT_CHAT_DATE) if tokenizer is not None else None),
+        # transformers' weights may be read in fp32 or bf16, which moves P(A) (gguf: the file says)
+        **({"dtype": backend.dtype} if getattr(backend, "name", None) == "hf" else {}),
     }
 
 
