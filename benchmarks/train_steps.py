@@ -4,10 +4,13 @@ The demo's own pairs (recipe `smollm2-135m_cpu` as shipped: sampled and filtered
 cached in --work), trained through `conj_lite.training.train_adapter` for the same
 optimizer steps under each configuration, side by side, each in a fresh process:
 
-  fp32            the model in fp32 (the recipe before this benchmark)
+  fp32            the model in fp32, TRL's DPO step (chosen and rejected as two rows)
   bf16            bf16 weights and autocast on the CPU (model.dtype=bf16), LoRA in fp32
   bf16+precompute the reference log-probabilities computed once, in batches of 16, before
                   training (training.precompute_ref), not in every step
+  bf16+shared     the shared-prompt step (training.shared_prompt, conj_lite/shared_prompt.py):
+                  one row per pair, the prompt once, logits only where a judgment token is
+                  predicted; the demo's default on a CPU
 
 Each row: training examples per second (examples = pair rows, chosen + rejected), the
 wall time of the stage (model load, TRL's data preparation, the steps, the before/after
@@ -37,9 +40,10 @@ from report import cpu_name, today, versions, write_section  # noqa: E402
 RECIPE = "smollm2-135m_cpu"
 TITLE = "Training steps of the embedded demo on the CPU (benchmarks/train_steps.py)"
 CONFIGS = {
-    "fp32": ["model.dtype=fp32"],
-    "bf16": ["model.dtype=bf16"],
-    "bf16+precompute": ["model.dtype=bf16", "training.precompute_ref=true"],
+    "fp32": ["model.dtype=fp32", "training.shared_prompt=false"],
+    "bf16": ["model.dtype=bf16", "training.shared_prompt=false"],
+    "bf16+precompute": ["model.dtype=bf16", "training.shared_prompt=false", "training.precompute_ref=true"],
+    "bf16+shared": ["model.dtype=bf16", "training.shared_prompt=true"],
 }
 
 

@@ -119,15 +119,15 @@ def completion_logps(model, batch: dict) -> dict:
     keep = at.unique()  # sorted: the row positions whose logits are needed
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], use_cache=False, logits_to_keep=keep)
-    index = torch.searchsorted(keep, at)
-    logits = out.logits.gather(1, index[..., None].expand(-1, -1, out.logits.shape[-1])).float()
+    rows = torch.arange(at.shape[0], device=at.device)[:, None]
+    logits = out.logits[rows, torch.searchsorted(keep, at)].float()  # (batch, chosen + rejected tokens, vocab)
     tokens = torch.cat([batch["chosen_tokens"], batch["rejected_tokens"]], dim=1)
     mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]], dim=1)
-    logps = logits.log_softmax(-1)
-    token_logps = logps.gather(-1, tokens[..., None]).squeeze(-1) * mask
+    logsumexp = logits.logsumexp(-1)
+    token_logps = (logits.gather(-1, tokens[..., None]).squeeze(-1) - logsumexp) * mask
     n = batch["chosen_at"].shape[1]
-    return {"chosen": token_logps[:, :n], "rejected": token_logps[:, n:], "chosen_logits": logits[:, :n].detach(),
-            "logps": logps.detach(), "mask": mask}
+    return {"chosen": token_logps[:, :n], "rejected": token_logps[:, n:], "logits": logits.detach(),
+            "logsumexp": logsumexp.detach(), "mask": mask}
 
 
 def make_trainer_class():
@@ -194,13 +194,15 @@ def make_trainer_class():
             gather = self.accelerator.gather_for_metrics
             metrics = self._metrics[mode]
             mask = policy["mask"].bool()
-            logps = policy["logps"][mask]
-            metrics["entropy"].append(gather(-(logps.exp() * logps).sum(-1).mean()).mean().item())
+            logits = policy["logits"][mask]  # entropy = logsumexp - E_p[logit]
+            entropy = policy["logsumexp"][mask] - (logits.softmax(-1) * logits).sum(-1)
+            metrics["entropy"].append(gather(entropy.mean()).mean().item())
             if mode == "train":
                 self._total_train_tokens += gather((inputs["segments"] != PAD).sum()).sum().item()
             metrics["num_tokens"] = [self._total_train_tokens]
             chosen_mask = inputs["chosen_mask"].bool()
-            hits = (policy["chosen_logits"].argmax(-1) == inputs["chosen_tokens"]) & chosen_mask
+            chosen_logits = policy["logits"][:, :chosen_mask.shape[1]]
+            hits = (chosen_logits.argmax(-1) == inputs["chosen_tokens"]) & chosen_mask
             metrics["mean_token_accuracy"].append((gather(hits.sum()).sum() / gather(chosen_mask.sum()).sum()).item())
             chosen_rewards = self.beta * chosen_logratios.detach()
             rejected_rewards = self.beta * rejected_logratios.detach()
