@@ -14,7 +14,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-GAIN_FLOOR = 0.05  # per-order accuracy; the demo measured +0.085 to +0.105 (docs/benchmarks.md, 2026-12-05)
+# per-order accuracy; the demo measured +0.085 to +0.105 in three runs of its seed, and the same round
+# gained +0.045 to +0.07 on other draws of pairs (benchmarks/learning_curve.py, docs/benchmarks.md)
+GAIN_FLOOR = 0.04
 
 
 def test_the_demo_recipe_teaches_its_held_out_pairs(smollm2_dir, tmp_path):
