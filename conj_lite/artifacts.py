@@ -142,6 +142,7 @@ def walk_gguf_header(path: str | Path, quant_sizes: dict) -> tuple[dict, list[tu
     """(metadata, [(tensor name, byte where its data ends)]) of a GGUF file, read from its
     header (version 2 or 3, either byte order). The tokenizer's vocabulary arrays are
     stepped over, not read. `quant_sizes`: ggml type -> (block size, bytes per block)."""
+    import math
     import mmap
     import struct
 
@@ -183,7 +184,7 @@ def walk_gguf_header(path: str | Path, quant_sizes: dict) -> tuple[dict, list[tu
                 if pos > len(buf):
                     raise ValueError("an array runs past the end of the file")
                 return None
-            return [value(item, keep) for _ in range(count)] if keep else [value(item, False) for _ in range(count)]
+            return [value(item, keep) for _ in range(count)]
 
         meta = {"GGUF.version": version, "GGUF.tensor_count": n_tensors, "GGUF.kv_count": n_kv}  # as GGUFReader
         for _ in range(n_kv):
@@ -200,10 +201,7 @@ def walk_gguf_header(path: str | Path, quant_sizes: dict) -> tuple[dict, list[tu
             shape = [take("Q") for _ in range(dims)]
             ggml_type, offset = take("I"), take("Q")
             block, block_bytes = quant_sizes[ggml_type]
-            elements = 1
-            for d in shape:
-                elements *= d
-            infos.append((name, offset, elements // block * block_bytes))
+            infos.append((name, offset, math.prod(shape) // block * block_bytes))
         alignment = int(meta.get("general.alignment", 32))
         start = (pos + alignment - 1) // alignment * alignment
     return meta, [(name, start + offset + n_bytes) for name, offset, n_bytes in infos]
