@@ -68,8 +68,9 @@ def branch_mask(segments: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+def _pad(rows: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
+    width = -(-width // multiple) * multiple
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
 
 
@@ -80,6 +81,7 @@ class SharedPromptCollator:
 
     pad_token_id: int
     max_length: int | None = None
+    pad_to_multiple_of: int = 1
 
     def __call__(self, examples: list[dict]) -> dict:
         ids, positions, segments = [], [], []
@@ -95,10 +97,11 @@ class SharedPromptCollator:
             targets["chosen"][1].append(row_ids[p:p + c])
             targets["rejected"][0].append(at_rejected)
             targets["rejected"][1].append(row_ids[p + c:])
-        seg = _pad(segments, PAD)
+        m = self.pad_to_multiple_of
+        seg = _pad(segments, PAD, m)
         batch = {
-            "input_ids": _pad(ids, self.pad_token_id),
-            "position_ids": _pad(positions, 0),
+            "input_ids": _pad(ids, self.pad_token_id, m),
+            "position_ids": _pad(positions, 0, m),
             "attention_mask": branch_mask(seg),
             "segments": seg,
         }
@@ -150,7 +153,7 @@ def make_trainer_class():
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             # Given here, not after: TRL precomputes the reference log-probabilities inside __init__.
-            kwargs["data_collator"] = SharedPromptCollator(pad, args.max_length)
+            kwargs["data_collator"] = SharedPromptCollator(pad, args.max_length, args.pad_to_multiple_of or 1)
             super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
             if self.aux_loss_enabled or self._is_vision_dataset:
                 raise ValueError("the shared-prompt DPO step trains text-only models without router losses; "

@@ -256,6 +256,21 @@ def uses_shared_prompt(recipe: Recipe, runtime: Runtime) -> bool:
     return runtime.device != "cuda" if choice is None else bool(choice)
 
 
+CPU_PAD_MULTIPLE = 64
+
+
+def pad_multiple(recipe: Recipe, runtime: Runtime) -> int | None:
+    """training.pad_to_multiple_of, by default 64 without CUDA. A CPU step allocates its
+    tensors at each batch's length: with every length new, oneDNN builds and caches new
+    matmul primitives and glibc keeps the freed buffers of each size resident, so a run's
+    memory climbs with every new length (SmolLM2, 24 demo steps: 2.9 GB and rising; padded
+    to 64, flat at 2.3 GB and a little faster, docs/benchmarks.md)."""
+    choice = recipe.training.pad_to_multiple_of
+    if choice is not None:
+        return choice if choice > 1 else None
+    return None if runtime.device == "cuda" else CPU_PAD_MULTIPLE
+
+
 def trainer_config(recipe: Recipe, runtime: Runtime, out_dir: Path, gradient_checkpointing: bool):
     """DPOConfig for the DPO objectives, SFTConfig for `sft`; the same schedule for both."""
     t = recipe.training
@@ -291,6 +306,7 @@ def trainer_config(recipe: Recipe, runtime: Runtime, out_dir: Path, gradient_che
         fp16=runtime.dtype == "fp16",
         use_cpu=runtime.device == "cpu",
         max_length=recipe.model.max_seq_length,
+        pad_to_multiple_of=pad_multiple(recipe, runtime),
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=2,
@@ -511,6 +527,7 @@ def write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out
         "chat_date": recipe.prompts.date_string,
         "objective": recipe.training.objective,
         "shared_prompt": uses_shared_prompt(recipe, runtime),
+        "pad_to_multiple_of": pad_multiple(recipe, runtime),
         "init_adapter": summary.init_adapter,
         "pairs": len(pairs),
         "summary": summary.to_dict(),

@@ -91,6 +91,8 @@ def test_a_judgment_cut_off_in_a_parallel_batch_is_closed_like_alone(exported, p
     try:
         items = [(p.question, p.answer_a, p.answer_b) for p in pairs[:3]]
         together = judge.compare_many(items, mode="rationale")
+        # closed in the parallel sequences that hold their prompts: the main context never ran
+        assert judge.backend.llm.n_tokens == 0
         for result, item in zip(together, items):
             same(result, judge.compare(*item, mode="rationale"))
             assert all(o.slot in (1, 2) for o in result.orders.values())

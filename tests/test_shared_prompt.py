@@ -109,10 +109,15 @@ def tiny_tokenizer(tiny_model_dir):
     return load_tokenizer(str(tiny_model_dir))
 
 
-def test_the_shared_prompt_step_gives_trls_loss_gradients_and_measures(tiny_model_dir, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("multiple", [None, 64])
+def test_the_shared_prompt_step_gives_trls_loss_gradients_and_measures(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                      multiple):
     rows = pairs(tiny_tokenizer)
-    trl_trainer, shared = trainers(tiny_model_dir, tiny_tokenizer, rows, tmp_path)
+    trl_trainer, shared = trainers(tiny_model_dir, tiny_tokenizer, rows, tmp_path, pad_to_multiple_of=multiple)
     assert len(shared.train_dataset[3]["chosen_ids"]) > len(shared.train_dataset[3]["rejected_ids"])
+    width = shared.data_collator([shared.train_dataset[i] for i in range(len(rows))])["input_ids"].shape[1]
+    longest = max(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in shared.train_dataset)
+    assert width == (-(-longest // 64) * 64 if multiple else longest)  # padding is all that differs
     want_loss, want_grads, want = loss_and_grads(trl_trainer, len(rows))
     got_loss, got_grads, got = loss_and_grads(shared, len(rows))
     assert got_loss == pytest.approx(want_loss, rel=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +179,18 @@ def test_the_shared_prompt_step_is_the_cpu_default_and_never_under_unsloth():
     assert uses_shared_prompt(on, gpu) and not uses_shared_prompt(off, cpu)
     assert not uses_shared_prompt(on, unsloth)
     assert not uses_shared_prompt(load_recipe(None, ["training.objective=sft"]), cpu)
+
+
+def test_cpu_batches_are_padded_to_recurring_lengths_unless_the_recipe_says_otherwise():
+    from conj_lite.models import Runtime
+    from conj_lite.training import pad_multiple, trainer_config
+
+    cpu = Runtime(device="cpu", dtype="bf16", load_in_4bit=False, use_unsloth=False)
+    gpu = Runtime(device="cuda", dtype="bf16", load_in_4bit=True, use_unsloth=False)
+    default = load_recipe(None, [])
+    assert pad_multiple(default, cpu) == 64 and pad_multiple(default, gpu) is None
+    assert pad_multiple(load_recipe(None, ["training.pad_to_multiple_of=8"]), gpu) == 8
+    assert pad_multiple(load_recipe(None, ["training.pad_to_multiple_of=1"]), cpu) is None
+    for objective in ("dpo+sft", "sft"):  # TRL's collators get it too
+        recipe = load_recipe(None, [f"training.objective={objective}"])
+        assert trainer_config(recipe, cpu, Path("unused"), False).pad_to_multiple_of == 64

@@ -158,6 +158,9 @@ def read_lora_metadata(path: str | Path) -> dict:
     return meta
 
 
+CLOSE_LIMIT = 32  # tokens the closing grammar may take to finish a judgment cut off before its verdict
+
+
 # ---------------------------------------------------------------- grammar-held greedy decoding
 
 
@@ -365,6 +368,10 @@ class ParallelDecoder:
                 rest += [(seq, pos, tokens[pos], (g, m) if pos == last else None) for pos in range(common, len(tokens))]
         self._decode(rest, on_logits)
         return seq_ids
+
+    def rewind(self, seq: int, pos: int) -> None:
+        """Forget sequence `seq` from position `pos` on."""
+        self._lib.llama_memory_seq_rm(self.memory, seq, pos, -1)
 
     def step(self, tokens: dict[int, tuple[int, int]], on_logits) -> None:
         """One token for each live sequence: {seq: (pos, token)}; on_logits(seq, row)."""
@@ -595,16 +602,19 @@ class GGUFBackend:
         model's own tokens (the closing tokens are not part of the returned text)."""
         ids = list(ids)
         out, finished, p1 = self._run(ids, self._grammar, max_new_tokens, [])
-        return self._generation(ids, out, finished, p1)
-
-    def _generation(self, ids: list[int], out: list[int], finished: bool, p1: float | None) -> Generation:
         if p1 is None and not finished:
-            keep = len(out)
-            while keep > 0 and not self._in_body.fullmatch(self.llm.detokenize(out[:keep])):
-                keep -= 1
+            keep = self._clean_point(out)
             if keep > 0:
-                _, _, p1 = self._run(ids + out[:keep], self._closing, 32, out[:keep])
+                _, _, p1 = self._run(ids + out[:keep], self._closing, CLOSE_LIMIT, out[:keep])
         return Generation(self.detokenize(out), finished, len(out), p1)
+
+    def _clean_point(self, out: list[int]) -> int:
+        """How many of a cut judgment's tokens end at a clean point of its rationale
+        (inside the string, not within an escape): where the closing grammar takes over."""
+        keep = len(out)
+        while keep > 0 and not self._in_body.fullmatch(self.llm.detokenize(out[:keep])):
+            keep -= 1
+        return keep
 
     # -- several LoRA adapters on one base
 
@@ -671,48 +681,73 @@ class GGUFBackend:
         """generate() for many prompts decoded together (greedy, each sequence held by
         its own grammar sampler): the judgments of one at a time, up to floating-point
         rounding of the batched decode (a near-tie token can go the other way). Shared
-        prompt prefixes are evaluated once and copied."""
-        lib, llm = self._llama_cpp, self.llm
-        decoder, n_vocab = self.parallel(), llm.n_vocab()
+        prompt prefixes are evaluated once and copied. Judgments cut off at
+        max_new_tokens are closed in their own sequences, together."""
+        decoder = self.parallel()
         groups = [[list(ids) for ids in group] for group in groups]
         results: list[list[Generation | None]] = [[None] * len(group) for group in groups]
-        for wave in waves(groups, decoder.n_seq, decoder.n_ctx, extra=max_new_tokens):
-            states: dict[int, dict] = {}
+        for wave in waves(groups, decoder.n_seq, decoder.n_ctx, extra=max_new_tokens + CLOSE_LIMIT):
+            samplers = []
             try:
-                def sample(key, row):
-                    state = states[key]
-                    token = state["held"].pick(decoder.logits(row))
-                    if lib.llama_vocab_is_eog(self.vocab, token):
-                        state["finished"] = state["done"] = True
-                        return
-                    full = state["text"] + llm.detokenize([token])
-                    if state["p1"] is None:
-                        state["p1"] = self._watch_p1(token, state["text"], full, lambda: decoder.logits(row))
-                    state["new"].append(token)
-                    state["text"] = full
-                    state["done"] = len(state["new"]) >= max_new_tokens
-
-                members = [(g, m) for g in range(len(wave)) for m in range(len(groups[wave[g]]))]
-                for key in members:
-                    states[key] = {"held": GreedyGrammar(lib, self.vocab, self._grammar, n_vocab), "new": [],
-                                   "text": b"", "p1": None, "finished": False, "done": False,
-                                   "prompt": groups[wave[key[0]]][key[1]]}
-                seq_ids = decoder.prefill([groups[i] for i in wave], sample)
-                by_seq = {seq_ids[g][m]: (g, m) for g, m in members}
-                while True:
-                    live = {seq: (len(states[key]["prompt"]) + len(states[key]["new"]) - 1, states[key]["new"][-1])
-                            for seq, key in by_seq.items() if not states[key]["done"]}
-                    if not live:
-                        break
-                    decoder.step(live, lambda seq, row: sample(by_seq[seq], row))
+                states = self._generate_wave(decoder, [groups[i] for i in wave], max_new_tokens, samplers)
             finally:
-                for state in states.values():
-                    state["held"].close()
+                for held in samplers:
+                    held.close()
             for (g, m), state in states.items():
                 p1 = state["p1"]
-                results[wave[g]][m] = self._generation(state["prompt"], state["new"], state["finished"],
-                                                       None if p1 is None or p1 < 0 else p1)
+                results[wave[g]][m] = Generation(self.detokenize(state["new"]), state["finished"], len(state["new"]),
+                                                 None if p1 is None or p1 < 0 else p1)
         return results
+
+    def _generate_wave(self, decoder: ParallelDecoder, groups, max_new_tokens: int, samplers: list) -> dict:
+        """One wave of generate_many: {(group, member): state}. A state's tokens are
+        decoded at positions start, start + 1, ... of its sequence."""
+        lib, llm, n_vocab = self._llama_cpp, self.llm, self.llm.n_vocab()
+
+        def state(grammar: str, start: int, limit: int, text: bytes = b"", closing: bool = False) -> dict:
+            samplers.append(GreedyGrammar(lib, self.vocab, grammar, n_vocab))
+            return {"held": samplers[-1], "new": [], "text": text, "p1": None, "finished": False, "done": False,
+                    "start": start, "limit": limit, "closing": closing}
+
+        def sample(state: dict, row: int) -> None:
+            token = state["held"].pick(decoder.logits(row))
+            if lib.llama_vocab_is_eog(self.vocab, token):
+                state["finished"] = state["done"] = True
+                return
+            full = state["text"] + llm.detokenize([token])
+            if state["p1"] is None:
+                state["p1"] = self._watch_p1(token, state["text"], full, lambda: decoder.logits(row))
+            state["new"].append(token)
+            state["text"] = full
+            # a closing is done once the verdict digit is read
+            state["done"] = len(state["new"]) >= state["limit"] or (state["closing"] and state["p1"] is not None)
+
+        def run(by_seq: dict[int, dict]) -> None:
+            while live := {seq: (s["start"] + len(s["new"]) - 1, s["new"][-1])
+                           for seq, s in by_seq.items() if not s["done"]}:
+                decoder.step(live, lambda seq, row: sample(by_seq[seq], row))
+
+        states = {(g, m): state(self._grammar, len(ids), max_new_tokens)
+                  for g, group in enumerate(groups) for m, ids in enumerate(group)}
+        seq_ids = decoder.prefill(groups, lambda key, row: sample(states[key], row))
+        by_seq = {seq_ids[g][m]: states[g, m] for g, m in states}
+        run(by_seq)
+        # Cut off before the verdict: back to the rationale's last clean point, in the
+        # same sequence (its prompt stays in the cache), and on under the closing grammar.
+        closing, first = {}, {}
+        for seq, s in by_seq.items():
+            keep = self._clean_point(s["new"]) if s["p1"] is None and not s["finished"] else 0
+            if keep > 0:
+                at = s["start"] + keep - 1  # the last kept token, decoded again for its logits
+                decoder.rewind(seq, at)
+                closing[seq] = state(self._closing, at + 1, CLOSE_LIMIT, llm.detokenize(s["new"][:keep]), closing=True)
+                first[seq] = (at, s["new"][keep - 1])
+        if closing:
+            decoder.step(first, lambda seq, row: sample(closing[seq], row))
+            run(closing)
+            for seq, c in closing.items():
+                by_seq[seq]["p1"] = c["p1"]
+        return states
 
     def close(self) -> None:
         if self._parallel is not None:
