@@ -33,14 +33,19 @@ PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 SUPPORTED_LOSSES = {"sigmoid", "sft"}
 
 
+def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int | None):
+    """Keep the start, as TRL does for each of its two rows: the prompt up to
+    `max_length`, each completion up to what is left."""
+    if max_length is None:
+        return prompt, chosen, rejected
+    prompt = prompt[:max_length]
+    room = max_length - len(prompt)
+    return prompt, chosen[:room], rejected[:room]
+
+
 def pack(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int | None = None):
-    """One pair's row: (ids, position ids, segments). Truncation keeps the start, as
-    TRL's does for each of its two rows: the prompt up to `max_length`, each completion
-    up to what is left."""
-    if max_length is not None:
-        prompt = prompt[:max_length]
-        room = max_length - len(prompt)
-        chosen, rejected = chosen[:room], rejected[:room]
+    """One pair's row, truncated to `max_length`: (ids, position ids, segments)."""
+    prompt, chosen, rejected = truncate(prompt, chosen, rejected, max_length)
     p, c, r = len(prompt), len(chosen), len(rejected)
     ids = prompt + chosen + rejected
     positions = list(range(p + c)) + list(range(p, p + r))
@@ -87,11 +92,12 @@ class SharedPromptCollator:
         ids, positions, segments = [], [], []
         targets = {"chosen": ([], []), "rejected": ([], [])}
         for ex in examples:
-            row_ids, row_pos, row_seg = pack(ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], self.max_length)
+            branches = truncate(ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], self.max_length)
+            row_ids, row_pos, row_seg = pack(*branches)
             ids.append(row_ids)
             positions.append(row_pos)
             segments.append(row_seg)
-            p, c, r = (row_seg.count(s) for s in (PROMPT, CHOSEN, REJECTED))
+            p, c, r = map(len, branches)
             at_chosen, at_rejected = predictors(p, c, r)
             targets["chosen"][0].append(at_chosen)
             targets["chosen"][1].append(row_ids[p:p + c])
