@@ -186,7 +186,8 @@ def render(results: dict) -> str:
                 f"{pct(m['position_bias'])} | {r['train']['seconds']:.0f} | {r['train']['peak_rss_gb']:.2f} |")
     if meta.get("plot"):
         lines += ["", f"![learning curves]({meta['plot']})"]
-    return "\n".join(lines + ["", *meta.get("notes", [])]) + "\n"
+    notes = [line for note in meta.get("notes", []) for line in ("", note)]  # a paragraph each
+    return "\n".join(lines + notes) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
