@@ -264,7 +264,7 @@ def pad_multiple(recipe: Recipe, runtime: Runtime) -> int | None:
     tensors at each batch's length: with every length new, oneDNN builds and caches new
     matmul primitives and glibc keeps the freed buffers of each size resident, so a run's
     memory climbs with every new length (SmolLM2, 24 demo steps: 2.9 GB and rising; padded
-    to 64, flat at 2.3 GB and a little faster, docs/benchmarks.md)."""
+    to 64, flat at 2.3 GB at about the same speed, docs/benchmarks.md)."""
     choice = recipe.training.pad_to_multiple_of
     if choice is not None:
         return choice if choice > 1 else None
