@@ -46,10 +46,18 @@ TITLE = "Training steps of the embedded demo on the CPU (benchmarks/train_steps.
 UNPADDED = "training.pad_to_multiple_of=1"
 CONFIGS = {
     "fp32": ["model.dtype=fp32", "training.shared_prompt=false", UNPADDED],
-    "bf16": ["model.dtype=bf16", "training.shared_prompt=false", UNPADDED],
-    "bf16+precompute": ["model.dtype=bf16", "training.shared_prompt=false", "training.precompute_ref=true", UNPADDED],
-    "bf16+shared": ["model.dtype=bf16", "training.shared_prompt=true", UNPADDED],
-    "bf16+shared+pad64": ["model.dtype=bf16", "training.shared_prompt=true", "training.pad_to_multiple_of=64"],
+    "bf16": ["model.dtype=bf16", "training.shared_prompt=false", UNPADDED, "training.base_dtype=bf16"],
+    "bf16+precompute": ["model.dtype=bf16", "training.shared_prompt=false", "training.precompute_ref=true", UNPADDED,
+                        "training.base_dtype=bf16"],
+    "bf16+shared": ["model.dtype=bf16", "training.shared_prompt=true", UNPADDED, "training.base_dtype=bf16"],
+    "bf16+shared+pad64": ["model.dtype=bf16", "training.shared_prompt=true", "training.pad_to_multiple_of=64",
+                          "training.base_dtype=bf16"],
+    "fp32+shared+pad64": ["model.dtype=fp32", "training.shared_prompt=true", "training.pad_to_multiple_of=64"],
+    "fp32+shared+pad64 2x4": ["model.dtype=fp32", "training.shared_prompt=true", "training.pad_to_multiple_of=64",
+                              "training.batch_size=2", "training.grad_accum=4"],
+    # bf16 autocast on fp32 base weights (training.base_dtype=auto on the CPU)
+    "amp+shared+pad64": ["model.dtype=bf16", "training.shared_prompt=true", "training.pad_to_multiple_of=64",
+                         "training.base_dtype=fp32"],
 }
 
 

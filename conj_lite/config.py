@@ -152,6 +152,10 @@ class TrainConfig:
                                          "without CUDA, where recurring shapes keep the CPU's matmul primitives "
                                          "and freed buffers reused (a 2.9 GB training peak becomes 2.4 GB), none "
                                          "with CUDA")
+    base_dtype: str = opt("auto", "dtype of the frozen base weights while training: auto (fp32, or the compute "
+                          "dtype for a 4-bit base), compute (= model.dtype), bf16, fp16 or fp32. On bf16 weights "
+                          "a young LoRA's change is lost in the rounding and SmolLM2 did not learn; autocast "
+                          "still computes in model.dtype (docs/benchmarks.md)")
     ref_batch_size: int = opt(16, "pairs per batch when precomputing the reference log-probabilities")
     eval_pairs: int = opt(64, "training pairs (a seeded sample) measured before and after training: loss, "
                           "reward margin, pair accuracy (0: none)")

@@ -19,6 +19,9 @@ from .packaged import is_packaged, packaged_model_path
 from .tiny import tiny_model_path
 
 
+DTYPES = ("bf16", "fp16", "fp32")
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a model runs, decided once from the recipe and the machine."""
@@ -30,9 +33,7 @@ class Runtime:
 
     @property
     def torch_dtype(self):
-        import torch
-
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
+        return torch_dtype_of(self.dtype)
 
 
 def cuda_available() -> bool:
@@ -88,7 +89,7 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
     """Pick device, dtype, 4-bit and unsloth from the recipe and the hardware."""
     on_cuda = cuda_available()
     dtype = auto_dtype() if cfg.dtype == "auto" else cfg.dtype
-    if dtype not in ("bf16", "fp16", "fp32"):
+    if dtype not in DTYPES:
         raise InputError(f"model.dtype must be auto, bf16, fp16 or fp32, got {cfg.dtype!r}")
     load_in_4bit = on_cuda if cfg.load_in_4bit is None else cfg.load_in_4bit
     if load_in_4bit and not on_cuda:
@@ -152,11 +153,19 @@ def bnb_config(runtime: Runtime):
     )
 
 
-def load_causal_lm(path: str, cfg: ModelConfig, runtime: Runtime):
-    """The base model for sampling or training (4-bit on CUDA when asked)."""
+def torch_dtype_of(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_causal_lm(path: str, cfg: ModelConfig, runtime: Runtime, weights: str | None = None):
+    """The base model for sampling or training (4-bit on CUDA when asked). `weights`:
+    the dtype its unquantized weights are loaded in (default: the compute dtype)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": runtime.torch_dtype, "trust_remote_code": cfg.trust_remote_code}
+    dtype = torch_dtype_of(weights) if weights else runtime.torch_dtype
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if runtime.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(runtime)
         kwargs["device_map"] = {"": local_rank()}  # each data-parallel process on its own GPU

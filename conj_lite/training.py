@@ -36,7 +36,7 @@ from .config import Recipe, save_recipe
 from .errors import InputError
 from .frame import frame_head, verdict_only_head
 from .jsonio import iter_jsonl_objects
-from .models import Runtime, import_unsloth_first, load_causal_lm, load_tokenizer, resolve_runtime
+from .models import DTYPES, Runtime, import_unsloth_first, load_causal_lm, load_tokenizer, resolve_runtime
 from .progress import stage_progress
 from .system import trim_heap
 from .prompts import JudgeTemplate, check_chat_template, load_template, render_prompt
@@ -216,7 +216,7 @@ def load_for_training(base: str, recipe: Recipe, runtime: Runtime, init_adapter:
             tokenizer.pad_token = tokenizer.eos_token
         return model, tokenizer, None, False  # unsloth handles checkpointing itself
     tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
-    model = load_causal_lm(base, recipe.model, runtime)
+    model = load_causal_lm(base, recipe.model, runtime, weights=base_dtype(recipe, runtime))
     # Only the LoRA weights train; the base stays as loaded. Not peft's
     # prepare_model_for_kbit_training: it casts every 16-bit weight that is not 4-bit
     # (embeddings, an untied LM head, norms) to fp32, +2 GiB on Qwen2.5-7B, more than a T4
@@ -230,6 +230,27 @@ def load_for_training(base: str, recipe: Recipe, runtime: Runtime, init_adapter:
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
         return model, tokenizer, None, gradient_checkpointing
     return model, tokenizer, lora_config(recipe), gradient_checkpointing
+
+
+def base_dtype(recipe: Recipe, runtime: Runtime) -> str:
+    """The dtype of the frozen base weights while training (training.base_dtype).
+
+    auto: fp32 unless the base is loaded in 4-bit. With 16-bit weights every layer's
+    output and the residual stream are rounded to 8 (bf16) or 11 (fp16) bits of
+    mantissa: on SmolLM2-135M (relevance, 1,024 examples) training on bf16 weights never
+    left the plateau in 3 seeds, where fp32 weights learned (docs/benchmarks.md, "bf16
+    weights"). Autocast still computes the matmuls in the compute dtype (model.dtype), as
+    fast as bf16 weights on the CPU; the fp32 copy costs 2 bytes a parameter more
+    (`compute` keeps the 16-bit weights, e.g. for a large unquantized model on a GPU).
+    A 4-bit base computes in the compute dtype whatever this says."""
+    choice = recipe.training.base_dtype
+    if choice == "compute":
+        return runtime.dtype
+    if choice == "auto":
+        return runtime.dtype if runtime.load_in_4bit else "fp32"
+    if choice not in DTYPES:
+        raise InputError(f"training.base_dtype must be auto, compute, bf16, fp16 or fp32, got {choice!r}")
+    return choice
 
 
 def check_adapter_dir(path: str | Path) -> None:
@@ -523,6 +544,7 @@ def write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out
         "base_model": base,
         "load_in_4bit": runtime.load_in_4bit,
         "dtype": runtime.dtype,
+        "base_dtype": None if runtime.load_in_4bit or runtime.use_unsloth else base_dtype(recipe, runtime),
         "template": recorded_template(recipe),
         "chat_date": recipe.prompts.date_string,
         "objective": recipe.training.objective,

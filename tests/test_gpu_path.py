@@ -73,8 +73,8 @@ def marked_4bit(monkeypatch):
     import importlib.machinery
     import types
 
-    def load(path, cfg, runtime):
-        model = load_causal_lm(path, cfg, Runtime("cpu", runtime.dtype, False, False))
+    def load(path, cfg, runtime, weights=None):
+        model = load_causal_lm(path, cfg, Runtime("cpu", runtime.dtype, False, False), weights=weights)
         model.is_loaded_in_4bit = True
         return model
 

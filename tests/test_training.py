@@ -194,3 +194,40 @@ def test_cpu_batches_are_padded_to_recurring_lengths_unless_the_recipe_says_othe
     for objective in ("dpo+sft", "sft"):  # TRL's collators get it too
         recipe = load_recipe(None, [f"training.objective={objective}"])
         assert trainer_config(recipe, cpu, Path("unused"), False).pad_to_multiple_of == 64
+
+
+def test_the_frozen_base_trains_on_fp32_weights_unless_it_is_4bit():
+    """bf16 base weights kept SmolLM2 on its plateau (docs/benchmarks.md, "bf16 weights"):
+    the base is loaded in fp32 and autocast computes in bf16; a 4-bit base computes in
+    the compute dtype anyway."""
+    from conj_lite.errors import InputError
+    from conj_lite.models import Runtime
+    from conj_lite.training import base_dtype
+
+    cpu = Runtime(device="cpu", dtype="bf16", load_in_4bit=False, use_unsloth=False)
+    gpu = Runtime(device="cuda", dtype="bf16", load_in_4bit=False, use_unsloth=False)
+    t4 = Runtime(device="cuda", dtype="fp16", load_in_4bit=True, use_unsloth=False)
+    default = load_recipe(None, [])
+    assert base_dtype(default, cpu) == "fp32" and base_dtype(default, gpu) == "fp32"
+    assert base_dtype(default, t4) == "fp16"
+    assert base_dtype(load_recipe(None, ["training.base_dtype=compute"]), cpu) == "bf16"
+    assert base_dtype(load_recipe(None, ["training.base_dtype=fp32"]), t4) == "fp32"
+    with pytest.raises(InputError, match="training.base_dtype"):
+        base_dtype(load_recipe(None, ["training.base_dtype=fp8"]), cpu)
+
+
+def test_a_bf16_cpu_recipe_trains_the_lora_on_an_fp32_base(tiny_model_dir):
+    import torch
+
+    from conj_lite.models import resolve_runtime
+    from conj_lite.training import load_for_training, trainer_config
+
+    tiny = [f"model.name_or_path={tiny_model_dir}", "model.dtype=bf16", "model.load_in_4bit=false"]
+    recipe = load_recipe(None, tiny)
+    runtime = resolve_runtime(recipe.model)
+    model, _, peft_config, _ = load_for_training(str(tiny_model_dir), recipe, runtime)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert peft_config is not None and trainer_config(recipe, runtime, Path("unused"), False).bf16  # autocast
+    compute = load_recipe(None, [*tiny, "training.base_dtype=compute"])
+    model, _, _, _ = load_for_training(str(tiny_model_dir), compute, runtime)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
