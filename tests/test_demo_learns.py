@@ -14,11 +14,13 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# The demo's runs of its own seed (2026-12-05; training on the CPU is not bit-for-bit repeatable):
-# per-order accuracy +10.5, +10.5, +8.5, +3.5 points; the decision by P(A) over both orders +11, +21,
-# +16; consistency 1% -> 18-34%. A run that only moves the position prior gains about nothing on both.
-GAIN_FLOOR = 0.02  # per-order accuracy
-DECISION_FLOOR = 0.05  # the decision by P(A) averaged over both orders
+# The demo's runs (training on the CPU is not bit-for-bit repeatable). In fp32 at lr 1e-3 for 80 steps
+# (2026-12-06): per-order accuracy +20.0 [+14, +26], the decision by P(A) over both orders +31 [+19, +43],
+# consistency 1% -> 53%; the same settings on 640 examples of the learning curve's pool +14.5 [+9.5, +19.5].
+# In bf16 (before) the runs gained +3.5 to +10.5 per order; a run that only moves the position prior
+# gains about nothing on both.
+GAIN_FLOOR = 0.07  # per-order accuracy
+DECISION_FLOOR = 0.10  # the decision by P(A) averaged over both orders
 
 
 def test_the_demo_recipe_teaches_its_held_out_pairs(smollm2_dir, tmp_path):
@@ -32,9 +34,9 @@ def test_the_demo_recipe_teaches_its_held_out_pairs(smollm2_dir, tmp_path):
     gain, decision = result["gain"]["accuracy"], result["gain"]["accuracy_prob"]
     # the base judge leans on answer 1 and is at chance
     assert before["position_bias"] > 0.9 and abs(before["accuracy"] - 0.5) < 0.05
-    # after one round it reads the answers: both measures gain, and at least one paired interval lies above 0
+    # after one round it reads the answers: both measures gain, the per-order gain's paired interval above 0
     assert gain["gain"] >= GAIN_FLOOR and decision["gain"] >= DECISION_FLOOR, (gain, decision)
-    assert max(gain["ci"][0], decision["ci"][0]) > 0, (gain, decision)
-    # and leans on answer 1 less (runs measured 84% and 61% after, from 99.5%)
+    assert gain["ci"][0] > 0, (gain, decision)
+    # and leans on answer 1 less (52.5% after, from 99.5%)
     assert after["consistency"] > before["consistency"] + 0.1, after
     assert after["position_bias"] < before["position_bias"] - 0.1, after
