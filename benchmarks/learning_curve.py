@@ -178,6 +178,8 @@ def render(results: dict) -> str:
               "answer-1 rate | train s | peak RSS GB |", "|---|---|---:|---:|---|---|---|---|---:|---:|---:|---:|"]
     for r in sorted(results["rows"], key=lambda r: (r["task"], r["method"], r["budget"], r["seed"])):
         for name in results["base"]:
+            if name not in r:  # judged on fewer sets (--sets)
+                continue
             m, g = r[name], r[name]["gain"]
             lines.append(
                 f"| {r['task']} | {r['method']} | {r['budget']} | {r['seed']} | {SET_NAMES[name]} | "
@@ -204,7 +206,7 @@ def plot(results: dict, path: Path) -> None:
         ax.axhline(100 * results["base"][name]["accuracy"], color="grey", ls="--", lw=1, label="untrained")
         ax.axhline(50, color="grey", lw=0.5)
         lines = {}
-        for r in results["rows"]:
+        for r in (r for r in results["rows"] if name in r):
             lines.setdefault((r["task"], r["method"]), {}).setdefault(r["budget"], []).append(100 * r[name]["accuracy"])
         for (task, method), points in sorted(lines.items()):
             xs = sorted(points)
@@ -302,6 +304,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--test", type=int, default=100, help="held-out pairs of each task")
     parser.add_argument("--max-chars", type=int, default=600, help="longest question + answers (characters)")
+    parser.add_argument("--sets", nargs="+", choices=tuple(SET_NAMES), default=list(SET_NAMES),
+                        help="the sets each trained judge is judged on (the base judge: all of them)")
     parser.add_argument("--out", default="runs/curve")
     parser.add_argument("--note", action="append", default=[])
     parser.add_argument("--render", metavar="RESULTS_JSON", help="write docs/benchmarks.md and the PNG from a results file")
@@ -323,7 +327,8 @@ def main(argv=None) -> int:
         run = sample_pool(args.task, seed, pool, out, args.overrides)
         base = base or base_scores(run, sets, out)
         stats = json.loads((run.out_dir / "stats.json").read_text())
-        results = [run_one(run, method, budget, sets, out / args.task / f"seed{seed}" / f"{method}-{budget}")
+        judged_sets = {name: pairs for name, pairs in sets.items() if name in args.sets}
+        results = [run_one(run, method, budget, judged_sets, out / args.task / f"seed{seed}" / f"{method}-{budget}")
                    for budget in sorted(args.budgets) for method in args.methods]
         rows += summarize(args.task, seed, base, results, stats)
     t = recipe.training
