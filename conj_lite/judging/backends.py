@@ -255,10 +255,11 @@ class Segment:
 
 
 def prefix_levels(seqs: Sequence[Sequence[int]]) -> list[list[Segment]]:
-    """The token prefix tree of `seqs`, level by level: every token shared by several
-    sequences is in exactly one segment, and a segment's sequences hold all positions
-    before its start once the levels above it are evaluated and copied. Identical
-    sequences part at their last token (each evaluates it, for its own logits).
+    """The token prefix tree of `seqs`, level by level: a token that several sequences
+    share is in one segment, evaluated once, except where it is the last token of one of
+    them (a sequence evaluates its last token itself, for its own logits); a segment's
+    sequences hold all positions before its start once the levels above it are
+    evaluated and copied.
 
     A Con-J example's prompts part at three places: the question (after the shared
     instructions), the answer order, and the hint prefix; its repeats share everything
