@@ -303,12 +303,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+BASE_DTYPES = ("auto", "compute", "bf16", "fp16", "fp32")  # training.base_dtype
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Values the types alone do not pin down."""
     if recipe.rounds < 0:
         raise InputError(f"rounds: expected 0 or more, got {recipe.rounds}")
     if recipe.training.objective not in OBJECTIVES:
         raise InputError(f"training.objective: expected one of {list(OBJECTIVES)}, got {recipe.training.objective!r}")
+    if recipe.training.base_dtype not in BASE_DTYPES:
+        raise InputError(f"training.base_dtype must be auto, compute, bf16, fp16 or fp32, got {recipe.training.base_dtype!r}")
     source = recipe.warmup.source
     if source not in WARMUP_SOURCES and not source.endswith((".jsonl", ".json")):
         raise InputError(f"warmup.source: expected none, positives or a .jsonl file of judgments, got {source!r}")

@@ -239,7 +239,7 @@ def base_dtype(recipe: Recipe, runtime: Runtime) -> str:
     output and the residual stream are rounded to 8 (bf16) or 11 (fp16) bits of
     mantissa: on SmolLM2-135M (relevance, 1,024 examples) training on bf16 weights never
     left the plateau in 3 seeds, where fp32 weights learned (docs/benchmarks.md, "bf16
-    weights"). Autocast still computes the matmuls in the compute dtype (model.dtype), as
+    kept the judge on its plateau"). Autocast still computes the matmuls in the compute dtype (model.dtype), as
     fast as bf16 weights on the CPU; the fp32 copy costs 2 bytes a parameter more
     (`compute` keeps the 16-bit weights, e.g. for a large unquantized model on a GPU).
     A 4-bit base computes in the compute dtype whatever this says."""

@@ -197,7 +197,7 @@ def test_cpu_batches_are_padded_to_recurring_lengths_unless_the_recipe_says_othe
 
 
 def test_the_frozen_base_trains_on_fp32_weights_unless_it_is_4bit():
-    """bf16 base weights kept SmolLM2 on its plateau (docs/benchmarks.md, "bf16 weights"):
+    """bf16 base weights kept SmolLM2 on its plateau (docs/benchmarks.md, "bf16 kept the judge on its plateau"):
     the base is loaded in fp32 and autocast computes in bf16; a 4-bit base computes in
     the compute dtype anyway."""
     from conj_lite.errors import InputError
@@ -231,3 +231,11 @@ def test_a_bf16_cpu_recipe_trains_the_lora_on_an_fp32_base(tiny_model_dir):
     compute = load_recipe(None, [*tiny, "training.base_dtype=compute"])
     model, _, _, _ = load_for_training(str(tiny_model_dir), compute, runtime)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_bad_base_dtype_is_refused_when_the_recipe_is_read():
+    """Before sampling, not after it, when training loads the model."""
+    from conj_lite.errors import InputError
+
+    with pytest.raises(InputError, match="training.base_dtype must be auto, compute"):
+        load_recipe(None, ["training.base_dtype=fp8"])
