@@ -13,9 +13,10 @@ policy it samples from (`policy()`, recorded in sampled_from.json). Two ship:
                 the model directory converted by the export stage's converter; a round's
                 adapter as a GGUF LoRA applied at run time (each made once, cached). The
                 sequences of a batch decode together in one context
-                (`judging.backends.ParallelDecoder`): the batch takes whole examples, so
-                the plain prompt that an example's repeats and hinted prompts begin with
-                is evaluated once, and so is the prefix all prompts share.
+                (`judging.backends.ParallelDecoder`), and every token their prompts
+                share is evaluated once (the prefix tree of the batch's prompts): the
+                instructions, a question for its two answer orders, an order's plain
+                prompt for its repeats and hinted prompts.
 
 `sampling.engine: auto` takes llama.cpp on a CPU when llama-cpp-python is installed and
 the model has a GGUF or a local directory to convert, transformers otherwise.
@@ -36,7 +37,7 @@ from .artifacts import fingerprint_id, path_identity
 from .config import Recipe, SamplingConfig
 from .errors import InputError
 from .frame import FrameSampler, apply_repetition_penalty, ll_tokenizer_for, round_trip_problem
-from .judging.backends import GGUFBackend, ParallelDecoder, shared_prefix
+from .judging.backends import GGUFBackend, ParallelDecoder, prefix_cells
 from .models import cuda_available, load_for_sampling, resolve_runtime
 from .packaged import BASE_GGUF
 from .prompts import JudgeTemplate, check_chat_template, render_prompt
@@ -149,31 +150,10 @@ def open_transformers(base: str, adapter: Path | None, recipe: Recipe, console=N
 MAX_SEQUENCES = 256  # llama.cpp's limit on sequences in one context (LLAMA_MAX_SEQ)
 
 
-def group_by_prefix(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Indices of `prompts` in runs of neighbours that share more than the prefix common
-    to all of them (the plain prompt of an example and its hinted variants), so that
-    ParallelDecoder.prefill evaluates what a run shares once."""
-    top = shared_prefix(prompts) if len(prompts) > 1 else 0
-    runs: list[list[int]] = []
-    for i, ids in enumerate(prompts):
-        if runs and shared_prefix([prompts[runs[-1][0]], ids]) > top:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
-
-
-def cells_needed(groups: Sequence[Sequence[Sequence[int]]], extra: int) -> int:
-    """KV cells a unified cache needs for `groups` (ParallelDecoder.prefill): the prefix all
-    prompts share once, each group's common prefix once, each sequence's own tail, and
-    `extra` generated tokens per sequence."""
-    everything = [ids for group in groups for ids in group]
-    top = shared_prefix(everything)
-    cells = top
-    for group in groups:
-        common = max(shared_prefix(group), top)
-        cells += common - top + sum(len(ids) - common + extra for ids in group)
-    return cells
+def cells_needed(prompts: Sequence[Sequence[int]], extra: int) -> int:
+    """KV cells a unified cache needs for `prompts` (ParallelDecoder.prefill evaluates
+    their prefix tree, each shared token once) and `extra` generated tokens each."""
+    return prefix_cells(prompts) + extra * len(prompts)
 
 
 class LlamaCppEngine:
@@ -268,11 +248,9 @@ class LlamaCppEngine:
         ids = [self.tokenize(p) for p in prompts]
         starts = [sum(counts[:i]) for i in range(len(counts))]  # rows are prompt-major
         owner = [i for i, c in enumerate(counts) for _ in range(c)]  # row -> prompt
-        runs = group_by_prefix(ids)
-        groups = [[ids[i] for i in run for _ in range(counts[i])] for run in runs]
-        group_rows = [[starts[i] + j for i in run for j in range(counts[i])] for run in runs]
         rows = len(owner)
-        decoder = self.decoder(rows, cells_needed(groups, budget))
+        every = [ids[owner[r]] for r in range(rows)]  # a row is a sequence: its prompt, then its judgment
+        decoder = self.decoder(rows, cells_needed(every, budget))
         sampler = FrameSampler(None, grammars or [None] * rows, seeds, temperature=cfg.temperature, top_p=cfg.top_p,
                                top_k=cfg.top_k, max_new_tokens=budget, eos_ids=self.eos_ids,
                                closing_tokens=closing_tokens,
@@ -283,9 +261,8 @@ class LlamaCppEngine:
         def keep(row, i):
             logits[row] = np.ctypeslib.as_array(decoder.logits(i), shape=(n_vocab,))
 
-        seqs = decoder.prefill(groups, lambda key, i: keep(group_rows[key[0]][key[1]], i))
-        row_of = {seq: group_rows[g][m] for g, members in enumerate(seqs) for m, seq in enumerate(members)}
-        seq_of = {row: seq for seq, row in row_of.items()}
+        [seq_of] = decoder.prefill([every], lambda key, i: keep(key[1], i))  # row r in sequence seq_of[r]
+        row_of = {seq: row for row, seq in enumerate(seq_of)}
         new: list[list[int]] = [[] for _ in range(rows)]
         stopped = [False] * rows
         live, step, eos = list(range(rows)), 0, set(self.eos_ids)

@@ -16,7 +16,6 @@ from conj_lite.engines import (
     TransformersEngine,
     cells_needed,
     choose_engine,
-    group_by_prefix,
     open_engine,
     open_llama_cpp,
 )
@@ -59,13 +58,10 @@ def test_a_missing_llama_cpp_names_the_extra(monkeypatch, tmp_path):
         open_llama_cpp(str(tmp_path), None, load_recipe())
 
 
-def test_neighbouring_prompts_of_an_example_share_their_prefix():
+def test_the_cache_holds_each_shared_token_once():
     system = [1, 2, 3, 4]
     plain_a, plain_b = system + [10, 11, 12], system + [20, 21, 22]
-    prompts = [plain_a, plain_a + [30, 31], plain_a + [40], plain_b, plain_b + [30]]
-    assert group_by_prefix(prompts) == [[0, 1, 2], [3, 4]]
-    assert group_by_prefix([plain_a]) == [[0]]
-    groups = [[plain_a, plain_a], [plain_b]]
+    groups = [plain_a, plain_a, plain_b]
     # the system prompt once; plain_a's own tokens once but its last (each copy evaluates that one),
     # then 5 new tokens per sequence; plain_b's own 3 tokens and its 5
     assert cells_needed(groups, 5) == 4 + 2 + (1 + 5) * 2 + (3 + 5)

@@ -7,7 +7,7 @@ import pytest
 
 from conj_lite.data import load_pairs
 from conj_lite.judging import Judge, judge_pairs
-from conj_lite.judging.backends import shared_prefix, waves
+from conj_lite.judging.backends import Segment, prefix_cells, prefix_levels, shared_prefix, waves
 from conj_lite.prompts import ORDERS, ordered_answers
 
 
@@ -17,6 +17,49 @@ def test_shared_prefix_leaves_every_sequence_a_token_of_its_own():
     assert shared_prefix([[1, 2], [1, 2, 3]]) == 1
     assert shared_prefix([[7, 8]]) == 0
     assert shared_prefix([[1], [1]]) == 0
+
+
+def covered(levels, n):
+    """Each sequence's segments, in level order: (start, end) pairs."""
+    out = [[] for _ in range(n)]
+    for level in levels:
+        for seg in level:
+            for i in seg.members:
+                out[i].append((seg.start, seg.end))
+    return out
+
+
+def test_the_prefix_tree_evaluates_each_shared_token_once_and_covers_every_sequence():
+    system, question = [1, 2, 3], [4, 5]
+    order_ab, order_ba = system + question + [6, 7, 8], system + question + [8, 7, 6]
+    hint = [9, 9]
+    # a Con-J example: per order, the plain prompt twice (its repeats) and two hinted prompts
+    seqs = [order_ab, order_ab, order_ab + hint + [1], order_ab + hint + [2],
+            order_ba, order_ba, order_ba + hint + [1], order_ba + hint + [2]]
+    levels = prefix_levels(seqs)
+    assert levels[0] == [Segment(tuple(range(8)), 0, 5)]  # instructions and question, once
+    assert levels[1] == [Segment((0, 1, 2, 3), 5, 7), Segment((4, 5, 6, 7), 5, 7)]  # each order's answers
+    for spans, ids in zip(covered(levels, len(seqs)), seqs):
+        # a sequence's segments follow one another from 0 to its end: all its positions, once each
+        assert [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == len(ids)
+    for level in levels:
+        for seg in level:  # the members of a segment hold the same tokens there
+            assert len({tuple(seqs[i][seg.start:seg.end]) for i in seg.members}) == 1
+            if len(seg.members) == 1:  # a sequence's last segment is its own, for its logits
+                assert seg.end == len(seqs[seg.members[0]])
+    # per order: its answers but their last token once (2); each repeat that last token (1 + 1); the
+    # hinted prompts that token and the hint (3), then each its own last token (1 + 1)
+    assert prefix_cells(seqs) == 5 + 2 * (2 + 1 + 1 + 3 + 1 + 1)
+    # without the tree: instructions once, then each sequence's own tail (what prefill did before)
+    assert prefix_cells(seqs) < 5 + sum(len(ids) - 5 for ids in seqs)
+
+
+def test_the_prefix_tree_of_one_or_unrelated_sequences():
+    assert prefix_levels([]) == []
+    assert prefix_levels([[5, 6, 7]]) == [[Segment((0,), 0, 3)]]
+    assert prefix_levels([[1, 2], [3, 4]]) == [[Segment((0,), 0, 2), Segment((1,), 0, 2)]]
+    assert prefix_cells([[1], [1], [1]]) == 3  # identical one-token prompts: each its own logits
+    assert prefix_cells([[1, 2], [1, 2, 3]]) == 1 + 1 + 2
 
 
 def test_waves_pack_groups_by_sequences_and_cells():

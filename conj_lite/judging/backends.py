@@ -27,6 +27,7 @@ import math
 import re
 import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -242,6 +243,56 @@ def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Positions [start, end) of the sequences `members`, which share those tokens:
+    evaluated once in `members[0]` and copied to the others. A segment of one member
+    ends with its last token, whose logits are wanted."""
+
+    members: tuple[int, ...]
+    start: int
+    end: int
+
+
+def prefix_levels(seqs: Sequence[Sequence[int]]) -> list[list[Segment]]:
+    """The token prefix tree of `seqs`, level by level: a token that several sequences
+    share is in one segment, evaluated once, except where it is the last token of one of
+    them (a sequence evaluates its last token itself, for its own logits); a segment's
+    sequences hold all positions before its start once the levels above it are
+    evaluated and copied.
+
+    A Con-J example's prompts part at three places: the question (after the shared
+    instructions), the answer order, and the hint prefix; its repeats share everything
+    but the last token."""
+    levels: list[list[Segment]] = []
+    nodes = [(tuple(range(len(seqs))), 0)] if seqs else []
+    while nodes:
+        level, below = [], []
+        for members, start in nodes:
+            if len(members) == 1:
+                level.append(Segment(members, start, len(seqs[members[0]])))
+                continue
+            end = shared_prefix([seqs[i] for i in members])  # >= start: they share [0, start)
+            if end > start:
+                level.append(Segment(members, start, end))
+            by_token: dict[int, list[int]] = {}
+            for i in members:
+                by_token.setdefault(seqs[i][end], []).append(i)
+            for part in by_token.values():
+                last = [i for i in part if len(seqs[i]) == end + 1]  # only their last token left
+                rest = tuple(i for i in part if len(seqs[i]) > end + 1)
+                below += [((i,), end) for i in last] + ([(rest, end)] if rest else [])
+        if level:
+            levels.append(level)
+        nodes = below
+    return levels
+
+
+def prefix_cells(seqs: Sequence[Sequence[int]]) -> int:
+    """KV cells the prefix tree of `seqs` takes (copied cells are shared, not duplicated)."""
+    return sum(seg.end - seg.start for level in prefix_levels(seqs) for seg in level)
+
+
 def waves(groups: Sequence[Sequence[Sequence[int]]], n_seq: int, cells: int, extra: int = 0) -> list[list[int]]:
     """Indices of `groups` (each a list of token lists) packed into waves of at most
     `n_seq` sequences and `cells` KV cells (each sequence counted whole, plus `extra`
@@ -335,38 +386,31 @@ class ParallelDecoder:
         """Clear the cache and evaluate every group's prompts; returns each group's
         sequence ids. on_logits((group, member), row) at each prompt's last token.
 
-        Shared prefixes are evaluated once: the prefix all prompts share (the chat
-        template, system prompt and instructions) in sequence 0, copied to every other
-        sequence; then the rest of each group's own common prefix (the question, up to
-        where the two answer orders part) in the group's first sequence, copied to the
-        group's others; then each prompt's own tail."""
+        Tokens that several prompts share are evaluated once, in one of them, and copied
+        to the others (`prefix_levels`): the instructions all prompts share, a question
+        shared by its two answer orders, an answer order shared by its repeats and hinted
+        prompts. The segments of one level of that tree go in one batch."""
         total = sum(len(group) for group in groups)
         if total > self.n_seq:
             raise ValueError(f"{total} sequences for a {self.n_seq}-sequence context")
         lib, memory = self._lib, self.memory
         lib.llama_memory_clear(memory, True)
         everything = [ids for group in groups for ids in group]
-        top = shared_prefix(everything)
-        self._decode([(0, pos, token, None) for pos, token in enumerate(everything[0][:top])], None)
-        for seq in range(1, total):
-            lib.llama_memory_seq_cp(memory, 0, seq, -1, -1)
-        seq_ids, prefixes, middle, base = [], [], [], 0
+        keys = [(g, m) for g, group in enumerate(groups) for m in range(len(group))]
+        for level in prefix_levels(everything):
+            entries = []
+            for seg in level:
+                seq, want = seg.members[0], len(seg.members) == 1
+                entries += [(seq, pos, everything[seq][pos], keys[seq] if want and pos == seg.end - 1 else None)
+                            for pos in range(seg.start, seg.end)]
+            self._decode(entries, on_logits)
+            for seg in level:
+                for other in seg.members[1:]:
+                    lib.llama_memory_seq_cp(memory, seg.members[0], other, seg.start, seg.end)
+        seq_ids, base = [], 0
         for group in groups:
             seq_ids.append(list(range(base, base + len(group))))
-            common = max(shared_prefix(group), top)
-            prefixes.append(common)
-            middle += [(base, pos, group[0][pos], None) for pos in range(top, common)]
             base += len(group)
-        self._decode(middle, None)
-        rest = []
-        for g, (group, ids, common) in enumerate(zip(groups, seq_ids, prefixes)):
-            if common > top:
-                for seq in ids[1:]:
-                    lib.llama_memory_seq_cp(memory, ids[0], seq, top, common)
-            for m, (seq, tokens) in enumerate(zip(ids, group)):
-                last = len(tokens) - 1
-                rest += [(seq, pos, tokens[pos], (g, m) if pos == last else None) for pos in range(common, len(tokens))]
-        self._decode(rest, on_logits)
         return seq_ids
 
     def rewind(self, seq: int, pos: int) -> None:
