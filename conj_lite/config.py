@@ -313,7 +313,8 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.training.objective not in OBJECTIVES:
         raise InputError(f"training.objective: expected one of {list(OBJECTIVES)}, got {recipe.training.objective!r}")
     if recipe.training.base_dtype not in BASE_DTYPES:
-        raise InputError(f"training.base_dtype must be auto, compute, bf16, fp16 or fp32, got {recipe.training.base_dtype!r}")
+        allowed = ", ".join(BASE_DTYPES[:-1]) + f" or {BASE_DTYPES[-1]}"
+        raise InputError(f"training.base_dtype must be {allowed}, got {recipe.training.base_dtype!r}")
     source = recipe.warmup.source
     if source not in WARMUP_SOURCES and not source.endswith((".jsonl", ".json")):
         raise InputError(f"warmup.source: expected none, positives or a .jsonl file of judgments, got {source!r}")
