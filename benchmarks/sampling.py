@@ -187,7 +187,7 @@ def engines_benchmark(args) -> int:
     n = results["transformers"][0]["judgments"]
     body = f"""
 Date: {today()}. Machine: {machine()}, {usable_cpus()} threads. Versions: {versions('torch', 'transformers', 'llama_cpp_python', 'llguidance')}.
-Command: `python benchmarks/sampling.py --engines{f' --pairs {args.pairs}' if args.pairs else ''} --repeats {args.repeats}`. Load average {load_before} before, {load_after} after.
+Command: `python benchmarks/sampling.py --engines{f' --pairs {args.pairs}' if args.pairs != 8 else ''} --repeats {args.repeats}`. Load average {load_before} before, {load_after} after.
 
 The demo's sampling settings (recipe `smollm2-135m_cpu` with {', '.join(ENGINE_WORKLOAD)}: judgments with a rationale,
 {len(pairs)} labelled pairs × 2 orders × (2 repeats + 2 hints) = {n} judgments, frame grammar, temperature 0.8, top-p 0.95, ≤ 48 new tokens, batch 32) with each engine through
@@ -316,7 +316,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["tiny", "smollm2", *SHAPES], default="tiny",
                         help="smollm2: SmolLM2-135M-Instruct from the package (its own tokenizer), fp32")
-    parser.add_argument("--pairs", type=int, default=6, help="labelled pairs from data/sample_prefs.jsonl")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="labelled pairs from data/sample_prefs.jsonl (default 6; --engines: 8; 0 = all)")
     parser.add_argument("--n-repeats", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
@@ -332,11 +333,11 @@ def main(argv=None) -> int:
     if args.engines:
         # The demo's whole plan is 446 pairs (3,568 sampled judgments, about an hour per engine on 2
         # cores): the default takes its first 8 (64 judgments), --pairs 0 all of them.
-        if "--pairs" not in " ".join(argv or sys.argv[1:]):
-            args.pairs = 8
+        args.pairs = 8 if args.pairs is None else args.pairs
         return engines_benchmark(args)
     if args.overhead:
         return overhead_benchmark(args)
+    args.pairs = 6 if args.pairs is None else args.pairs
     if args.load_in_4bit and (args.shape in ("tiny", "smollm2") or not torch.cuda.is_available()):
         parser.error("--load-in-4bit needs a real --shape and a CUDA GPU (bitsandbytes)")
 

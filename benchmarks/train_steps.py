@@ -58,6 +58,12 @@ CONFIGS = {
     # bf16 autocast on fp32 base weights (training.base_dtype=auto on the CPU)
     "amp+shared+pad64": ["model.dtype=bf16", "training.shared_prompt=true", "training.pad_to_multiple_of=64",
                          "training.base_dtype=fp32"],
+    # the supervised ceiling (training.objective=sft) on the chosen side of the same pairs:
+    # TRL's SFTTrainer against the shared-prompt step with the sft term alone
+    "sft SFTTrainer 2x4": ["model.dtype=fp32", "training.objective=sft", "training.shared_prompt=false",
+                           "training.pad_to_multiple_of=64", "training.batch_size=2", "training.grad_accum=4"],
+    "sft shared 2x4": ["model.dtype=fp32", "training.objective=sft", "training.shared_prompt=true",
+                       "training.pad_to_multiple_of=64", "training.batch_size=2", "training.grad_accum=4"],
 }
 
 
@@ -83,6 +89,12 @@ def worker(config: str, pairs: str, out: str, steps: int, eval_pairs: int, overr
                                                f"training.eval_pairs={eval_pairs}", "training.logging_steps=1",
                                                f"training.save_steps={10 * steps}"])
     base = resolve_model_path(recipe)
+    if recipe.training.objective == "sft":  # prompt -> chosen judgment rows, as the no-DPO ablation trains
+        from conj_lite.jsonio import read_jsonl, write_jsonl
+        from conj_lite.warmup import sft_from_pairs
+
+        rows = sft_from_pairs(list(read_jsonl(pairs)))
+        pairs = str(write_jsonl(Path(out).parent / f"{Path(out).name}.sft.jsonl", rows))
     start = time.perf_counter()
     summary = train_adapter(recipe, base, pairs, out)
     wall = time.perf_counter() - start

@@ -141,6 +141,8 @@ class TrainConfig:
     gradient_checkpointing: bool | None = opt(None, "default: on with CUDA")
     optim: str = opt("auto", "auto: paged_adamw_8bit with 4-bit on CUDA, adamw_torch otherwise")
     warmup_ratio: float = opt(0.1, "learning-rate warm-up")
+    lr_scheduler: str = opt("cosine", "the learning rate after the warm-up: cosine (down to 0 at the last step), "
+                            "linear, or constant")
     logging_steps: int = opt(1, "log every N steps")
     save_steps: int = opt(50, "checkpoint every N steps (resumable)")
     precompute_ref: bool = opt(False, "compute the reference log-probabilities of every pair once before training, "
@@ -304,6 +306,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 BASE_DTYPES = ("auto", "compute", "bf16", "fp16", "fp32")  # training.base_dtype
+LR_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # -> transformers'
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -315,6 +318,9 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.training.base_dtype not in BASE_DTYPES:
         allowed = ", ".join(BASE_DTYPES[:-1]) + f" or {BASE_DTYPES[-1]}"
         raise InputError(f"training.base_dtype must be {allowed}, got {recipe.training.base_dtype!r}")
+    if recipe.training.lr_scheduler not in LR_SCHEDULERS:
+        raise InputError(f"training.lr_scheduler: expected one of {list(LR_SCHEDULERS)}, "
+                         f"got {recipe.training.lr_scheduler!r}")
     source = recipe.warmup.source
     if source not in WARMUP_SOURCES and not source.endswith((".jsonl", ".json")):
         raise InputError(f"warmup.source: expected none, positives or a .jsonl file of judgments, got {source!r}")

@@ -37,7 +37,7 @@ from .artifacts import fingerprint_id, path_identity
 from .config import Recipe, SamplingConfig
 from .errors import InputError
 from .frame import FrameSampler, apply_repetition_penalty, ll_tokenizer_for, round_trip_problem
-from .judging.backends import GGUFBackend, ParallelDecoder, prefix_cells
+from .judging.backends import GGUFBackend, ParallelDecoder, cells_needed
 from .models import cuda_available, load_for_sampling, resolve_runtime
 from .packaged import BASE_GGUF
 from .prompts import JudgeTemplate, check_chat_template, render_prompt
@@ -150,12 +150,6 @@ def open_transformers(base: str, adapter: Path | None, recipe: Recipe, console=N
 MAX_SEQUENCES = 256  # llama.cpp's limit on sequences in one context (LLAMA_MAX_SEQ)
 
 
-def cells_needed(prompts: Sequence[Sequence[int]], extra: int) -> int:
-    """KV cells a unified cache needs for `prompts` (ParallelDecoder.prefill evaluates
-    their prefix tree, each shared token once) and `extra` generated tokens each."""
-    return prefix_cells(prompts) + extra * len(prompts)
-
-
 class LlamaCppEngine:
     """llama-cpp-python on a GGUF of the policy (and a GGUF LoRA), held to the frame by
     the same FrameSampler as transformers: llguidance over llama.cpp's own vocabulary."""
@@ -261,8 +255,7 @@ class LlamaCppEngine:
         def keep(row, i):
             logits[row] = np.ctypeslib.as_array(decoder.logits(i), shape=(n_vocab,))
 
-        [seq_of] = decoder.prefill([every], lambda key, i: keep(key[1], i))  # row r in sequence seq_of[r]
-        row_of = {seq: row for row, seq in enumerate(seq_of)}
+        decoder.prefill([every], lambda key, i: keep(key[1], i))  # one group: row r is sequence r
         new: list[list[int]] = [[] for _ in range(rows)]
         stopped = [False] * rows
         live, step, eos = list(range(rows)), 0, set(self.eos_ids)
@@ -286,8 +279,7 @@ class LlamaCppEngine:
                         going.append(row)
             live = going
             if live:
-                decoder.step({seq_of[r]: (len(ids[owner[r]]) + len(new[r]) - 1, new[r][-1]) for r in live},
-                             lambda seq, i: keep(row_of[seq], i))
+                decoder.step({r: (len(ids[owner[r]]) + len(new[r]) - 1, new[r][-1]) for r in live}, keep)
         results = [(self.detokenize(new[r]).strip(), "stop" if stopped[r] else "length", len(new[r]))
                    for r in range(rows)]
         return [results[starts[i]:starts[i] + counts[i]] for i in range(len(prompts))]

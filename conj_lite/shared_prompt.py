@@ -15,9 +15,10 @@ vocabulary-sized tensor over the prompt exists.
 
 The loss terms are TRL's for Con-J's objectives (loss_type sigmoid and sft, with their
 weights); `tests/test_shared_prompt.py` checks loss and gradients against TRL's own
-two-row computation on the same pairs. Anything else DPOTrainer offers (other loss
-types, label smoothing, WPO weighting, liger) is refused here and trains with TRL's
-DPOTrainer as it is.
+two-row computation on the same pairs. With the sft term alone (training.objective=sft,
+the supervised ceiling and RISE's warm-up) a row is prompt | chosen, and no reference
+pass runs. Anything else DPOTrainer offers (other loss types, label smoothing, WPO
+weighting, liger) is refused here and trains with TRL's DPOTrainer as it is.
 """
 
 from __future__ import annotations
@@ -87,12 +88,14 @@ class SharedPromptCollator:
     pad_token_id: int
     max_length: int | None = None
     pad_to_multiple_of: int = 1
+    rejected: bool = True  # False: the SFT term alone, which never reads the rejected branch
 
     def __call__(self, examples: list[dict]) -> dict:
         ids, positions, segments = [], [], []
         targets = {"chosen": ([], []), "rejected": ([], [])}
         for ex in examples:
-            branches = truncate(ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], self.max_length)
+            rejected = ex["rejected_ids"] if self.rejected else []
+            branches = truncate(ex["prompt_ids"], ex["chosen_ids"], rejected, self.max_length)
             row_ids, row_pos, row_seg = pack(*branches)
             ids.append(row_ids)
             positions.append(row_pos)
@@ -158,8 +161,12 @@ def make_trainer_class():
                                  "label smoothing, weighting, ld_alpha, liger or f-divergences; use TRL's DPOTrainer")
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            # With the SFT term alone (training.objective=sft) a row is prompt | chosen: no
+            # rejected branch and no reference pass, only the chosen judgment's tokens.
+            self.dpo_term = "sigmoid" in losses
             # Given here, not after: TRL precomputes the reference log-probabilities inside __init__.
-            kwargs["data_collator"] = SharedPromptCollator(pad, args.max_length, args.pad_to_multiple_of or 1)
+            kwargs["data_collator"] = SharedPromptCollator(pad, args.max_length, args.pad_to_multiple_of or 1,
+                                                           rejected=self.dpo_term)
             super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
             if self.aux_loss_enabled or self._is_vision_dataset:
                 raise ValueError("the shared-prompt DPO step trains text-only models without router losses; "
@@ -182,12 +189,14 @@ def make_trainer_class():
             mode = "train" if self.model.training else "eval"
             policy = completion_logps(model, inputs)
             chosen_logps, rejected_logps = policy["chosen"].sum(1), policy["rejected"].sum(1)
-            if self.precompute_ref_logps:
-                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else:
-                ref_chosen, ref_rejected = self._compute_ref_log_probs(model, inputs)
-            chosen_logratios = chosen_logps - ref_chosen
-            rejected_logratios = rejected_logps - ref_rejected
+            chosen_logratios = rejected_logratios = None
+            if self.dpo_term:
+                if self.precompute_ref_logps:
+                    ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+                else:
+                    ref_chosen, ref_rejected = self._compute_ref_log_probs(model, inputs)
+                chosen_logratios = chosen_logps - ref_chosen
+                rejected_logratios = rejected_logps - ref_rejected
             chosen_mask = inputs["chosen_mask"].bool()
             loss = 0.0
             for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
@@ -213,6 +222,9 @@ def make_trainer_class():
             chosen_logits = policy["logits"][:, :chosen_mask.shape[1]]
             hits = (chosen_logits.argmax(-1) == inputs["chosen_tokens"]) & chosen_mask
             metrics["mean_token_accuracy"].append((gather(hits.sum()).sum() / gather(chosen_mask.sum()).sum()).item())
+            if chosen_logratios is None:  # the SFT term alone: no rewards, no rejected branch
+                metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
+                return
             chosen_rewards = self.beta * chosen_logratios.detach()
             rejected_rewards = self.beta * rejected_logratios.detach()
             metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())

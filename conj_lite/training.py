@@ -7,7 +7,8 @@ the adapter disabled, so no second model sits in memory.
 `training.objective` switches the loss for the ablations and the RISE warm-up:
   dpo+sft   Con-J (the default)
   dpo       DPO alone (`loss_type=["sigmoid"]`)
-  sft       TRL's SFTTrainer on prompt -> judgment rows, no DPO term
+  sft       prompt -> judgment rows, no DPO term: the shared-prompt step with TRL's
+            sft loss alone where that step is used (the CPU), else TRL's SFTTrainer
 `init_adapter` continues from a trained adapter (RISE stage 2, iterative rounds); TRL
 then keeps a frozen copy of it as the DPO reference, so each round is regularised
 towards the previous one, not towards the base model.
@@ -32,11 +33,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .artifacts import TRAIN_META
-from .config import Recipe, save_recipe
+from .config import LR_SCHEDULERS, Recipe, save_recipe
 from .errors import InputError
 from .frame import frame_head, verdict_only_head
 from .jsonio import iter_jsonl_objects
-from .models import DTYPES, Runtime, import_unsloth_first, load_causal_lm, load_tokenizer, resolve_runtime
+from .models import Runtime, import_unsloth_first, load_causal_lm, load_tokenizer, resolve_runtime
 from .progress import stage_progress
 from .system import trim_heap
 from .prompts import JudgeTemplate, check_chat_template, load_template, render_prompt
@@ -248,9 +249,7 @@ def base_dtype(recipe: Recipe, runtime: Runtime) -> str:
         return runtime.dtype
     if choice == "auto":
         return runtime.dtype if runtime.load_in_4bit else "fp32"
-    if choice not in DTYPES:
-        raise InputError(f"training.base_dtype must be auto, compute, bf16, fp16 or fp32, got {choice!r}")
-    return choice
+    return choice  # bf16, fp16 or fp32: config.check_recipe refuses anything else
 
 
 def check_adapter_dir(path: str | Path) -> None:
@@ -264,14 +263,18 @@ def loss_terms(objective: str, alpha: float) -> tuple[list[str], list[float]]:
         return ["sigmoid", "sft"], [1.0, alpha]
     if objective == "dpo":
         return ["sigmoid"], [1.0]
+    if objective == "sft":  # the shared-prompt step only; elsewhere SFTTrainer trains it
+        return ["sft"], [1.0]
     raise ValueError(f"objective {objective!r} is not trained with DPOTrainer")
 
 
 def uses_shared_prompt(recipe: Recipe, runtime: Runtime) -> bool:
-    """Whether DPO trains each pair as one row with its prompt once (conj_lite/shared_prompt.py):
+    """Whether each pair trains as one row with its prompt once (conj_lite/shared_prompt.py):
     training.shared_prompt, by default on without CUDA; never with unsloth, whose patched
-    attention takes no block mask."""
-    if recipe.training.objective == "sft" or runtime.use_unsloth:
+    attention takes no block mask. With objective sft the row is prompt | judgment and
+    logits are made only where the judgment's tokens are predicted (SFTTrainer makes the
+    whole vocabulary's at every prompt position)."""
+    if runtime.use_unsloth:
         return False
     choice = recipe.training.shared_prompt
     return runtime.device != "cuda" if choice is None else bool(choice)
@@ -298,7 +301,7 @@ def trainer_config(recipe: Recipe, runtime: Runtime, out_dir: Path, gradient_che
     optim = t.optim
     if optim == "auto":
         optim = "paged_adamw_8bit" if runtime.load_in_4bit else "adamw_torch"
-    if t.objective == "sft":
+    if t.objective == "sft" and not uses_shared_prompt(recipe, runtime):
         from trl import SFTConfig
 
         specific = dict(completion_only_loss=True, packing=False)
@@ -322,7 +325,7 @@ def trainer_config(recipe: Recipe, runtime: Runtime, out_dir: Path, gradient_che
         gradient_checkpointing=gradient_checkpointing,
         optim=optim,
         warmup_steps=t.warmup_ratio,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=LR_SCHEDULERS[t.lr_scheduler],
         bf16=runtime.dtype == "bf16",
         fp16=runtime.dtype == "fp16",
         use_cpu=runtime.device == "cpu",
@@ -459,6 +462,10 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     rows = frame_rows(pairs, tokenizer, template, SFT_FIELDS[1:] if sft else PAIR_FIELDS[1:])
     if rows is None:
         rows = [chat.training_row(row) for row in (to_sft_rows(pairs) if sft else to_preference_rows(pairs))]
+    shared = uses_shared_prompt(recipe, runtime)
+    if sft and shared:  # TRL's preference rows; the SFT term alone never reads `rejected`
+        rows = [{**{k: v for k, v in row.items() if k != "completion"}, "chosen": row["completion"],
+                 "rejected": row["completion"]} for row in rows]
     dataset = Dataset.from_list(rows)
     args = trainer_config(recipe, runtime, out_dir, gradient_checkpointing)
     train_set = dataset
@@ -467,12 +474,12 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
         train_set = dataset.select(training_order(pairs, recipe.training.seed, passes))
         args.train_sampling_strategy = "sequential"
         args.num_train_epochs = recipe.training.epochs / passes  # the passes are in train_set
-    if sft:
-        from trl import SFTTrainer as trainer_class
-    elif uses_shared_prompt(recipe, runtime):
+    if shared:
         from conj_lite.shared_prompt import make_trainer_class
 
         trainer_class = make_trainer_class()
+    elif sft:
+        from trl import SFTTrainer as trainer_class
     else:
         from trl import DPOTrainer as trainer_class
     trainer = trainer_class(

@@ -7,7 +7,7 @@ import pytest
 
 from conj_lite.data import load_pairs
 from conj_lite.judging import Judge, judge_pairs
-from conj_lite.judging.backends import Segment, prefix_cells, prefix_levels, shared_prefix, waves
+from conj_lite.judging.backends import Segment, cells_needed, prefix_cells, prefix_levels, shared_prefix, waves
 from conj_lite.prompts import ORDERS, ordered_answers
 
 
@@ -63,11 +63,25 @@ def test_the_prefix_tree_of_one_or_unrelated_sequences():
 
 
 def test_waves_pack_groups_by_sequences_and_cells():
-    groups = [[[0] * 10, [0] * 10]] * 5
+    # each group: two orders that share 9 of their 10 tokens (11 cells), nothing shared across groups
+    groups = [[[g] * 10, [g] * 9 + [99]] for g in range(5)]
     assert waves(groups, n_seq=4, cells=1000) == [[0, 1], [2, 3], [4]]
-    assert waves(groups, n_seq=8, cells=45) == [[0, 1], [2, 3], [4]]
-    assert waves(groups, n_seq=8, cells=45, extra=5) == [[0], [1], [2], [3], [4]]
+    assert waves(groups, n_seq=8, cells=45) == [[0, 1, 2, 3], [4]]
+    assert waves(groups, n_seq=8, cells=43) == [[0, 1, 2], [3, 4]]
+    assert waves(groups, n_seq=8, cells=45, extra=5) == [[0, 1], [2, 3], [4]]  # 21 cells a group
+    assert waves(groups, n_seq=8, cells=5) == [[0], [1], [2], [3], [4]]  # a group too big goes alone
     assert waves([], n_seq=2, cells=10) == []
+
+
+def test_waves_count_a_prefix_shared_across_groups_once():
+    # the judge's case: instructions every prompt shares, then the pair's own text
+    head = list(range(100, 150))
+    groups = [[head + [g, 1], head + [g, 2]] for g in range(4)]
+    one = cells_needed(groups[0])
+    assert one == 50 + 1 + 2
+    assert cells_needed([ids for group in groups for ids in group]) == 50 + 4 * 3
+    assert waves(groups, n_seq=8, cells=62) == [[0, 1, 2, 3]]  # counted whole, 4 x 53 would not fit
+    assert waves(groups, n_seq=8, cells=61) == [[0, 1, 2], [3]]
 
 
 @pytest.fixture(scope="session")

@@ -71,8 +71,8 @@ def trainers(model_dir, tokenizer, rows, tmp_path, **config):
 
     from conj_lite.shared_prompt import make_trainer_class
 
-    args = dict(use_cpu=True, report_to="none", max_length=1024, loss_type=["sigmoid", "sft"],
-                loss_weights=[1.0, 0.7], beta=0.3, **config)
+    args = {**dict(use_cpu=True, report_to="none", max_length=1024, loss_type=["sigmoid", "sft"],
+                   loss_weights=[1.0, 0.7], beta=0.3), **config}
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
                       task_type="CAUSAL_LM")
     out = []
@@ -128,6 +128,30 @@ def test_the_shared_prompt_step_gives_trls_loss_gradients_and_measures(tiny_mode
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected", "mean_token_accuracy", "entropy"):
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+
+def test_the_sft_term_alone_is_trls_from_one_forward_pass_without_the_rejected_branch(tiny_model_dir, tiny_tokenizer,
+                                                                                     tmp_path):
+    rows = pairs(tiny_tokenizer)
+    trl_trainer, shared = trainers(tiny_model_dir, tiny_tokenizer, rows, tmp_path, loss_type=["sft"],
+                                   loss_weights=[0.7])
+    batch = shared.data_collator([shared.train_dataset[i] for i in range(len(rows))])
+    assert batch["rejected_tokens"].numel() == 0 and (batch["segments"] == 2).sum() == 0  # REJECTED
+    forwards = []
+    hook = shared.model.get_base_model().register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        got_loss, got_grads, got = loss_and_grads(shared, len(rows))
+    finally:
+        hook.remove()
+    assert len(forwards) == 1  # the policy's; no reference pass
+    want_loss, want_grads, want = loss_and_grads(trl_trainer, len(rows))
+    assert got_loss == pytest.approx(want_loss, rel=1e-4)
+    for name, grad in want_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-6)
+    for key in ("logps/chosen", "mean_token_accuracy"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert "rewards/margins" not in got
 
 
 def test_precomputed_reference_log_probabilities_are_trls(tiny_model_dir, tiny_tokenizer, tmp_path):

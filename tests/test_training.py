@@ -178,7 +178,8 @@ def test_the_shared_prompt_step_is_the_cpu_default_and_never_under_unsloth():
     assert uses_shared_prompt(default, cpu) and not uses_shared_prompt(default, gpu)
     assert uses_shared_prompt(on, gpu) and not uses_shared_prompt(off, cpu)
     assert not uses_shared_prompt(on, unsloth)
-    assert not uses_shared_prompt(load_recipe(None, ["training.objective=sft"]), cpu)
+    sft = load_recipe(None, ["training.objective=sft"])  # prompt | judgment, logits only at the judgment
+    assert uses_shared_prompt(sft, cpu) and not uses_shared_prompt(sft, gpu)
 
 
 def test_cpu_batches_are_padded_to_recurring_lengths_unless_the_recipe_says_otherwise():
@@ -194,13 +195,18 @@ def test_cpu_batches_are_padded_to_recurring_lengths_unless_the_recipe_says_othe
     for objective in ("dpo+sft", "sft"):  # TRL's collators get it too
         recipe = load_recipe(None, [f"training.objective={objective}"])
         assert trainer_config(recipe, cpu, Path("unused"), False).pad_to_multiple_of == 64
+    # objective sft: the shared-prompt step's DPOConfig (the sft loss alone) on the CPU, SFTTrainer's on CUDA
+    sft = load_recipe(None, ["training.objective=sft"])
+    on_cpu = trainer_config(sft, cpu, Path("unused"), False)
+    assert type(on_cpu).__name__ == "DPOConfig" and on_cpu.loss_type == ["sft"]
+    cuda_fp32 = Runtime(device="cuda", dtype="fp32", load_in_4bit=False, use_unsloth=False)
+    assert type(trainer_config(sft, cuda_fp32, Path("unused"), False)).__name__ == "SFTConfig"
 
 
 def test_the_frozen_base_trains_on_fp32_weights_unless_it_is_4bit():
     """bf16 base weights kept SmolLM2 on its plateau (docs/benchmarks.md, "bf16 kept the judge on its plateau"):
     the base is loaded in fp32 and autocast computes in bf16; a 4-bit base computes in
     the compute dtype anyway."""
-    from conj_lite.errors import InputError
     from conj_lite.models import Runtime
     from conj_lite.training import base_dtype
 
@@ -212,8 +218,6 @@ def test_the_frozen_base_trains_on_fp32_weights_unless_it_is_4bit():
     assert base_dtype(default, t4) == "fp16"
     assert base_dtype(load_recipe(None, ["training.base_dtype=compute"]), cpu) == "bf16"
     assert base_dtype(load_recipe(None, ["training.base_dtype=fp32"]), t4) == "fp32"
-    with pytest.raises(InputError, match="training.base_dtype"):
-        base_dtype(load_recipe(None, ["training.base_dtype=fp8"]), cpu)
 
 
 def test_a_bf16_cpu_recipe_trains_the_lora_on_an_fp32_base(tiny_model_dir):
@@ -239,3 +243,17 @@ def test_a_bad_base_dtype_is_refused_when_the_recipe_is_read():
 
     with pytest.raises(InputError, match="training.base_dtype must be auto, compute"):
         load_recipe(None, ["training.base_dtype=fp8"])
+
+
+def test_the_learning_rate_schedule_is_the_recipes():
+    from conj_lite.errors import InputError
+    from conj_lite.models import Runtime
+    from conj_lite.training import trainer_config
+
+    cpu = Runtime(device="cpu", dtype="fp32", load_in_4bit=False, use_unsloth=False)
+    default = trainer_config(load_recipe(None, []), cpu, Path("unused"), False)
+    assert str(default.lr_scheduler_type.value) == "cosine"
+    constant = trainer_config(load_recipe(None, ["training.lr_scheduler=constant"]), cpu, Path("unused"), False)
+    assert str(constant.lr_scheduler_type.value) == "constant_with_warmup"  # the warm-up stays
+    with pytest.raises(InputError, match="training.lr_scheduler: expected one of"):
+        load_recipe(None, ["training.lr_scheduler=cosine_with_restarts"])

@@ -61,8 +61,9 @@ def test_bad_variant_switches_are_input_errors(override, match):
 def test_loss_terms():
     assert loss_terms("dpo+sft", 0.5) == (["sigmoid", "sft"], [1.0, 0.5])
     assert loss_terms("dpo", 0.5) == (["sigmoid"], [1.0])
+    assert loss_terms("sft", 0.5) == (["sft"], [1.0])  # the shared-prompt step's SFT alone
     with pytest.raises(ValueError):
-        loss_terms("sft", 1.0)
+        loss_terms("rise", 1.0)
 
 
 def test_swap_slots_exchanges_answer_numbers_in_any_case():

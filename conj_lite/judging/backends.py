@@ -293,20 +293,25 @@ def prefix_cells(seqs: Sequence[Sequence[int]]) -> int:
     return sum(seg.end - seg.start for level in prefix_levels(seqs) for seg in level)
 
 
+def cells_needed(seqs: Sequence[Sequence[int]], extra: int = 0) -> int:
+    """KV cells a unified cache needs for `seqs` (ParallelDecoder.prefill evaluates their
+    prefix tree, each shared token once) and `extra` tokens each may still generate."""
+    return prefix_cells(seqs) + extra * len(seqs)
+
+
 def waves(groups: Sequence[Sequence[Sequence[int]]], n_seq: int, cells: int, extra: int = 0) -> list[list[int]]:
     """Indices of `groups` (each a list of token lists) packed into waves of at most
-    `n_seq` sequences and `cells` KV cells (each sequence counted whole, plus `extra`
-    tokens it may still generate), in order; a group is never split."""
-    out, seqs, used = [], 0, 0
+    `n_seq` sequences and `cells` KV cells (`cells_needed`: the prefixes the wave's
+    sequences share counted once), in order; a group is never split."""
+    out: list[list[int]] = []
+    held: list[Sequence[int]] = []
     for index, group in enumerate(groups):
-        need = sum(len(ids) + extra for ids in group)
-        if out and (seqs + len(group) > n_seq or used + need > cells):
-            seqs = used = 0
-        if seqs == 0:
+        grown = held + list(group)
+        if not out or len(grown) > n_seq or cells_needed(grown, extra) > cells:
             out.append([])
+            grown = list(group)
         out[-1].append(index)
-        seqs += len(group)
-        used += need
+        held = grown
     return out
 
 
