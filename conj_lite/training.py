@@ -311,7 +311,8 @@ def trainer_config(recipe: Recipe, runtime: Runtime, out_dir: Path, gradient_che
 
         loss_type, loss_weights = loss_terms(t.objective, t.alpha)
         specific = dict(loss_type=loss_type, loss_weights=loss_weights, beta=t.beta,
-                        precompute_ref_log_probs=t.precompute_ref, precompute_ref_batch_size=t.ref_batch_size)
+                        precompute_ref_log_probs=t.precompute_ref and "sigmoid" in loss_type,  # sft: no reference
+                        precompute_ref_batch_size=t.ref_batch_size)
         config_class = DPOConfig
     return config_class(
         output_dir=str(out_dir / "checkpoints"),

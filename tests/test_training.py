@@ -199,6 +199,8 @@ def test_cpu_batches_are_padded_to_recurring_lengths_unless_the_recipe_says_othe
     sft = load_recipe(None, ["training.objective=sft"])
     on_cpu = trainer_config(sft, cpu, Path("unused"), False)
     assert type(on_cpu).__name__ == "DPOConfig" and on_cpu.loss_type == ["sft"]
+    no_reference = load_recipe(None, ["training.objective=sft", "training.precompute_ref=true"])
+    assert not trainer_config(no_reference, cpu, Path("unused"), False).precompute_ref_log_probs
     cuda_fp32 = Runtime(device="cuda", dtype="fp32", load_in_4bit=False, use_unsloth=False)
     assert type(trainer_config(sft, cuda_fp32, Path("unused"), False)).__name__ == "SFTConfig"
 
