@@ -333,7 +333,8 @@ def main(argv=None) -> int:
         rows += summarize(args.task, seed, base, results, stats)
     t = recipe.training
     setup = (f"Recipe `{RECIPE}` with {' '.join(args.overrides) or 'no overrides'}: LoRA r={t.lora_r} on "
-             f"{', '.join(t.target_modules)}, lr {t.learning_rate:g}, β {t.beta:g}, α {t.alpha:g}, "
+             f"{', '.join(t.target_modules)}, lr {t.learning_rate:g} ({t.lr_scheduler}), β {t.beta:g}, "
+             f"α {t.alpha:g}, "
              f"{t.batch_size}×{t.grad_accum} examples per step, both orders of a pair in the same step: "
              f"{t.orders_together}; questions + answers ≤ {args.max_chars} characters; {args.test} held-out pairs "
              "per task (questions never trained on), LLMBar Natural (100) never trained on.")

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 # The demo's runs (training on the CPU is not bit-for-bit repeatable). In fp32 at lr 1e-3 for 80 steps
 # (2026-12-06): per-order accuracy +20.0 [+14, +26], the decision by P(A) over both orders +31 [+19, +43],
 # consistency 1% -> 53%; the same settings on 640 examples of the learning curve's pool +14.5 [+9.5, +19.5].
-# The lowest fresh-clone run so far: +10.5 [+4, +17] and +18 [+5, +30] (2026-12-06, fourth session).
+# The lowest fresh-clone run so far: +10.5 [+4, +17] and +18 [+5, +30] (2026-12-06, fourth session, cosine);
+# the same pairs with the constant schedule the recipe has since: +22.5 [+17, +29] and +30 [+17, +42].
 # In bf16 (before) the runs gained +3.5 to +10.5 per order; a run that only moves the position prior
 # gains about nothing on both.
 GAIN_FLOOR = 0.07  # per-order accuracy
