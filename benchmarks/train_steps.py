@@ -90,11 +90,10 @@ def worker(config: str, pairs: str, out: str, steps: int, eval_pairs: int, overr
                                                f"training.save_steps={10 * steps}"])
     base = resolve_model_path(recipe)
     if recipe.training.objective == "sft":  # prompt -> chosen judgment rows, as the no-DPO ablation trains
-        from conj_lite.jsonio import read_jsonl, write_jsonl
-        from conj_lite.warmup import sft_from_pairs
+        from conj_lite.jsonio import read_jsonl
+        from conj_lite.warmup import sft_from_pairs, write_sft_file
 
-        rows = sft_from_pairs(list(read_jsonl(pairs)))
-        pairs = str(write_jsonl(Path(out).parent / f"{Path(out).name}.sft.jsonl", rows))
+        pairs = str(write_sft_file(sft_from_pairs(read_jsonl(pairs)), Path(out).parent / f"{Path(out).name}.sft.jsonl"))
     start = time.perf_counter()
     summary = train_adapter(recipe, base, pairs, out)
     wall = time.perf_counter() - start

@@ -17,6 +17,7 @@ def test_shared_prefix_leaves_every_sequence_a_token_of_its_own():
     assert shared_prefix([[1, 2], [1, 2, 3]]) == 1
     assert shared_prefix([[7, 8]]) == 0
     assert shared_prefix([[1], [1]]) == 0
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5]], start=1) == 2  # what is known shared is not compared again
 
 
 def covered(levels, n):

@@ -230,14 +230,15 @@ class GreedyGrammar:
 # ---------------------------------------------------------------- parallel sequences
 
 
-def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
+def shared_prefix(seqs: Sequence[Sequence[int]], start: int = 0) -> int:
     """Length of the token prefix all of `seqs` share, leaving each at least one token
-    of its own (its last token is evaluated in its own sequence, for its logits)."""
+    of its own (its last token is evaluated in its own sequence, for its logits).
+    `start`: a length they are known to share, not compared again."""
     if len(seqs) < 2:
         return 0
     n = min(len(s) for s in seqs) - 1
     first = seqs[0]
-    for k in range(max(n, 0)):
+    for k in range(start, max(n, 0)):
         if any(s[k] != first[k] for s in seqs[1:]):
             return k
     return max(n, 0)
@@ -272,7 +273,7 @@ def prefix_levels(seqs: Sequence[Sequence[int]]) -> list[list[Segment]]:
             if len(members) == 1:
                 level.append(Segment(members, start, len(seqs[members[0]])))
                 continue
-            end = shared_prefix([seqs[i] for i in members])  # >= start: they share [0, start)
+            end = shared_prefix([seqs[i] for i in members], start)  # they share [0, start)
             if end > start:
                 level.append(Segment(members, start, end))
             by_token: dict[int, list[int]] = {}
