@@ -259,3 +259,17 @@ def test_the_learning_rate_schedule_is_the_recipes():
     assert str(constant.lr_scheduler_type.value) == "constant_with_warmup"  # the warm-up stays
     with pytest.raises(InputError, match="training.lr_scheduler: expected one of"):
         load_recipe(None, ["training.lr_scheduler=cosine_with_restarts"])
+
+
+def test_adams_second_moment_decay_is_the_recipes():
+    from conj_lite.errors import InputError
+    from conj_lite.models import Runtime
+    from conj_lite.training import trainer_config
+
+    cpu = Runtime(device="cpu", dtype="fp32", load_in_4bit=False, use_unsloth=False)
+    assert trainer_config(load_recipe(None, []), cpu, Path("unused"), False).adam_beta2 == 0.999
+    fast = trainer_config(load_recipe(None, ["training.adam_beta2=0.95"]), cpu, Path("unused"), False)
+    assert fast.adam_beta2 == 0.95
+    for bad in ("1.0", "-0.1"):
+        with pytest.raises(InputError, match="training.adam_beta2: expected 0 <= beta2 < 1"):
+            load_recipe(None, [f"training.adam_beta2={bad}"])
