@@ -141,9 +141,9 @@ class TrainConfig:
     gradient_checkpointing: bool | None = opt(None, "default: on with CUDA")
     optim: str = opt("auto", "auto: paged_adamw_8bit with 4-bit on CUDA, adamw_torch otherwise")
     warmup_ratio: float = opt(0.1, "learning-rate warm-up")
-    adam_beta2: float = opt(0.999, "AdamW's second-moment decay. 0.999 remembers the first steps' large gradients "
-                            "for hundreds of steps, so later steps, with gradients 10-40x smaller, move the "
-                            "weights by a fraction of the learning rate; 0.95 forgets them in ~20 steps")
+    adam_beta2: float = opt(0.999, "AdamW's second-moment decay (0.999: TrainingArguments' default); 0.95 forgets "
+                            "the first steps' large gradients in ~20 steps. On the demo's plateau it changed "
+                            "nothing (docs/benchmarks.md, \"The constant rate\")")
     lr_scheduler: str = opt("cosine", "the learning rate after the warm-up: cosine (down to 0 at the last step), "
                             "linear, or constant")
     logging_steps: int = opt(1, "log every N steps")
