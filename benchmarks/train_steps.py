@@ -15,6 +15,9 @@ optimizer steps under each configuration, side by side, each in a fresh process:
                   (training.pad_to_multiple_of, the CPU default): recurring shapes, so
                   oneDNN's matmul primitives and glibc's freed buffers are reused;
                   the demo's default on a CPU. The rows above it are unpadded.
+  demo ref ...    the demo's step (fp32, 2 rows x 4) with the DPO reference's log-probabilities
+                  from TRL's forward in every step (transformers) or from llama.cpp, once before
+                  training (training.ref_engine, conj_lite/reference.py); pad8: padded to 8
 
 Each row: training examples per second (examples = pair rows, chosen + rejected), the
 wall time of the stage (model load, TRL's data preparation, the steps, the before/after
@@ -49,15 +52,26 @@ CONFIGS = {
     "bf16": ["model.dtype=bf16", "training.shared_prompt=false", UNPADDED, "training.base_dtype=bf16"],
     "bf16+precompute": ["model.dtype=bf16", "training.shared_prompt=false", "training.precompute_ref=true", UNPADDED,
                         "training.base_dtype=bf16"],
-    "bf16+shared": ["model.dtype=bf16", "training.shared_prompt=true", UNPADDED, "training.base_dtype=bf16"],
-    "bf16+shared+pad64": ["model.dtype=bf16", "training.shared_prompt=true", "training.pad_to_multiple_of=64",
-                          "training.base_dtype=bf16"],
-    "fp32+shared+pad64": ["model.dtype=fp32", "training.shared_prompt=true", "training.pad_to_multiple_of=64"],
-    "fp32+shared+pad64 2x4": ["model.dtype=fp32", "training.shared_prompt=true", "training.pad_to_multiple_of=64",
-                              "training.batch_size=2", "training.grad_accum=4"],
+    "bf16+shared": ["training.ref_engine=transformers", "model.dtype=bf16", "training.shared_prompt=true", UNPADDED,
+                    "training.base_dtype=bf16"],
+    "bf16+shared+pad64": ["training.ref_engine=transformers", "model.dtype=bf16", "training.shared_prompt=true",
+                          "training.pad_to_multiple_of=64", "training.base_dtype=bf16"],
+    "fp32+shared+pad64": ["training.ref_engine=transformers", "model.dtype=fp32", "training.shared_prompt=true",
+                          "training.pad_to_multiple_of=64"],
+    "fp32+shared+pad64 2x4": ["training.ref_engine=transformers", "model.dtype=fp32", "training.shared_prompt=true",
+                              "training.pad_to_multiple_of=64", "training.batch_size=2", "training.grad_accum=4"],
     # bf16 autocast on fp32 base weights (training.base_dtype=auto on the CPU)
-    "amp+shared+pad64": ["model.dtype=bf16", "training.shared_prompt=true", "training.pad_to_multiple_of=64",
-                         "training.base_dtype=fp32"],
+    "amp+shared+pad64": ["training.ref_engine=transformers", "model.dtype=bf16", "training.shared_prompt=true",
+                         "training.pad_to_multiple_of=64", "training.base_dtype=fp32"],
+    # the demo's step with the reference's log-probabilities from llama.cpp, computed once before
+    # training (training.ref_engine, conj_lite/reference.py), against TRL's forward in every step;
+    # and with batches padded to a multiple of 8 instead of 64
+    "demo ref transformers": ["model.dtype=fp32", "training.shared_prompt=true", "training.pad_to_multiple_of=64",
+                              "training.batch_size=2", "training.grad_accum=4", "training.ref_engine=transformers"],
+    "demo ref llama.cpp": ["model.dtype=fp32", "training.shared_prompt=true", "training.pad_to_multiple_of=64",
+                           "training.batch_size=2", "training.grad_accum=4", "training.ref_engine=llama.cpp"],
+    "demo ref llama.cpp pad8": ["model.dtype=fp32", "training.shared_prompt=true", "training.pad_to_multiple_of=8",
+                                "training.batch_size=2", "training.grad_accum=4", "training.ref_engine=llama.cpp"],
     # the supervised ceiling (training.objective=sft) on the chosen side of the same pairs:
     # TRL's SFTTrainer against the shared-prompt step with the sft term alone
     "sft SFTTrainer 2x4": ["model.dtype=fp32", "training.objective=sft", "training.shared_prompt=false",

@@ -162,6 +162,11 @@ class TrainConfig:
                           "a young LoRA's change is lost in the rounding and SmolLM2 did not learn; autocast "
                           "still computes in model.dtype (docs/benchmarks.md)")
     ref_batch_size: int = opt(16, "pairs per batch when precomputing the reference log-probabilities")
+    ref_engine: str = opt("auto", "what computes the DPO reference's log-probabilities: transformers (TRL: a forward "
+                          "pass in every step, or precompute_ref) or llama.cpp (once, before training, on an f16 "
+                          "GGUF of the reference: conj_lite/reference.py); auto: llama.cpp with the shared-prompt "
+                          "step on a CPU when llama-cpp-python is installed and the model has a GGUF or can be "
+                          "converted to one")
     eval_pairs: int = opt(64, "training pairs (a seeded sample) measured before and after training: loss, "
                           "reward margin, pair accuracy (0: none)")
     seed: int = opt(0, "training seed")
@@ -309,6 +314,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 BASE_DTYPES = ("auto", "compute", "bf16", "fp16", "fp32")  # training.base_dtype
+REF_ENGINES = ("auto", "transformers", "llama.cpp")  # training.ref_engine
 LR_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # -> transformers'
 
 
@@ -324,6 +330,9 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.training.lr_scheduler not in LR_SCHEDULERS:
         raise InputError(f"training.lr_scheduler: expected one of {list(LR_SCHEDULERS)}, "
                          f"got {recipe.training.lr_scheduler!r}")
+    if recipe.training.ref_engine not in REF_ENGINES:
+        raise InputError(f"training.ref_engine: expected one of {list(REF_ENGINES)}, "
+                         f"got {recipe.training.ref_engine!r}")
     if not 0 <= recipe.training.adam_beta2 < 1:
         raise InputError(f"training.adam_beta2: expected 0 <= beta2 < 1, got {recipe.training.adam_beta2}")
     source = recipe.warmup.source

@@ -153,7 +153,10 @@ def make_trainer_class():
         """TRL's DPOTrainer (data preparation, schedule, checkpoints, logging) with the
         pair's prompt computed once in each step: `conj_lite.shared_prompt`."""
 
-        def __init__(self, model, args, processing_class, **kwargs):
+        def __init__(self, model, args, processing_class, reference_logps=None, **kwargs):
+            # reference_logps(dataset, max_length) -> (chosen, rejected): the reference's
+            # log-probabilities of every row, computed elsewhere (conj_lite/reference.py).
+            self._reference_logps = reference_logps
             losses = set(args.loss_type if isinstance(args.loss_type, list) else [args.loss_type])
             if (losses - SUPPORTED_LOSSES or args.label_smoothing or args.use_weighting or args.ld_alpha is not None
                     or args.use_liger_kernel or args.f_divergence_type != "reverse_kl"):
@@ -171,6 +174,12 @@ def make_trainer_class():
             if self.aux_loss_enabled or self._is_vision_dataset:
                 raise ValueError("the shared-prompt DPO step trains text-only models without router losses; "
                                  "use TRL's DPOTrainer")
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            if self._reference_logps is None:
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            chosen, rejected = self._reference_logps(dataset, self.args.max_length)
+            return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
 
         def _reference(self):
             if self.ref_model is None and is_peft_model(self.model):

@@ -280,6 +280,67 @@ def uses_shared_prompt(recipe: Recipe, runtime: Runtime) -> bool:
     return runtime.device != "cuda" if choice is None else bool(choice)
 
 
+def resolve_ref_engine(recipe: Recipe, runtime: Runtime, base: str) -> str | None:
+    """What computes the DPO reference's log-probabilities (training.ref_engine): None
+    for the SFT objective, which has no reference; auto takes llama.cpp
+    (conj_lite/reference.py) with the shared-prompt step on a CPU when llama-cpp-python
+    is installed and the model has a GGUF or a directory to convert, TRL otherwise."""
+    if recipe.training.objective == "sft":
+        return None
+    choice = recipe.training.ref_engine
+    if choice == "llama.cpp" and not uses_shared_prompt(recipe, runtime):
+        raise InputError("training.ref_engine=llama.cpp hands its log-probabilities to the shared-prompt step; set "
+                         "training.shared_prompt=true (not with unsloth), or training.ref_engine=transformers")
+    if choice != "auto":
+        return choice
+    from .engines import can_convert, gguf_of, llama_cpp_installed
+
+    if runtime.device == "cuda" or not uses_shared_prompt(recipe, runtime) or not llama_cpp_installed():
+        return "transformers"
+    return "llama.cpp" if gguf_of(base) or can_convert(base) else "transformers"
+
+
+REFERENCE_LOGPS = "reference_logps.json"  # in a training's directory: the llama.cpp reference, for resuming
+
+
+def llama_cpp_reference(base: str, init_adapter, recipe: Recipe, console=None, out_dir: Path | None = None):
+    """(reference_logps(dataset, max_length), what it reads): the reference on llama.cpp,
+    the policy as training finds it (the base, and the adapter training continues from),
+    as GGUFs made once and cached (engines.policy_gguf). With `out_dir`, the results are
+    kept there for a resumed training."""
+    from .engines import policy_gguf
+    from .reference import cached_logps, llama_cpp_reference_logps, rows_key
+
+    try:
+        gguf, lora, files = policy_gguf(base, Path(init_adapter) if init_adapter else None, recipe, console)
+    except InputError as exc:
+        raise InputError(str(exc).replace("sampling.engine=llama.cpp", "training.ref_engine=llama.cpp")
+                         .replace("sampling.engine=transformers to sample with HF generate",
+                                  "training.ref_engine=transformers to compute it with TRL")) from None
+
+    reads = {"engine": "llama.cpp", "gguf": str(gguf), "lora": str(lora) if lora else None, **files}
+
+    def reference_logps(dataset, max_length):
+        def compute():
+            return llama_cpp_reference_logps(gguf, lora, dataset, max_length, console)
+
+        if out_dir is None:
+            return compute()
+        return cached_logps(out_dir / REFERENCE_LOGPS, rows_key(dataset, max_length, files), compute)
+
+    return reference_logps, reads
+
+
+def visited_rows(n_rows: int, recipe: Recipe) -> int:
+    """How many rows of a sequentially visited training set max_steps reaches (all of
+    them without max_steps): rows past it are never trained on, so nothing is computed
+    for them (the reference's log-probabilities, above all)."""
+    t = recipe.training
+    if t.max_steps <= 0:
+        return n_rows
+    return min(n_rows, t.max_steps * t.batch_size * t.grad_accum)
+
+
 CPU_PAD_MULTIPLE = 64
 
 
@@ -389,6 +450,7 @@ class TrainSummary:
     objective: str = "dpo+sft"
     init_adapter: str | None = None
     last_steps: dict = field(default_factory=dict)  # the mean of the last logged steps' measures
+    reference: dict | None = None  # what computed the DPO reference's log-probabilities (None: no reference)
 
     def to_dict(self) -> dict:
         return {
@@ -401,6 +463,7 @@ class TrainSummary:
             "before": self.before,
             "after": self.after,
             "last_steps": self.last_steps,
+            "reference": self.reference,
         }
 
 
@@ -473,9 +536,14 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     train_set = dataset
     if recipe.training.orders_together:
         passes = passes_needed(len(pairs), recipe)
-        train_set = dataset.select(training_order(pairs, recipe.training.seed, passes))
+        order = training_order(pairs, recipe.training.seed, passes)
+        train_set = dataset.select(order[:visited_rows(len(order), recipe)])
         args.train_sampling_strategy = "sequential"
         args.num_train_epochs = recipe.training.epochs / passes  # the passes are in train_set
+    extra, reference = {}, {"engine": "transformers"}
+    if resolve_ref_engine(recipe, runtime, base) == "llama.cpp":
+        extra["reference_logps"], reference = llama_cpp_reference(base, init_adapter, recipe, console, out_dir)
+        args.precompute_ref_log_probs = True  # the trainer reads the rows' ref_*_logps
     if shared:
         from conj_lite.shared_prompt import make_trainer_class
 
@@ -491,6 +559,7 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[rich_callback(console)],
+        **extra,
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -510,7 +579,7 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     path = "unsloth" if runtime.use_unsloth else ("qlora" if runtime.load_in_4bit else "lora")
     summary = TrainSummary(adapter_dir, result.global_step, seconds, before, after, path, objective,
                            None if init_adapter is None else str(init_adapter),
-                           last_steps_mean(trainer.state.log_history, objective))
+                           last_steps_mean(trainer.state.log_history, objective), reference if not sft else None)
     # Under `accelerate launch` every process gets here; only the main one writes.
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
