@@ -310,6 +310,17 @@ def llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+def gguf_engine(choice: str, base: str) -> str:
+    """A recipe's choice of transformers or llama.cpp for work on the model's own weights
+    (training.ref_engine, data.heldout_engine); auto: llama.cpp on a CPU when
+    llama-cpp-python is installed and the model has a GGUF or can be converted to one."""
+    if choice != "auto":
+        return choice
+    if cuda_available() or not llama_cpp_installed() or not (gguf_of(base) or can_convert(base)):
+        return "transformers"
+    return "llama.cpp"
+
+
 def choose_engine(choice: str, base: str) -> str:
     """The engine `sampling.engine` names; auto: llama.cpp on a CPU when llama-cpp-python is
     installed and the model has a GGUF or can be converted to one, transformers otherwise."""
@@ -317,9 +328,7 @@ def choose_engine(choice: str, base: str) -> str:
         if choice not in ENGINES:
             raise InputError(f"sampling.engine: unknown engine {choice!r}; known: auto, {', '.join(ENGINES)}")
         return choice
-    if cuda_available() or not llama_cpp_installed() or not (gguf_of(base) or can_convert(base)):
-        return "transformers"
-    return "llama.cpp"
+    return gguf_engine(choice, base)
 
 
 def engine_inputs(name: str, base: str, adapter: Path | None) -> dict:
@@ -375,18 +384,19 @@ def requantize_f16(src: Path, dst: Path, threads: int | None = None) -> Path:
     return dst
 
 
-def policy_gguf(base: str, adapter: Path | None, recipe: Recipe, console=None) -> tuple[Path, Path | None, dict]:
+def policy_gguf(base: str, adapter: Path | None, recipe: Recipe, console=None, *, setting: str = "sampling.engine",
+                instead: str = "sample with HF generate") -> tuple[Path, Path | None, dict]:
     """(model GGUF, GGUF LoRA or None, what was converted) of the policy, made once and
     cached: the model's own GGUF (a packaged model's base.gguf, the weights training
     dequantized) rewritten in f16, or else its directory converted to an f16 GGUF by the
     export stage's converter; the adapter converted to a GGUF LoRA. f16 because
     llama.cpp's CPU matrix kernels evaluate prompts about twice as fast in f16 as in
     Q4_1 (benchmarks/sampling.py). A model with neither a GGUF nor a directory to
-    convert is an InputError that names the engine to use instead."""
+    convert is an InputError that names the recipe `setting` and what to set it to."""
     from .export import convert_lora_to_gguf, convert_to_gguf, find_converter
     from .prompts import load_template
 
-    instead = "set sampling.engine=transformers to sample with HF generate instead"
+    instead = f"set {setting}=transformers to {instead} instead"
     shipped = gguf_of(base)
     if shipped is not None:
         gguf = _converted("model-f16", shipped, lambda out: requantize_f16(shipped, out))
@@ -400,11 +410,11 @@ def policy_gguf(base: str, adapter: Path | None, recipe: Recipe, console=None) -
                 Path(base), out, find_converter(console=console), outtype="f16", template=template,
                 name="policy", log_path=out.with_name(out.name + ".log")))
         except InputError as exc:
-            raise InputError(f"{base}: cannot convert the model to a GGUF for sampling.engine=llama.cpp: {exc}\n"
+            raise InputError(f"{base}: cannot convert the model to a GGUF for {setting}=llama.cpp: {exc}\n"
                              f"{instead}") from None
         files = {"gguf_from": {"model": path_identity(base)["digest"], "as": "f16"}}
     else:
-        raise InputError(f"{base}: sampling.engine=llama.cpp needs a GGUF of the policy, and this model has none "
+        raise InputError(f"{base}: {setting}=llama.cpp needs a GGUF of the policy, and this model has none "
                          f"and is not a local model directory to convert; {instead}")
     lora = None
     if adapter is not None:
@@ -413,7 +423,7 @@ def policy_gguf(base: str, adapter: Path | None, recipe: Recipe, console=None) -
                 adapter, out, base, converter=find_converter(console=console, lora=True), outtype="f16",
                 log_path=out.with_name(out.name + ".log")))
         except InputError as exc:
-            raise InputError(f"{adapter}: cannot convert the adapter to a GGUF LoRA for sampling.engine=llama.cpp: "
+            raise InputError(f"{adapter}: cannot convert the adapter to a GGUF LoRA for {setting}=llama.cpp: "
                              f"{exc}\n{instead}") from None
         files["lora_from"] = {"adapter": path_identity(adapter)["digest"], "as": "f16"}
     return gguf, lora, files

@@ -38,7 +38,7 @@ from .filtering import build_pairs
 from .jsonio import read_json, write_json, write_jsonl
 from .judging import Judge, evaluate
 from .judging.evaluation import paired_gain
-from .engines import choose_engine, engine_inputs, open_engine
+from .engines import choose_engine, engine_inputs, gguf_engine, open_engine, policy_gguf
 from .models import import_unsloth_early, resolve_model_path, resolve_runtime, set_cpu_threads
 from .packaged import PACKAGED
 from .progress import get_console, quiet_libraries, stage_progress
@@ -451,15 +451,15 @@ class ConjRun:
         pairs, adapter = self.heldout(), self.final_adapter()
         if not pairs or adapter is None:
             return None
-        # in the precision training used (bf16 on a CPU reads 2x faster than fp32)
-        dtype = "bfloat16" if resolve_runtime(self.recipe.model).dtype == "bf16" else "float32"
+        engine = gguf_engine(self.recipe.data.heldout_engine, self.base_model())
+        # transformers: in the precision training used (bf16 on a CPU reads 2x faster than fp32)
+        dtype = "f16" if engine == "llama.cpp" else (
+            "bfloat16" if resolve_runtime(self.recipe.model).dtype == "bf16" else "float32")
         out = {"pairs": len(pairs), "mode": "verdict", "base": self.base_model(), "adapter": str(adapter),
-               "dtype": dtype}
+               "engine": engine, "dtype": dtype}
         records = {}
         for name, with_adapter in (("before", None), ("after", adapter)):
-            judge = Judge.from_hf(self.base_model(), adapter=with_adapter, template=self.template, mode="verdict",
-                                  n_ctx=self.recipe.model.max_seq_length, chat_date=self.recipe.prompts.date_string,
-                                  dtype=dtype)
+            judge = self._heldout_judge(engine, with_adapter, dtype)
             try:
                 report = evaluate(judge, pairs, mode="verdict", bootstrap=1000, name=name, console=self.console,
                                   records_path=self.out_dir / HELDOUT_DIR / f"{name}.jsonl")
@@ -472,6 +472,19 @@ class ConjRun:
         write_json(self.out_dir / HELDOUT, out)
         print_before_after(out, self.console)
         return out
+
+    def _heldout_judge(self, engine: str, adapter, dtype: str) -> Judge:
+        """The verdict-mode judge of the held-out pairs: the base (+ adapter) through
+        transformers, or on llama.cpp an f16 GGUF of the base with the adapter as a GGUF
+        LoRA applied at run time (engines.policy_gguf: made once, cached)."""
+        options = dict(template=self.template, mode="verdict", n_ctx=self.recipe.model.max_seq_length,
+                       chat_date=self.recipe.prompts.date_string)
+        if engine == "llama.cpp":
+            gguf, lora, _ = policy_gguf(self.base_model(), Path(adapter) if adapter else None, self.recipe,
+                                        self.console, setting="data.heldout_engine",
+                                        instead="judge the held-out pairs with transformers")
+            return Judge.from_gguf(gguf, lora_path=lora, **options)
+        return Judge.from_hf(self.base_model(), adapter=adapter, dtype=dtype, **options)
 
     @contextmanager
     def cost(self, stage: str):

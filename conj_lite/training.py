@@ -291,13 +291,11 @@ def resolve_ref_engine(recipe: Recipe, runtime: Runtime, base: str) -> str | Non
     if choice == "llama.cpp" and not uses_shared_prompt(recipe, runtime):
         raise InputError("training.ref_engine=llama.cpp hands its log-probabilities to the shared-prompt step; set "
                          "training.shared_prompt=true (not with unsloth), or training.ref_engine=transformers")
-    if choice != "auto":
-        return choice
-    from .engines import can_convert, gguf_of, llama_cpp_installed
-
-    if runtime.device == "cuda" or not uses_shared_prompt(recipe, runtime) or not llama_cpp_installed():
+    if choice == "auto" and not uses_shared_prompt(recipe, runtime):
         return "transformers"
-    return "llama.cpp" if gguf_of(base) or can_convert(base) else "transformers"
+    from .engines import gguf_engine
+
+    return gguf_engine(choice, base)
 
 
 REFERENCE_LOGPS = "reference_logps.json"  # in a training's directory: the llama.cpp reference, for resuming
@@ -311,12 +309,8 @@ def llama_cpp_reference(base: str, init_adapter, recipe: Recipe, console=None, o
     from .engines import policy_gguf
     from .reference import cached_logps, llama_cpp_reference_logps, rows_key
 
-    try:
-        gguf, lora, files = policy_gguf(base, Path(init_adapter) if init_adapter else None, recipe, console)
-    except InputError as exc:
-        raise InputError(str(exc).replace("sampling.engine=llama.cpp", "training.ref_engine=llama.cpp")
-                         .replace("sampling.engine=transformers to sample with HF generate",
-                                  "training.ref_engine=transformers to compute it with TRL")) from None
+    gguf, lora, files = policy_gguf(base, Path(init_adapter) if init_adapter else None, recipe, console,
+                                    setting="training.ref_engine", instead="compute the reference with TRL")
 
     reads = {"engine": "llama.cpp", "gguf": str(gguf), "lora": str(lora) if lora else None, **files}
 
