@@ -21,7 +21,7 @@ Each row is evaluated on one sequence, its prompt from where it departs from the
 previous row's (the judge's instructions are evaluated once), then the chosen
 completion; the sequence is cut back to the prompt and the rejected one follows. Rows
 are truncated as the shared-prompt step truncates them (`shared_prompt.truncate`). The
-results are kept in the training's directory (`reference_logps.json`, keyed by the rows'
+results are kept in the training's directory (`reference_logps-train.json`, keyed by the rows'
 token ids and the GGUFs), so a resumed training does not evaluate them again.
 """
 

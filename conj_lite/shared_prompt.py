@@ -154,8 +154,9 @@ def make_trainer_class():
         pair's prompt computed once in each step: `conj_lite.shared_prompt`."""
 
         def __init__(self, model, args, processing_class, reference_logps=None, **kwargs):
-            # reference_logps(dataset, max_length) -> (chosen, rejected): the reference's
-            # log-probabilities of every row, computed elsewhere (conj_lite/reference.py).
+            # reference_logps(dataset, max_length, name) -> (chosen, rejected): the reference's
+            # log-probabilities of every row of the dataset TRL calls `name` ("train", "eval"),
+            # computed elsewhere (conj_lite/reference.py).
             self._reference_logps = reference_logps
             losses = set(args.loss_type if isinstance(args.loss_type, list) else [args.loss_type])
             if (losses - SUPPORTED_LOSSES or args.label_smoothing or args.use_weighting or args.ld_alpha is not None
@@ -178,7 +179,7 @@ def make_trainer_class():
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if self._reference_logps is None:
                 return super()._precompute_ref_logps(dataset, name, batch_size)
-            chosen, rejected = self._reference_logps(dataset, self.args.max_length)
+            chosen, rejected = self._reference_logps(dataset, self.args.max_length, name)
             return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
 
         def _reference(self):

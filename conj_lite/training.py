@@ -298,7 +298,7 @@ def resolve_ref_engine(recipe: Recipe, runtime: Runtime, base: str) -> str | Non
     return gguf_engine(choice, base)
 
 
-REFERENCE_LOGPS = "reference_logps.json"  # in a training's directory: the llama.cpp reference, for resuming
+REFERENCE_LOGPS = "reference_logps-{name}.json"  # in a training's directory: the llama.cpp reference, kept
 
 
 def llama_cpp_reference(base: str, init_adapter, recipe: Recipe, console=None, out_dir: Path | None = None):
@@ -314,13 +314,14 @@ def llama_cpp_reference(base: str, init_adapter, recipe: Recipe, console=None, o
 
     reads = {"engine": "llama.cpp", "gguf": str(gguf), "lora": str(lora) if lora else None, **files}
 
-    def reference_logps(dataset, max_length):
+    def reference_logps(dataset, max_length, name="train"):
         def compute():
             return llama_cpp_reference_logps(gguf, lora, dataset, max_length, console)
 
         if out_dir is None:
             return compute()
-        return cached_logps(out_dir / REFERENCE_LOGPS, rows_key(dataset, max_length, files), compute)
+        path = out_dir / REFERENCE_LOGPS.format(name=name)  # the training rows, the measured ones apart
+        return cached_logps(path, rows_key(dataset, max_length, files), compute)
 
     return reference_logps, reads
 

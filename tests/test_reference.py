@@ -108,12 +108,15 @@ def test_training_takes_the_llama_cpp_reference_and_keeps_it(tiny_model_dir, tmp
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     recipe = load_recipe(find_recipe("tiny-cpu"), ["training.ref_engine=llama.cpp", "training.max_steps=2",
                                                    "training.batch_size=2", "training.grad_accum=1",
-                                                   "training.eval_pairs=0", "filtering.rationale=false"])
+                                                   "training.eval_pairs=3", "filtering.rationale=false"])
     summary = train_adapter(recipe, str(tiny_model_dir), path, tmp_path / "run")
     assert summary.steps == 2
-    kept = read_json(tmp_path / "run" / REFERENCE_LOGPS)
+    kept = read_json(tmp_path / "run" / REFERENCE_LOGPS.format(name="train"))
     assert len(kept["chosen"]) == len(kept["rejected"]) == 4  # the rows 2 steps of 2 visit, not all 8
     assert all(c < 0 for c in kept["chosen"]) and kept["chosen"] != kept["rejected"]
+    measured = read_json(tmp_path / "run" / REFERENCE_LOGPS.format(name="eval"))  # eval_pairs: kept apart
+    assert len(measured["chosen"]) == 3
+    assert summary.before and summary.after  # measured against the llama.cpp reference too
     meta = json.loads((tmp_path / "run" / "adapter" / "conj_lite_train.json").read_text())
     assert meta["summary"]["reference"]["engine"] == "llama.cpp"
 
