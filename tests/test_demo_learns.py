@@ -20,6 +20,8 @@ pytestmark = pytest.mark.slow
 # The lowest fresh-clone run so far: +10.5 [+4, +17] and +18 [+5, +30] (2026-12-06, fourth session, cosine);
 # the same pairs with the constant schedule the recipe has since: +22.5 [+17, +29] and +30 [+17, +42].
 # The recipe as shipped (constant schedule) in a fresh clone: +18.0 [+12, +24] and +34 [+22, +46] (fifth session).
+# With the llama.cpp reference and batches padded to 8 (sixth session): +24.0 [+18, +30] and +30 [+18, +42]
+# (empty cache), +17.5 [+10.5, +24] and +22 [+9, +34] (fresh clone; its loss spiked at step 76).
 # In bf16 (before) the runs gained +3.5 to +10.5 per order; a run that only moves the position prior
 # gains about nothing on both.
 GAIN_FLOOR = 0.07  # per-order accuracy
