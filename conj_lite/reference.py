@@ -82,7 +82,7 @@ def rows_logps(decoder, n_vocab: int, rows: Sequence[tuple[Sequence[int], Sequen
 
         entries = [(0, pos, prompt[pos], "end" if pos == p - 1 else None) for pos in range(start, p)]
         entries += [(0, p + j, chosen[j], j) for j in range(len(chosen) - 1)]
-        decoder._decode(entries, keep)
+        decoder.decode(entries, keep)
         rejected_logps: list[float] = []
         if len(rejected) > 1:
             decoder.rewind(0, p)
@@ -91,7 +91,7 @@ def rows_logps(decoder, n_vocab: int, rows: Sequence[tuple[Sequence[int], Sequen
                 row = np.ctypeslib.as_array(decoder.logits(i), shape=(n_vocab,))
                 rejected_logps.extend(log_softmax_at(row, [rejected[j + 1]]))
 
-            decoder._decode([(0, p + j, rejected[j], j) for j in range(len(rejected) - 1)], keep_rejected)
+            decoder.decode([(0, p + j, rejected[j], j) for j in range(len(rejected) - 1)], keep_rejected)
         chosen_out.append((at_prompt_end[0] if chosen else 0.0) + sum(chosen_logps))
         rejected_out.append((at_prompt_end[1] if rejected else 0.0) + sum(rejected_logps))
         before = prompt

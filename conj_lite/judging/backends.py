@@ -369,7 +369,7 @@ class ParallelDecoder:
         """The logits (a ctypes float pointer) of row `index` of the last decode."""
         return self._lib.llama_get_logits_ith(self.ctx, index)
 
-    def _decode(self, entries: list[tuple[int, int, int, object]], on_logits) -> None:
+    def decode(self, entries: list[tuple[int, int, int, object]], on_logits) -> None:
         """entries: (seq, pos, token, key); a key that is not None asks for the logits,
         handed over as on_logits(key, row) after the decode that computed them."""
         batch = self.batch
@@ -409,7 +409,7 @@ class ParallelDecoder:
                 seq, want = seg.members[0], len(seg.members) == 1
                 entries += [(seq, pos, everything[seq][pos], keys[seq] if want and pos == seg.end - 1 else None)
                             for pos in range(seg.start, seg.end)]
-            self._decode(entries, on_logits)
+            self.decode(entries, on_logits)
             for seg in level:
                 for other in seg.members[1:]:
                     lib.llama_memory_seq_cp(memory, seg.members[0], other, seg.start, seg.end)
@@ -425,7 +425,7 @@ class ParallelDecoder:
 
     def step(self, tokens: dict[int, tuple[int, int]], on_logits) -> None:
         """One token for each live sequence: {seq: (pos, token)}; on_logits(seq, row)."""
-        self._decode([(seq, pos, token, seq) for seq, (pos, token) in tokens.items()], on_logits)
+        self.decode([(seq, pos, token, seq) for seq, (pos, token) in tokens.items()], on_logits)
 
     def close(self) -> None:
         if getattr(self, "batch", None) is not None:
