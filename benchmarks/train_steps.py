@@ -47,31 +47,30 @@ from report import cpu_name, today, versions, write_section  # noqa: E402
 RECIPE = "smollm2-135m_cpu"
 TITLE = "Training steps of the embedded demo on the CPU (benchmarks/train_steps.py)"
 UNPADDED = "training.pad_to_multiple_of=1"
+# the demo's step: fp32, the shared-prompt step, micro-batches of one pair in both orders x 4
+DEMO_STEP = ["model.dtype=fp32", "training.shared_prompt=true", "training.batch_size=2", "training.grad_accum=4"]
+TRL_REFERENCE = "training.ref_engine=transformers"  # TRL's reference forward in every step
 CONFIGS = {
     "fp32": ["model.dtype=fp32", "training.shared_prompt=false", UNPADDED],
     "bf16": ["model.dtype=bf16", "training.shared_prompt=false", UNPADDED, "training.base_dtype=bf16"],
     "bf16+precompute": ["model.dtype=bf16", "training.shared_prompt=false", "training.precompute_ref=true", UNPADDED,
                         "training.base_dtype=bf16"],
-    "bf16+shared": ["training.ref_engine=transformers", "model.dtype=bf16", "training.shared_prompt=true", UNPADDED,
+    "bf16+shared": [TRL_REFERENCE, "model.dtype=bf16", "training.shared_prompt=true", UNPADDED,
                     "training.base_dtype=bf16"],
-    "bf16+shared+pad64": ["training.ref_engine=transformers", "model.dtype=bf16", "training.shared_prompt=true",
+    "bf16+shared+pad64": [TRL_REFERENCE, "model.dtype=bf16", "training.shared_prompt=true",
                           "training.pad_to_multiple_of=64", "training.base_dtype=bf16"],
-    "fp32+shared+pad64": ["training.ref_engine=transformers", "model.dtype=fp32", "training.shared_prompt=true",
+    "fp32+shared+pad64": [TRL_REFERENCE, "model.dtype=fp32", "training.shared_prompt=true",
                           "training.pad_to_multiple_of=64"],
-    "fp32+shared+pad64 2x4": ["training.ref_engine=transformers", "model.dtype=fp32", "training.shared_prompt=true",
-                              "training.pad_to_multiple_of=64", "training.batch_size=2", "training.grad_accum=4"],
+    "fp32+shared+pad64 2x4": [*DEMO_STEP, "training.pad_to_multiple_of=64", TRL_REFERENCE],
     # bf16 autocast on fp32 base weights (training.base_dtype=auto on the CPU)
-    "amp+shared+pad64": ["training.ref_engine=transformers", "model.dtype=bf16", "training.shared_prompt=true",
+    "amp+shared+pad64": [TRL_REFERENCE, "model.dtype=bf16", "training.shared_prompt=true",
                          "training.pad_to_multiple_of=64", "training.base_dtype=fp32"],
     # the demo's step with the reference's log-probabilities from llama.cpp, computed once before
     # training (training.ref_engine, conj_lite/reference.py), against TRL's forward in every step;
     # and with batches padded to a multiple of 8 instead of 64
-    "demo ref transformers": ["model.dtype=fp32", "training.shared_prompt=true", "training.pad_to_multiple_of=64",
-                              "training.batch_size=2", "training.grad_accum=4", "training.ref_engine=transformers"],
-    "demo ref llama.cpp": ["model.dtype=fp32", "training.shared_prompt=true", "training.pad_to_multiple_of=64",
-                           "training.batch_size=2", "training.grad_accum=4", "training.ref_engine=llama.cpp"],
-    "demo ref llama.cpp pad8": ["model.dtype=fp32", "training.shared_prompt=true", "training.pad_to_multiple_of=8",
-                                "training.batch_size=2", "training.grad_accum=4", "training.ref_engine=llama.cpp"],
+    "demo ref transformers": [*DEMO_STEP, "training.pad_to_multiple_of=64", TRL_REFERENCE],  # = fp32+shared+pad64 2x4
+    "demo ref llama.cpp": [*DEMO_STEP, "training.pad_to_multiple_of=64", "training.ref_engine=llama.cpp"],
+    "demo ref llama.cpp pad8": [*DEMO_STEP, "training.pad_to_multiple_of=8", "training.ref_engine=llama.cpp"],
     # the supervised ceiling (training.objective=sft) on the chosen side of the same pairs:
     # TRL's SFTTrainer against the shared-prompt step with the sft term alone
     "sft SFTTrainer 2x4": ["model.dtype=fp32", "training.objective=sft", "training.shared_prompt=false",

@@ -33,17 +33,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .artifacts import fingerprint_id
+from .judging.backends import ParallelDecoder, load_llama, shared_prefix
 from .shared_prompt import truncate
-
-
-def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens two sequences share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def log_softmax_at(logits: np.ndarray, tokens: Sequence[int]) -> list[float]:
@@ -68,7 +59,7 @@ def rows_logps(decoder, n_vocab: int, rows: Sequence[tuple[Sequence[int], Sequen
         p = len(prompt)
         if p == 0:
             raise ValueError(f"row {index}: an empty prompt")
-        start = min(shared_length(before, prompt), p - 1)  # the prompt's last token is always evaluated
+        start = shared_prefix([before, prompt])  # kept from the row before; the prompt's last token evaluated
         decoder.rewind(0, start)
         at_prompt_end: list[float] = []
         chosen_logps: list[float] = []
@@ -136,7 +127,6 @@ def llama_cpp_reference_logps(gguf: str | Path, lora: str | Path | None, dataset
     preference dataset (prompt_ids, chosen_ids, rejected_ids), on llama.cpp."""
     import torch
 
-    from .judging.backends import ParallelDecoder, load_llama
     from .progress import stage_progress
 
     rows = [truncate(list(p), list(c), list(r), max_length)

@@ -535,8 +535,9 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
         train_set = dataset.select(order[:visited_rows(len(order), recipe)])
         args.train_sampling_strategy = "sequential"
         args.num_train_epochs = recipe.training.epochs / passes  # the passes are in train_set
-    extra, reference = {}, {"engine": "transformers"}
-    if resolve_ref_engine(recipe, runtime, base) == "llama.cpp":
+    extra, engine = {}, resolve_ref_engine(recipe, runtime, base)
+    reference = None if engine is None else {"engine": engine}  # the SFT objective has no reference
+    if engine == "llama.cpp":
         extra["reference_logps"], reference = llama_cpp_reference(base, init_adapter, recipe, console, out_dir)
         args.precompute_ref_log_probs = True  # the trainer reads the rows' ref_*_logps
     if shared:
@@ -574,7 +575,7 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     path = "unsloth" if runtime.use_unsloth else ("qlora" if runtime.load_in_4bit else "lora")
     summary = TrainSummary(adapter_dir, result.global_step, seconds, before, after, path, objective,
                            None if init_adapter is None else str(init_adapter),
-                           last_steps_mean(trainer.state.log_history, objective), reference if not sft else None)
+                           last_steps_mean(trainer.state.log_history, objective), reference)
     # Under `accelerate launch` every process gets here; only the main one writes.
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:

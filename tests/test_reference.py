@@ -12,14 +12,9 @@ import pytest
 from conj_lite.config import find_recipe, load_recipe, recipe_from_dict
 from conj_lite.errors import InputError
 from conj_lite.models import resolve_runtime
-from conj_lite.reference import cells_for, log_softmax_at, rows_logps, shared_length
+from conj_lite.judging.backends import shared_prefix
+from conj_lite.reference import cells_for, log_softmax_at, rows_logps
 from conj_lite.training import resolve_ref_engine, visited_rows
-
-
-def test_shared_length_counts_the_common_start():
-    assert shared_length([1, 2, 3], [1, 2, 4, 5]) == 2
-    assert shared_length([], [1]) == 0
-    assert shared_length([7, 8], [7, 8]) == 2
 
 
 def test_log_softmax_at_is_the_log_probability_of_each_token():
@@ -199,7 +194,7 @@ def test_each_row_is_read_alone_whatever_the_row_before_it(smollm2_dir):
         ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]  # rendered, up to the verdict
         rows.append((ids, tokenizer(row["chosen"], add_special_tokens=False)["input_ids"],
                      tokenizer(row["rejected"], add_special_tokens=False)["input_ids"]))
-    assert shared_length(rows[0][0], rows[1][0]) > 10  # the instructions and the question are kept
+    assert shared_prefix([rows[0][0], rows[1][0]]) > 10  # the instructions and the question are kept
     llm, _ = load_llama(smollm2_dir / BASE_GGUF, n_ctx=512)
     try:
         together = ParallelDecoder(llm, 1, 512)
