@@ -55,6 +55,15 @@ def test_auto_takes_llama_cpp_with_the_shared_prompt_step_on_a_cpu(tmp_path, mon
     assert resolve_ref_engine(recipe, runtime, str(tmp_path)) == "transformers"
 
 
+def test_a_model_with_no_gguf_names_the_setting_to_change():
+    from conj_lite.training import llama_cpp_reference
+
+    with pytest.raises(InputError) as info:
+        llama_cpp_reference("org/model", None, load_recipe(find_recipe("smollm2-135m_cpu")))
+    assert "org/model: training.ref_engine=llama.cpp needs a GGUF" in str(info.value)
+    assert "set training.ref_engine=transformers to compute the reference with TRL instead" in str(info.value)
+
+
 def test_only_the_rows_max_steps_reaches_are_visited():
     recipe = load_recipe(find_recipe("smollm2-135m_cpu"))  # 80 steps of 2 rows x 4
     assert visited_rows(892, recipe) == 640
