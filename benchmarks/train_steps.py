@@ -71,6 +71,9 @@ CONFIGS = {
     "demo ref transformers": [*DEMO_STEP, "training.pad_to_multiple_of=64", TRL_REFERENCE],  # = fp32+shared+pad64 2x4
     "demo ref llama.cpp": [*DEMO_STEP, "training.pad_to_multiple_of=64", "training.ref_engine=llama.cpp"],
     "demo ref llama.cpp pad8": [*DEMO_STEP, "training.pad_to_multiple_of=8", "training.ref_engine=llama.cpp"],
+    # and LoRA in the top N of SmolLM2's 30 layers only (training.lora_layers): the backward pass stops there
+    **{f"demo top{n}": [*DEMO_STEP, "training.pad_to_multiple_of=8", "training.ref_engine=llama.cpp",
+                        f"training.lora_layers={n}"] for n in (20, 15, 10)},
     # the supervised ceiling (training.objective=sft) on the chosen side of the same pairs:
     # TRL's SFTTrainer against the shared-prompt step with the sft term alone
     "sft SFTTrainer 2x4": ["model.dtype=fp32", "training.objective=sft", "training.shared_prompt=false",

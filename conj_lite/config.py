@@ -141,9 +141,13 @@ class TrainConfig:
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")
     lora_dropout: float = opt(0.05, "LoRA dropout")
+    use_rslora: bool = opt(False, "rank-stabilized LoRA: the adapter scaled by lora_alpha/sqrt(lora_r) instead of "
+                           "lora_alpha/lora_r (4x at r=16)")
     target_modules: list = opt(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "modules that get LoRA"
     )
+    lora_layers: int | None = opt(None, "LoRA only in the top N decoder layers (none: every layer); the backward "
+                                  "pass then stops at the lowest of them")
     gradient_checkpointing: bool | None = opt(None, "default: on with CUDA")
     optim: str = opt("auto", "auto: paged_adamw_8bit with 4-bit on CUDA, adamw_torch otherwise")
     warmup_ratio: float = opt(0.1, "learning-rate warm-up")

@@ -32,7 +32,7 @@ from pathlib import Path
 from .errors import InputError
 from .tiny import cache_root
 
-BUILD_VERSION = 1  # bump when the build changes, to invalidate caches
+BUILD_VERSION = 2  # bump when the build changes, to invalidate caches
 BASE_GGUF = "base.gguf"
 
 
@@ -191,6 +191,7 @@ def build_hf_dir(gguf_path: Path, out_dir: Path) -> None:
     _drop_gguf_quantization(model)
     _set_special_tokens(tokenizer, model, gguf_special_ids(gguf_path))
     _byte_level_decoder(tokenizer)
+    _digits_apart(tokenizer, gguf_pre_tokenizer(gguf_path))
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
@@ -206,6 +207,32 @@ def gguf_special_ids(gguf_path: Path) -> dict[str, int]:
         if field is not None and field.data:
             ids[name] = int(field.parts[field.data[0]][0])
     return ids
+
+
+def gguf_pre_tokenizer(gguf_path: Path) -> str | None:
+    """The GGUF's pre-tokenizer name (tokenizer.ggml.pre), as llama.cpp reads it."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
+
+
+# llama.cpp pre-tokenizers that split every digit apart before the byte-level regex
+DIGITS_APART = {"smollm"}
+
+
+def _digits_apart(tokenizer, pre: str | None) -> None:
+    """SmolLM2 splits digits apart before its byte-level regex (llama.cpp's `smollm`
+    pre-tokenizer, and the model's own tokenizer.json). transformers' GGUF conversion
+    (5.17) keeps the byte-level regex alone, which tokenizes whitespace before a digit
+    differently ("them:\n\n1": 198, 198, 33 where the model and llama.cpp give 1116, 33),
+    so training and llama.cpp would see different tokens for the same text."""
+    from tokenizers import pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    if pre in DIGITS_APART and isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel):
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer])
 
 
 def _byte_level_decoder(tokenizer) -> None:

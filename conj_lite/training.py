@@ -169,7 +169,17 @@ def keep_trainable_fp32(model) -> int:
     return count
 
 
-def lora_config(recipe: Recipe):
+def lora_layers(recipe: Recipe, num_layers: int) -> list[int] | None:
+    """The decoder layers that get LoRA (training.lora_layers: the top N), None for all."""
+    n = recipe.training.lora_layers
+    if n is None or n >= num_layers:
+        return None
+    if n < 1:
+        raise ValueError(f"training.lora_layers: {n} is not a number of layers (1..{num_layers}, or null for all)")
+    return list(range(num_layers - n, num_layers))
+
+
+def lora_config(recipe: Recipe, num_layers: int):
     from peft import LoraConfig
 
     t = recipe.training
@@ -178,6 +188,8 @@ def lora_config(recipe: Recipe):
         lora_alpha=t.lora_alpha,
         lora_dropout=t.lora_dropout,
         target_modules=list(t.target_modules),
+        layers_to_transform=lora_layers(recipe, num_layers),
+        use_rslora=t.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -209,6 +221,8 @@ def load_for_training(base: str, recipe: Recipe, runtime: Runtime, init_adapter:
             lora_alpha=t.lora_alpha,
             lora_dropout=t.lora_dropout,
             target_modules=list(t.target_modules),
+            layers_to_transform=lora_layers(recipe, model.config.num_hidden_layers),
+            use_rslora=t.use_rslora,
             use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
             random_state=t.seed,
         )
@@ -230,7 +244,7 @@ def load_for_training(base: str, recipe: Recipe, runtime: Runtime, init_adapter:
         check_adapter_dir(init_adapter)
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
         return model, tokenizer, None, gradient_checkpointing
-    return model, tokenizer, lora_config(recipe), gradient_checkpointing
+    return model, tokenizer, lora_config(recipe, model.config.num_hidden_layers), gradient_checkpointing
 
 
 def base_dtype(recipe: Recipe, runtime: Runtime) -> str:

@@ -108,3 +108,51 @@ def test_several_adapters_on_one_base_picked_per_request(bundle, items):
     finally:
         service.close()
         judge.close()
+
+
+@pytest.mark.slow
+def test_lora_in_the_top_layers_trains_there_alone_and_runs_on_llama_cpp(bundle, tiny_model_dir, tmp_path):
+    """training.lora_layers=1 on the 2-layer tiny model: LoRA weights in the top layer only,
+    no gradient below it (why the step is cheaper), and the adapter converts to a GGUF LoRA
+    that llama.cpp applies as transformers does."""
+    import numpy as np
+    import torch
+    from peft import get_peft_model
+
+    from conj_lite.config import load_recipe
+    from conj_lite.judging.backends import GGUFBackend
+    from conj_lite.models import resolve_runtime
+    from conj_lite.training import load_for_training
+
+    recipe = load_recipe(None, [f"model.name_or_path={tiny_model_dir}", "model.load_in_4bit=false",
+                                "model.dtype=fp32", "training.lora_layers=1"])
+    model, tok, peft_config, _ = load_for_training(str(tiny_model_dir), recipe, resolve_runtime(recipe.model))
+    peft_config.init_lora_weights = False  # random A and B: the adapter changes the model from the start
+    torch.manual_seed(0)
+    model = get_peft_model(model, peft_config)
+    with torch.no_grad():  # a change the size of a trained one (f16 LoRA weights then stay close)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.1)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(".layers.1." in n for n in trained)
+    ids = tok("Which answer is better? Answer 2.", add_special_tokens=False).input_ids
+    out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    embeddings, after_layer0, after_layer1 = out.hidden_states[:3]
+    assert not embeddings.requires_grad and not after_layer0.requires_grad and after_layer1.requires_grad
+    model.save_pretrained(tmp_path / "adapter")
+    lora = convert_lora_to_gguf(tmp_path / "adapter", tmp_path / "top-lora.gguf", tiny_model_dir,
+                                converter=find_converter(lora=True))
+    with torch.no_grad():
+        want = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1).numpy()
+        with model.disable_adapter():
+            plain = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1).numpy()
+    base_f16 = bundle[0]
+    backend = GGUFBackend(base_f16, n_ctx=256, n_threads=2, lora_path=lora)
+    try:
+        logits = backend.next_logits(ids)  # the HF tokenizer's ids: the tiny GGUF tokenizes differently
+    finally:
+        backend.close()
+    got = logits - np.logaddexp.reduce(logits)
+    # within f16's rounding of the adapter, far from the model without it (0.036 vs 0.30 measured)
+    assert np.abs(got - want).max() < 0.2 * np.abs(plain - want).max()

@@ -99,3 +99,25 @@ def test_answers_cannot_write_smollm2s_own_special_tokens_on_either_backend(smol
         assert count(hostile_ids) == count(plain_ids) and len(count(plain_ids)) >= 4  # ChatML turns only
     finally:
         backend.close()
+
+
+def test_the_hf_tokenizer_and_llama_cpp_tokenize_the_same(smollm2_dir, repo_root):
+    """Training tokenizes with the HF directory's tokenizer, the llama.cpp reference,
+    judge and sampling engine with the GGUF's: they must agree. SmolLM2 splits digits
+    apart before its byte-level regex; without that split the HF tokenizer read "\\n\\n"
+    before a digit as two tokens (7 of the relevance data's 1,322 texts differed)."""
+    import gzip
+
+    from llama_cpp import Llama
+
+    from conj_lite.models import load_tokenizer
+
+    tok = load_tokenizer(str(smollm2_dir))
+    llm = Llama(str(smollm2_dir / BASE_GGUF), vocab_only=True, verbose=False)
+    texts = ["of them:\n\n1. Go", "two ways: \n\n12 steps", "at Fox News\n\n2", "x\n\n\n3.5 and 2024", "a 1b2c 33"]
+    with gzip.open(repo_root / "data" / "hh_harmless_single_turn.jsonl.gz", "rt") as f:
+        for line in f:
+            texts += [v for v in json.loads(line).values() if isinstance(v, str)]
+    differ = [t for t in texts if tok(t, add_special_tokens=False).input_ids
+              != llm.tokenize(t.encode(), add_bos=False, special=True)]
+    assert len(texts) > 1300 and differ == []

@@ -273,3 +273,15 @@ def test_adams_second_moment_decay_is_the_recipes():
     for bad in ("1.0", "-0.1"):
         with pytest.raises(InputError, match="training.adam_beta2: expected 0 <= beta2 < 1"):
             load_recipe(None, [f"training.adam_beta2={bad}"])
+
+
+def test_lora_layers_are_the_top_n_of_the_model():
+    from conj_lite.errors import InputError
+    from conj_lite.training import lora_layers
+
+    assert lora_layers(load_recipe(None, []), 30) is None  # every layer
+    assert lora_layers(load_recipe(None, ["training.lora_layers=10"]), 30) == list(range(20, 30))
+    assert lora_layers(load_recipe(None, ["training.lora_layers=30"]), 30) is None
+    assert lora_layers(load_recipe(None, ["training.lora_layers=64"]), 30) is None
+    with pytest.raises((InputError, ValueError), match="lora_layers"):
+        lora_layers(load_recipe(None, ["training.lora_layers=0"]), 30)
