@@ -346,6 +346,9 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.training.ref_engine not in REF_ENGINES:
         raise InputError(f"training.ref_engine: expected one of {list(REF_ENGINES)}, "
                          f"got {recipe.training.ref_engine!r}")
+    if recipe.training.lora_layers is not None and recipe.training.lora_layers < 1:
+        raise InputError(f"training.lora_layers: expected 1 or more (the top N layers), or null for every layer, "
+                         f"got {recipe.training.lora_layers}")
     if not 0 <= recipe.training.adam_beta2 < 1:
         raise InputError(f"training.adam_beta2: expected 0 <= beta2 < 1, got {recipe.training.adam_beta2}")
     source = recipe.warmup.source

@@ -171,12 +171,8 @@ def keep_trainable_fp32(model) -> int:
 
 def lora_layers(recipe: Recipe, num_layers: int) -> list[int] | None:
     """The decoder layers that get LoRA (training.lora_layers: the top N), None for all."""
-    n = recipe.training.lora_layers
-    if n is None or n >= num_layers:
-        return None
-    if n < 1:
-        raise ValueError(f"training.lora_layers: {n} is not a number of layers (1..{num_layers}, or null for all)")
-    return list(range(num_layers - n, num_layers))
+    n = recipe.training.lora_layers  # 1 or more: check_recipe
+    return None if n is None or n >= num_layers else list(range(num_layers - n, num_layers))
 
 
 def lora_config(recipe: Recipe, num_layers: int):

@@ -283,5 +283,5 @@ def test_lora_layers_are_the_top_n_of_the_model():
     assert lora_layers(load_recipe(None, ["training.lora_layers=10"]), 30) == list(range(20, 30))
     assert lora_layers(load_recipe(None, ["training.lora_layers=30"]), 30) is None
     assert lora_layers(load_recipe(None, ["training.lora_layers=64"]), 30) is None
-    with pytest.raises((InputError, ValueError), match="lora_layers"):
-        lora_layers(load_recipe(None, ["training.lora_layers=0"]), 30)
+    with pytest.raises(InputError, match="training.lora_layers: expected 1 or more"):
+        load_recipe(None, ["training.lora_layers=0"])  # when the recipe is read, before sampling
