@@ -189,32 +189,27 @@ def build_hf_dir(gguf_path: Path, out_dir: Path) -> None:
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{gguf_path}: transformers cannot read this GGUF ({exc})") from None
     _drop_gguf_quantization(model)
-    _set_special_tokens(tokenizer, model, gguf_special_ids(gguf_path))
+    special_ids, pre = gguf_tokenizer_meta(gguf_path)
+    _set_special_tokens(tokenizer, model, special_ids)
     _byte_level_decoder(tokenizer)
-    _digits_apart(tokenizer, gguf_pre_tokenizer(gguf_path))
+    _digits_apart(tokenizer, pre)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
-def gguf_special_ids(gguf_path: Path) -> dict[str, int]:
-    """bos/eos/padding token ids as the GGUF's metadata states them."""
+def gguf_tokenizer_meta(gguf_path: Path) -> tuple[dict[str, int], str | None]:
+    """(bos/eos/padding token ids, the pre-tokenizer name tokenizer.ggml.pre) as the GGUF's
+    metadata states them, read once."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(gguf_path))
+    fields = GGUFReader(str(gguf_path)).fields
     ids = {}
     for name in ("bos", "eos", "padding"):
-        field = reader.fields.get(f"tokenizer.ggml.{name}_token_id")
+        field = fields.get(f"tokenizer.ggml.{name}_token_id")
         if field is not None and field.data:
             ids[name] = int(field.parts[field.data[0]][0])
-    return ids
-
-
-def gguf_pre_tokenizer(gguf_path: Path) -> str | None:
-    """The GGUF's pre-tokenizer name (tokenizer.ggml.pre), as llama.cpp reads it."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.pre")
-    return field.contents() if field is not None else None
+    pre = fields.get("tokenizer.ggml.pre")
+    return ids, pre.contents() if pre is not None else None
 
 
 # llama.cpp pre-tokenizers that split every digit apart before the byte-level regex

@@ -64,12 +64,14 @@ def rows_logps(decoder, n_vocab: int, rows: Sequence[tuple[Sequence[int], Sequen
         at_prompt_end: list[float] = []
         chosen_logps: list[float] = []
 
+        def logps(i, tokens):
+            return log_softmax_at(np.ctypeslib.as_array(decoder.logits(i), shape=(n_vocab,)), tokens)
+
         def keep(key, i):
-            row = np.ctypeslib.as_array(decoder.logits(i), shape=(n_vocab,))
             if key == "end":  # predicts the first token of both completions
-                at_prompt_end.extend(log_softmax_at(row, [chosen[0] if chosen else 0, rejected[0] if rejected else 0]))
+                at_prompt_end.extend(logps(i, [chosen[0] if chosen else 0, rejected[0] if rejected else 0]))
             else:
-                chosen_logps.extend(log_softmax_at(row, [chosen[key + 1]]))
+                chosen_logps.extend(logps(i, [chosen[key + 1]]))
 
         entries = [(0, pos, prompt[pos], "end" if pos == p - 1 else None) for pos in range(start, p)]
         entries += [(0, p + j, chosen[j], j) for j in range(len(chosen) - 1)]
@@ -79,8 +81,7 @@ def rows_logps(decoder, n_vocab: int, rows: Sequence[tuple[Sequence[int], Sequen
             decoder.rewind(0, p)
 
             def keep_rejected(j, i):
-                row = np.ctypeslib.as_array(decoder.logits(i), shape=(n_vocab,))
-                rejected_logps.extend(log_softmax_at(row, [rejected[j + 1]]))
+                rejected_logps.extend(logps(i, [rejected[j + 1]]))
 
             decoder.decode([(0, p + j, rejected[j], j) for j in range(len(rejected) - 1)], keep_rejected)
         chosen_out.append((at_prompt_end[0] if chosen else 0.0) + sum(chosen_logps))
