@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import os
 import warnings
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -43,6 +44,7 @@ from .packaged import BASE_GGUF
 from .prompts import JudgeTemplate, check_chat_template, render_prompt
 from .sampling import eos_token_ids
 from .sampling import generate as hf_generate
+from .system import exclusive
 from .tiny import cache_root
 
 Outputs = list[list[tuple[str, str, int]]]  # per prompt, per sample: (text, finish reason, new tokens)
@@ -353,17 +355,21 @@ def _llama_cpp_version() -> str | None:
 
 def _converted(kind: str, source: Path, build: Callable[[Path], None]) -> Path:
     """A GGUF made from `source` by `build(out_path)`, cached by the source's identity
-    (~/.cache/conj-lite/gguf/<kind>-<id>.gguf); a failed build leaves nothing."""
+    (~/.cache/conj-lite/gguf/<kind>-<id>.gguf); a failed build leaves nothing. Processes
+    that ask at once (the GPU check's training workers) build it once: the others wait."""
     key = fingerprint_id({"source": path_identity(source), "llama_cpp_python": _llama_cpp_version()})
     out = cache_root() / "gguf" / f"{kind}-{key}.gguf"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.with_name(out.name + ".building")
-        try:
-            build(staging)
-            staging.rename(out)
-        finally:
-            staging.unlink(missing_ok=True)
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        if not out.is_file():
+            staging = out.with_name(f"{out.name}.{os.getpid()}.building")
+            try:
+                build(staging)
+                os.replace(staging, out)
+            finally:
+                staging.unlink(missing_ok=True)
     return out
 
 

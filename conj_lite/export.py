@@ -56,6 +56,7 @@ from .judging.verify import VerifyReport, print_verify, verify_export
 from .jsonio import read_json, write_json
 from .progress import get_console
 from .prompts import DEFAULT_CHAT_DATE, JudgeTemplate
+from .system import exclusive
 from .tiny import cache_root
 
 MANIFEST = "export.json"
@@ -307,8 +308,10 @@ def converter_from_sdist(sdist: Path, console=None) -> Converter:
         )
     dest = converter_cache_dir(version)
     if not (dest / CONVERTER_MARKER).is_file():
-        _console(console).print(f"export: unpacking llama.cpp's converter from {sdist}", highlight=False)
-        extract_converter(sdist, dest)
+        with exclusive(dest):
+            if not (dest / CONVERTER_MARKER).is_file():
+                _console(console).print(f"export: unpacking llama.cpp's converter from {sdist}", highlight=False)
+                extract_converter(sdist, dest)
     return Converter(dest, version, f"sdist {sdist}")
 
 
@@ -368,9 +371,12 @@ def find_converter(llama_cpp_dir: str | Path | None = None, *, sdist: str | Path
             f"llama.cpp's converter for llama-cpp-python {version} is not cached in {cached}; set {SDIST_ENV} to "
             f"the llama_cpp_python-{version}.tar.gz sdist or allow the pip download"
         )
-    sdist_path = download_sdist(version, cached.parent / "sdist", console)
-    converter = converter_from_sdist(sdist_path, console)
-    sdist_path.unlink(missing_ok=True)  # 75 MB of C++ sources; the converter is unpacked
+    with exclusive(cached.parent / "sdist"):  # one download of several processes; the others wait for it
+        if (cached / CONVERTER_MARKER).is_file() and (not lora or (cached / LORA_CONVERTER).is_file()):
+            return Converter(cached, version, f"cache {cached}")
+        sdist_path = download_sdist(version, cached.parent / "sdist", console)
+        converter = converter_from_sdist(sdist_path, console)
+        sdist_path.unlink(missing_ok=True)  # 75 MB of C++ sources; the converter is unpacked
     return converter
 
 

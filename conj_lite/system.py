@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -107,3 +108,24 @@ def network_switches(inputs: Iterable[str | None] | None = None, *, local_names:
     set_now = {k: v for k, v in wanted.items() if k not in os.environ}
     os.environ.update(set_now)
     return set_now
+
+
+@contextmanager
+def exclusive(path: Path):
+    """Hold an exclusive lock named after `path` (`<path>.lock`, fcntl) for the block, so
+    that of several processes asking for the same cached build, one builds it and the
+    others wait and then find it. Where fcntl is missing (Windows) there is no lock, and
+    builders still stage under names of their own."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -247,3 +248,41 @@ def test_llama_cpp_sampling_resumes_to_the_same_judgments(tiny_model_dir, sample
     assert Counter(row_key(r) for r in resumed) == Counter(row_key(r) for r in full)
     assert resumed[:9] == full[:9]
     assert {row_key(r): r["text"] for r in resumed} == {row_key(r): r["text"] for r in full}
+
+
+_POLICY_GGUF = """
+import sys
+from conj_lite.config import find_recipe, load_recipe
+from conj_lite.engines import policy_gguf
+gguf, lora, _ = policy_gguf(sys.argv[1], None, load_recipe(find_recipe("tiny-cpu")))
+print(gguf)
+"""
+
+
+@pytest.mark.slow
+def test_processes_that_convert_the_same_model_at_once_build_one_gguf(tiny_model_dir, tmp_path):
+    """The GPU check's training workers start side by side and each wants the policy's
+    GGUF (training.ref_engine=llama.cpp): one converts, the others wait and read it (the
+    CI failure of 2026-12-07: one worker's conversion read a file another had removed)."""
+    import os
+    import subprocess
+    import sys
+
+    from conj_lite.export import converter_cache_dir, find_converter
+
+    converter = find_converter()  # cached once per machine; the empty cache below links to it
+    cache = tmp_path / "cache"  # nothing converted in it yet
+    linked = cache / converter_cache_dir(converter.version).relative_to(converter_cache_dir(converter.version).parents[1])
+    linked.parent.mkdir(parents=True)
+    linked.symlink_to(converter.root)
+    env = {**os.environ, "CONJ_LITE_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", _POLICY_GGUF, str(tiny_model_dir)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    results = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in procs]
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    paths = {out.strip().splitlines()[-1] for _, out, _ in results}
+    assert len(paths) == 1
+    gguf = Path(paths.pop())
+    assert gguf.is_file() and gguf.read_bytes()[:4] == b"GGUF"
+    assert not [p.name for p in gguf.parent.glob(gguf.name + ".*") if not p.name.endswith((".lock", ".log"))]
