@@ -148,6 +148,8 @@ class TrainConfig:
     )
     lora_layers: int | None = opt(None, "LoRA only in the top N decoder layers (none: every layer); the backward "
                                   "pass then stops at the lowest of them")
+    loraplus_ratio: float = opt(1.0, "LoRA+: the learning rate of the B matrices (zero at the start) is this many "
+                                "times training.learning_rate (1: plain LoRA; the LoRA+ paper suggests 16)")
     gradient_checkpointing: bool | None = opt(None, "default: on with CUDA")
     optim: str = opt("auto", "auto: paged_adamw_8bit with 4-bit on CUDA, adamw_torch otherwise")
     warmup_ratio: float = opt(0.1, "learning-rate warm-up")
@@ -349,6 +351,8 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.training.lora_layers is not None and recipe.training.lora_layers < 1:
         raise InputError(f"training.lora_layers: expected 1 or more (the top N layers), or null for every layer, "
                          f"got {recipe.training.lora_layers}")
+    if recipe.training.loraplus_ratio < 1:
+        raise InputError(f"training.loraplus_ratio: expected 1 (plain LoRA) or more, got {recipe.training.loraplus_ratio}")
     if not 0 <= recipe.training.adam_beta2 < 1:
         raise InputError(f"training.adam_beta2: expected 0 <= beta2 < 1, got {recipe.training.adam_beta2}")
     source = recipe.warmup.source

@@ -570,6 +570,8 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the rich bar reports instead
+    if recipe.training.loraplus_ratio != 1:
+        trainer.optimizer = loraplus_optimizer(trainer, recipe.training.loraplus_ratio)
     if runtime.dtype in ("fp16", "bf16"):
         keep_trainable_fp32(trainer.model)
 
@@ -592,6 +594,19 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
         write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out_dir)
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+def loraplus_optimizer(trainer, ratio: float):
+    """The optimizer the trainer would make (its class and settings), with LoRA+'s
+    parameter groups (peft's create_loraplus_optimizer): the B matrices, which start at
+    zero, at `ratio` x the learning rate. The trainer keeps an optimizer it is given, and
+    its schedule scales every group alike."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    lr = kwargs.pop("lr", trainer.args.learning_rate)
+    return create_loraplus_optimizer(trainer.model, optimizer_cls, lr=lr, loraplus_lr_ratio=ratio,
+                                     loraplus_weight_decay=trainer.args.weight_decay, **kwargs)
 
 
 def last_steps_mean(log_history: list[dict], objective: str, n: int = 8) -> dict:

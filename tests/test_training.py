@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conj_lite.config import load_recipe
+from conj_lite.config import find_recipe, load_recipe
 from conj_lite.training import passes_needed, training_order
 
 
@@ -285,3 +285,45 @@ def test_lora_layers_are_the_top_n_of_the_model():
     assert lora_layers(load_recipe(None, ["training.lora_layers=64"]), 30) is None
     with pytest.raises(InputError, match="training.lora_layers: expected 1 or more"):
         load_recipe(None, ["training.lora_layers=0"])  # when the recipe is read, before sampling
+
+
+def test_loraplus_below_one_is_refused_when_the_recipe_is_read():
+    from conj_lite.errors import InputError
+
+    assert load_recipe(None, []).training.loraplus_ratio == 1
+    with pytest.raises(InputError, match="training.loraplus_ratio: expected 1"):
+        load_recipe(None, ["training.loraplus_ratio=0.5"])
+
+
+@pytest.mark.slow
+def test_loraplus_moves_the_b_matrices_ratio_times_as_fast(tiny_model_dir, tmp_path):
+    """One optimizer step from LoRA's start (B = 0, so only B has a gradient): Adam's
+    first step moves each weight by about its learning rate, so with training.loraplus_ratio
+    = 16 the B matrices move ~16x as far as with plain LoRA, and the A matrices not at all."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conj_lite.jsonio import write_jsonl
+    from conj_lite.prompts import build_messages, load_template
+    from conj_lite.training import train_adapter
+
+    template = replace(load_template("en"), rationale=False)
+    pairs = [{"id": f"p{k}", "order": "ab", "kind": "hint",
+              "prompt": build_messages(template, f"Is {k} even?", "Yes.", "No."),
+              "chosen": '{"better_answer": %d}' % (1 + k % 2), "rejected": '{"better_answer": %d}' % (2 - k % 2)}
+             for k in range(2)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    moved = {}
+    for ratio in (1, 16):
+        recipe = load_recipe(find_recipe("tiny-cpu"), [
+            "training.max_steps=1", "training.batch_size=2", "training.grad_accum=1", "training.warmup_ratio=0",
+            "training.eval_pairs=0", "training.lr_scheduler=constant", "filtering.rationale=false",
+            "training.ref_engine=transformers", f"training.loraplus_ratio={ratio}", "training.seed=0"])
+        torch.manual_seed(0)  # the LoRA's initial A: the same in both runs
+        train_adapter(recipe, str(tiny_model_dir), path, tmp_path / f"run{ratio}")
+        weights = load_file(tmp_path / f"run{ratio}" / "adapter" / "adapter_model.safetensors")
+        moved[ratio] = {part: torch.cat([w.flatten() for name, w in weights.items() if f"lora_{part}" in name])
+                        for part in ("A", "B")}
+    assert torch.equal(moved[1]["A"], moved[16]["A"])  # the same seeded start, no gradient yet
+    ratio = (moved[16]["B"].abs().mean() / moved[1]["B"].abs().mean()).item()
+    assert 12 < ratio < 20, ratio
