@@ -149,7 +149,8 @@ class TrainConfig:
     lora_layers: int | None = opt(None, "LoRA only in the top N decoder layers (none: every layer); the backward "
                                   "pass then stops at the lowest of them")
     loraplus_ratio: float = opt(1.0, "LoRA+: the learning rate of the B matrices (zero at the start) is this many "
-                                "times training.learning_rate (1: plain LoRA; the LoRA+ paper suggests 16)")
+                                "times training.learning_rate (1: plain LoRA; the LoRA+ paper suggests 16). At 16 with lr 5e-4 the "
+                                "demo stayed on its plateau (docs/benchmarks.md, \"LoRA+\")")
     gradient_checkpointing: bool | None = opt(None, "default: on with CUDA")
     optim: str = opt("auto", "auto: paged_adamw_8bit with 4-bit on CUDA, adamw_torch otherwise")
     warmup_ratio: float = opt(0.1, "learning-rate warm-up")
