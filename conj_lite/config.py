@@ -157,6 +157,7 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW's second-moment decay (0.999: TrainingArguments' default); 0.95 forgets "
                             "the first steps' large gradients in ~20 steps. On the demo's plateau it changed "
                             "nothing (docs/benchmarks.md, \"The constant rate\")")
+    max_grad_norm: float = opt(1.0, "clip each step's gradient to this norm (1.0: TrainingArguments' default)")
     lr_scheduler: str = opt("cosine", "the learning rate after the warm-up: cosine (down to 0 at the last step), "
                             "linear, or constant")
     logging_steps: int = opt(1, "log every N steps")
@@ -354,6 +355,8 @@ def check_recipe(recipe: Recipe) -> None:
                          f"got {recipe.training.lora_layers}")
     if recipe.training.loraplus_ratio < 1:
         raise InputError(f"training.loraplus_ratio: expected 1 (plain LoRA) or more, got {recipe.training.loraplus_ratio}")
+    if not recipe.training.max_grad_norm > 0:
+        raise InputError(f"training.max_grad_norm: expected a norm above 0, got {recipe.training.max_grad_norm}")
     if not 0 <= recipe.training.adam_beta2 < 1:
         raise InputError(f"training.adam_beta2: expected 0 <= beta2 < 1, got {recipe.training.adam_beta2}")
     source = recipe.warmup.source

@@ -393,6 +393,7 @@ def trainer_config(recipe: Recipe, runtime: Runtime, out_dir: Path, gradient_che
         optim=optim,
         warmup_steps=t.warmup_ratio,
         adam_beta2=t.adam_beta2,
+        max_grad_norm=t.max_grad_norm,
         lr_scheduler_type=LR_SCHEDULERS[t.lr_scheduler],
         bf16=runtime.dtype == "bf16",
         fp16=runtime.dtype == "fp16",

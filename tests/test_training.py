@@ -275,6 +275,20 @@ def test_adams_second_moment_decay_is_the_recipes():
             load_recipe(None, [f"training.adam_beta2={bad}"])
 
 
+def test_the_gradient_clip_is_the_recipes():
+    from conj_lite.errors import InputError
+    from conj_lite.models import Runtime
+    from conj_lite.training import trainer_config
+
+    cpu = Runtime(device="cpu", dtype="fp32", load_in_4bit=False, use_unsloth=False)
+    assert trainer_config(load_recipe(None, []), cpu, Path("unused"), False).max_grad_norm == 1.0
+    tight = trainer_config(load_recipe(None, ["training.max_grad_norm=0.3"]), cpu, Path("unused"), False)
+    assert tight.max_grad_norm == 0.3
+    for bad in ("0", "-1"):
+        with pytest.raises(InputError, match="training.max_grad_norm: expected a norm above 0"):
+            load_recipe(None, [f"training.max_grad_norm={bad}"])
+
+
 def test_lora_layers_are_the_top_n_of_the_model():
     from conj_lite.errors import InputError
     from conj_lite.training import lora_layers
