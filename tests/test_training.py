@@ -261,32 +261,22 @@ def test_the_learning_rate_schedule_is_the_recipes():
         load_recipe(None, ["training.lr_scheduler=cosine_with_restarts"])
 
 
-def test_adams_second_moment_decay_is_the_recipes():
+@pytest.mark.parametrize("field, default, value, bad, refused", [
+    ("adam_beta2", 0.999, 0.95, ("1.0", "-0.1"), "expected 0 <= beta2 < 1"),
+    ("max_grad_norm", 1.0, 0.3, ("0", "-1"), "expected a norm above 0"),
+])
+def test_optimizer_settings_are_the_recipes(field, default, value, bad, refused):
     from conj_lite.errors import InputError
     from conj_lite.models import Runtime
     from conj_lite.training import trainer_config
 
     cpu = Runtime(device="cpu", dtype="fp32", load_in_4bit=False, use_unsloth=False)
-    assert trainer_config(load_recipe(None, []), cpu, Path("unused"), False).adam_beta2 == 0.999
-    fast = trainer_config(load_recipe(None, ["training.adam_beta2=0.95"]), cpu, Path("unused"), False)
-    assert fast.adam_beta2 == 0.95
-    for bad in ("1.0", "-0.1"):
-        with pytest.raises(InputError, match="training.adam_beta2: expected 0 <= beta2 < 1"):
-            load_recipe(None, [f"training.adam_beta2={bad}"])
-
-
-def test_the_gradient_clip_is_the_recipes():
-    from conj_lite.errors import InputError
-    from conj_lite.models import Runtime
-    from conj_lite.training import trainer_config
-
-    cpu = Runtime(device="cpu", dtype="fp32", load_in_4bit=False, use_unsloth=False)
-    assert trainer_config(load_recipe(None, []), cpu, Path("unused"), False).max_grad_norm == 1.0
-    tight = trainer_config(load_recipe(None, ["training.max_grad_norm=0.3"]), cpu, Path("unused"), False)
-    assert tight.max_grad_norm == 0.3
-    for bad in ("0", "-1"):
-        with pytest.raises(InputError, match="training.max_grad_norm: expected a norm above 0"):
-            load_recipe(None, [f"training.max_grad_norm={bad}"])
+    assert getattr(trainer_config(load_recipe(None, []), cpu, Path("unused"), False), field) == default
+    chosen = trainer_config(load_recipe(None, [f"training.{field}={value}"]), cpu, Path("unused"), False)
+    assert getattr(chosen, field) == value
+    for text in bad:
+        with pytest.raises(InputError, match=f"training.{field}: {refused}"):
+            load_recipe(None, [f"training.{field}={text}"])
 
 
 def test_lora_layers_are_the_top_n_of_the_model():
