@@ -25,8 +25,7 @@ pytestmark = pytest.mark.slow
 # With the held-out pairs on llama.cpp and the digit-splitting tokenizer (seventh session, fresh clone):
 # +23.5 [+17, +30] and +33 [+21, +45]. The eighth session's fresh clone of the same recipe: +6.5 [+4, +10] and
 # +27 [+14, +40] (it left the plateau at step ~63, its gradient spiked at 64-65 and it fell back: the lowest per-order
-# gain so far, and why the per-order floor is 0.04, not 0.07). The recipe clips gradients at 0.3 since: seed 0
-# +35.0 [+30, +40] and +36 [+24, +47], seed 1 +17.5 [+12, +23] and +33 [+21, +45] (sampling and "before" reused).
+# gain so far, and why the per-order floor is 0.04, not 0.07).
 # In bf16 (before) the runs gained +3.5 to +10.5 per order; a run that only moves the position prior
 # gains about nothing on both.
 GAIN_FLOOR = 0.04  # per-order accuracy
