@@ -345,6 +345,11 @@ def download_sdist(version: str, dest_dir: Path, console=None) -> Path:
     return target
 
 
+def unpacked(cached: Path, lora: bool) -> bool:
+    """The converter is unpacked in `cached` (with the LoRA converter, where asked)."""
+    return (cached / CONVERTER_MARKER).is_file() and (not lora or (cached / LORA_CONVERTER).is_file())
+
+
 def find_converter(llama_cpp_dir: str | Path | None = None, *, sdist: str | Path | None = None,
                    download: bool = True, console=None, lora: bool = False) -> Converter:
     """llama.cpp's converter at the commit of the installed llama-cpp-python.
@@ -359,7 +364,7 @@ def find_converter(llama_cpp_dir: str | Path | None = None, *, sdist: str | Path
         return converter_from_dir(llama_cpp_dir, console)
     version = installed_llama_cpp_version()
     cached = converter_cache_dir(version)
-    if (cached / CONVERTER_MARKER).is_file() and (not lora or (cached / LORA_CONVERTER).is_file()):
+    if unpacked(cached, lora):
         return Converter(cached, version, f"cache {cached}")
     if lora and (cached / CONVERTER_MARKER).is_file():
         (cached / CONVERTER_MARKER).unlink()  # an older unpacking without the LoRA converter
@@ -372,7 +377,7 @@ def find_converter(llama_cpp_dir: str | Path | None = None, *, sdist: str | Path
             f"the llama_cpp_python-{version}.tar.gz sdist or allow the pip download"
         )
     with exclusive(cached.parent / "sdist"):  # one download of several processes; the others wait for it
-        if (cached / CONVERTER_MARKER).is_file() and (not lora or (cached / LORA_CONVERTER).is_file()):
+        if unpacked(cached, lora):
             return Converter(cached, version, f"cache {cached}")
         sdist_path = download_sdist(version, cached.parent / "sdist", console)
         converter = converter_from_sdist(sdist_path, console)

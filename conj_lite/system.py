@@ -114,8 +114,7 @@ def network_switches(inputs: Iterable[str | None] | None = None, *, local_names:
 def exclusive(path: Path):
     """Hold an exclusive lock named after `path` (`<path>.lock`, fcntl) for the block, so
     that of several processes asking for the same cached build, one builds it and the
-    others wait and then find it. Where fcntl is missing (Windows) there is no lock, and
-    builders still stage under names of their own."""
+    others wait and then find it. Where fcntl is missing (Windows) there is no lock."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
