@@ -559,6 +559,11 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
         from trl import SFTTrainer as trainer_class
     else:
         from trl import DPOTrainer as trainer_class
+    # TRL builds the LoRA from peft_config before Trainer.__init__ seeds torch: seed it here, or the
+    # adapter's initial A comes from whatever the process drew before (two runs of a seed differed).
+    from transformers import set_seed
+
+    set_seed(recipe.training.seed)
     trainer = trainer_class(
         model=model,
         args=args,

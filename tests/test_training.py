@@ -323,11 +323,40 @@ def test_loraplus_moves_the_b_matrices_ratio_times_as_fast(tiny_model_dir, tmp_p
             "training.max_steps=1", "training.batch_size=2", "training.grad_accum=1", "training.warmup_ratio=0",
             "training.eval_pairs=0", "training.lr_scheduler=constant", "filtering.rationale=false",
             "training.ref_engine=transformers", f"training.loraplus_ratio={ratio}", "training.seed=0"])
-        torch.manual_seed(0)  # the LoRA's initial A: the same in both runs
         train_adapter(recipe, str(tiny_model_dir), path, tmp_path / f"run{ratio}")
         weights = load_file(tmp_path / f"run{ratio}" / "adapter" / "adapter_model.safetensors")
         moved[ratio] = {part: torch.cat([w.flatten() for name, w in weights.items() if f"lora_{part}" in name])
                         for part in ("A", "B")}
-    assert torch.equal(moved[1]["A"], moved[16]["A"])  # the same seeded start, no gradient yet
+    assert torch.equal(moved[1]["A"], moved[16]["A"])  # the same seeded start (training.seed), no gradient yet
     ratio = (moved[16]["B"].abs().mean() / moved[1]["B"].abs().mean()).item()
     assert 12 < ratio < 20, ratio
+
+
+def test_the_lora_starts_from_training_seed_whatever_the_process_drew_before(tiny_model_dir, tmp_path):
+    """TRL builds the LoRA before the Trainer seeds torch: without seeding it first, the adapter's
+    initial A came from the process's random state (sampling, a run before it), so two runs of
+    one seed trained different adapters. One step from the same seed gives the same adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conj_lite.jsonio import write_jsonl
+    from conj_lite.prompts import build_messages, load_template
+    from conj_lite.training import train_adapter
+
+    template = replace(load_template("en"), rationale=False)
+    pairs = [{"id": "p0", "order": order, "kind": "hint", "prompt": build_messages(template, "Is 2 even?", *answers),
+              "chosen": '{"better_answer": %d}' % verdict, "rejected": '{"better_answer": %d}' % (3 - verdict)}
+             for order, answers, verdict in (("ab", ("Yes.", "No."), 1), ("ba", ("No.", "Yes."), 2))]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    adapters = []
+    for run, (seed, drawn) in enumerate(((0, 1), (0, 2), (1, 1))):
+        recipe = load_recipe(find_recipe("tiny-cpu"), [
+            "training.max_steps=1", "training.batch_size=2", "training.grad_accum=1", "training.eval_pairs=0",
+            "filtering.rationale=false", "training.ref_engine=transformers", f"training.seed={seed}"])
+        torch.manual_seed(drawn)
+        torch.rand(drawn)  # what a stage before training drew
+        train_adapter(recipe, str(tiny_model_dir), path, tmp_path / f"run{run}")
+        adapters.append(load_file(tmp_path / f"run{run}" / "adapter" / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
+    assert not all(torch.equal(adapters[0][name], adapters[2][name]) for name in adapters[0])
