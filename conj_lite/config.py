@@ -158,6 +158,10 @@ class TrainConfig:
                             "the first steps' large gradients in ~20 steps. On the demo's plateau it changed "
                             "nothing (docs/benchmarks.md, \"The constant rate\")")
     max_grad_norm: float = opt(1.0, "clip each step's gradient to this norm (1.0: TrainingArguments' default)")
+    keep: str = opt("last", "the adapter training hands on: last (after its last step), or best (DPO objectives: "
+                    "after the step that ends the keep_window steps whose batches, judged before each step trained "
+                    "on them, had the highest pair accuracy; the last such step on ties)")
+    keep_window: int = opt(8, "training.keep: best: logged steps in the window")
     lr_scheduler: str = opt("cosine", "the learning rate after the warm-up: cosine (down to 0 at the last step), "
                             "linear, or constant")
     logging_steps: int = opt(1, "log every N steps")
@@ -327,6 +331,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+KEEP = ("last", "best")  # training.keep
 BASE_DTYPES = ("auto", "compute", "bf16", "fp16", "fp32")  # training.base_dtype
 REF_ENGINES = ("auto", "transformers", "llama.cpp")  # training.ref_engine, data.heldout_engine
 LR_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # -> transformers'
@@ -357,6 +362,13 @@ def check_recipe(recipe: Recipe) -> None:
         raise InputError(f"training.loraplus_ratio: expected 1 (plain LoRA) or more, got {recipe.training.loraplus_ratio}")
     if not recipe.training.max_grad_norm > 0:
         raise InputError(f"training.max_grad_norm: expected a norm above 0, got {recipe.training.max_grad_norm}")
+    if recipe.training.keep not in KEEP:
+        raise InputError(f"training.keep: expected one of {list(KEEP)}, got {recipe.training.keep!r}")
+    if recipe.training.keep == "best" and recipe.training.objective == "sft":
+        raise InputError("training.keep: best reads the DPO pair accuracy, which the sft objective does not have; "
+                         "use training.keep: last")
+    if recipe.training.keep_window < 1:
+        raise InputError(f"training.keep_window: expected 1 or more steps, got {recipe.training.keep_window}")
     if not 0 <= recipe.training.adam_beta2 < 1:
         raise InputError(f"training.adam_beta2: expected 0 <= beta2 < 1, got {recipe.training.adam_beta2}")
     source = recipe.warmup.source

@@ -445,6 +445,86 @@ def rich_callback(console=None):
     return RichProgress()
 
 
+def best_window(accuracies: list[float], window: int) -> tuple[int, float] | None:
+    """(end, mean) of the `window` consecutive logged steps with the highest mean pair
+    accuracy, `end` the position of its last step (the latest window on ties); None while
+    fewer steps are logged. Each step's accuracy is of pairs judged before that step trained
+    on them: on the demo's plateau a judge that only prefers one answer position scores
+    exactly 0.5 (one order of each pair right), and more once the answers count."""
+    best = None
+    for end in range(window - 1, len(accuracies)):
+        mean = sum(accuracies[end - window + 1:end + 1]) / window
+        if best is None or mean >= best[1]:
+            best = (end, mean)
+    return best
+
+
+KEEP_METRIC = "rewards/accuracies"
+
+
+def logged_accuracies(log_history: list[dict]) -> list[tuple[int, float]]:
+    """(step, pair accuracy) of each logged training step."""
+    return [(entry["step"], entry[KEEP_METRIC]) for entry in log_history if "loss" in entry and KEEP_METRIC in entry]
+
+
+def keep_best_callback(directory: Path, window: int):
+    """A TrainerCallback that saves the adapter to `directory` after each step that ends the best
+    window so far (best_window), with kept.json saying which step it is."""
+    import shutil
+
+    from transformers import TrainerCallback
+
+    def saved_step() -> int | None:
+        try:
+            return json.loads((directory / "kept.json").read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    class KeepBest(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            step = saved_step()
+            if step is not None and step > state.global_step:  # saved past the checkpoint resumed from
+                shutil.rmtree(directory, ignore_errors=True)
+
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+            if not (state.is_world_process_zero and logs and KEEP_METRIC in logs and "loss" in logs):
+                return
+            logged = logged_accuracies(state.log_history)
+            best = best_window([acc for _, acc in logged], window)
+            if best is None or best[0] != len(logged) - 1:
+                return
+            staging = directory.with_name(directory.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            model.save_pretrained(str(staging), selected_adapters=["default"])
+            (staging / "kept.json").write_text(json.dumps({"step": state.global_step, "window": window,
+                                                           "window_accuracy": best[1]}))
+            shutil.rmtree(directory, ignore_errors=True)
+            staging.rename(directory)
+
+    return KeepBest()
+
+
+def restore_best(trainer, directory: Path, window: int) -> dict:
+    """Load the kept adapter (keep_best_callback) into the trainer's model when it is the best
+    window's of this training's log; what was kept, for the summary."""
+    logged = logged_accuracies(trainer.state.log_history)
+    best = best_window([acc for _, acc in logged], window)
+    last = {"rule": "last", "step": trainer.state.global_step}
+    if best is None:
+        return {**last, "why": f"fewer than {window} steps logged"}
+    step, accuracy = logged[best[0]][0], round(best[1], 4)
+    final = round(sum(acc for _, acc in logged[-window:]) / window, 4)
+    kept_file = directory / "kept.json"
+    if step == logged[-1][0] or not kept_file.is_file() or json.loads(kept_file.read_text())["step"] != step:
+        return {**last, "window_accuracy": final, "best_step": step, "best_window_accuracy": accuracy}
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(trainer.model, load_file(directory / "adapter_model.safetensors"))
+    return {"rule": "best", "step": step, "window_accuracy": accuracy, "last_step": logged[-1][0],
+            "last_window_accuracy": final}
+
+
 @dataclass
 class TrainSummary:
     adapter_dir: Path
@@ -457,6 +537,7 @@ class TrainSummary:
     init_adapter: str | None = None
     last_steps: dict = field(default_factory=dict)  # the mean of the last logged steps' measures
     reference: dict | None = None  # what computed the DPO reference's log-probabilities (None: no reference)
+    kept: dict | None = None  # training.keep: which step's adapter was handed on, and why
 
     def to_dict(self) -> dict:
         return {
@@ -470,6 +551,7 @@ class TrainSummary:
             "after": self.after,
             "last_steps": self.last_steps,
             "reference": self.reference,
+            "kept": self.kept,
         }
 
 
@@ -559,6 +641,8 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
         from trl import SFTTrainer as trainer_class
     else:
         from trl import DPOTrainer as trainer_class
+    best_dir = Path(args.output_dir) / "best"
+    keeping = [keep_best_callback(best_dir, recipe.training.keep_window)] if recipe.training.keep == "best" else []
     # TRL builds the LoRA from peft_config before Trainer.__init__ seeds torch: seed it here, or the
     # adapter's initial A comes from whatever the process drew before (two runs of a seed differed).
     from transformers import set_seed
@@ -570,7 +654,7 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
         train_dataset=train_set,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[rich_callback(console)],
+        callbacks=[rich_callback(console)] + keeping,
         **extra,
     )
     from transformers.trainer_callback import PrinterCallback
@@ -587,13 +671,14 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
+    kept = restore_best(trainer, best_dir, recipe.training.keep_window) if keeping else None
     after = pair_metrics(trainer, eval_set, objective) if eval_set else {}
 
     adapter_dir = out_dir / "adapter"
     path = "unsloth" if runtime.use_unsloth else ("qlora" if runtime.load_in_4bit else "lora")
     summary = TrainSummary(adapter_dir, result.global_step, seconds, before, after, path, objective,
                            None if init_adapter is None else str(init_adapter),
-                           last_steps_mean(trainer.state.log_history, objective), reference)
+                           last_steps_mean(trainer.state.log_history, objective), reference, kept)
     # Under `accelerate launch` every process gets here; only the main one writes.
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:

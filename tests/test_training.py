@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -360,3 +361,67 @@ def test_the_lora_starts_from_training_seed_whatever_the_process_drew_before(tin
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
     assert not all(torch.equal(adapters[0][name], adapters[2][name]) for name in adapters[0])
+
+
+def test_the_best_window_is_the_highest_mean_the_latest_on_ties():
+    from conj_lite.training import best_window
+
+    assert best_window([0.5, 0.5], 3) is None
+    assert best_window([0.5, 0.5, 0.5, 0.5], 2) == (3, 0.5)  # a plateau throughout: the last steps
+    plateau_exit_fall = [0.5, 0.5, 0.75, 0.875, 0.875, 0.5, 0.5, 0.5]
+    assert best_window(plateau_exit_fall, 2) == (4, 0.875)
+    assert best_window(plateau_exit_fall, 3) == (4, pytest.approx(2.5 / 3))
+    assert best_window([0.5, 1.0, 0.5, 1.0], 1) == (3, 1.0)
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    (["training.keep=first"], "training.keep: expected one of"),
+    (["training.keep=best", "training.objective=sft"], "the sft objective does not have"),
+    (["training.keep=best", "training.keep_window=0"], "training.keep_window: expected 1 or more"),
+])
+def test_keep_settings_are_checked_when_the_recipe_is_read(overrides, refused):
+    from conj_lite.errors import InputError
+
+    assert load_recipe(None, []).training.keep == "last"
+    assert load_recipe(None, ["training.keep=best"]).training.keep == "best"
+    with pytest.raises(InputError, match=refused):
+        load_recipe(None, overrides)
+
+
+@pytest.mark.slow
+def test_keep_best_hands_on_the_adapter_of_the_best_window_not_the_last(tiny_model_dir, tmp_path):
+    """Single-order rows whose verdicts alternate, taken shuffled: the tiny judge's pair accuracy
+    rises and falls with its position prior (seeded: 1.0 at step 4 of 8, 0.5 at the end). With
+    training.keep: best the adapter handed on is the one saved after step 4, and says so."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conj_lite.artifacts import TRAIN_META
+    from conj_lite.jsonio import write_jsonl
+    from conj_lite.prompts import build_messages, load_template
+    from conj_lite.training import best_window, train_adapter
+
+    template = replace(load_template("en"), rationale=False)
+    pairs = [{"id": f"p{k}", "order": order, "kind": "hint",
+              "prompt": build_messages(template, f"Is {2 * k} even?", *answers),
+              "chosen": '{"better_answer": %d}' % verdict, "rejected": '{"better_answer": %d}' % (3 - verdict)}
+             for k in range(16)
+             for order, answers, verdict in ([("ab", ("Yes.", "No."), 1)] if k % 2 else [("ba", ("No.", "Yes."), 2)])]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    recipe = load_recipe(find_recipe("tiny-cpu"), [
+        "training.max_steps=8", "training.batch_size=2", "training.grad_accum=1", "training.eval_pairs=0",
+        "training.learning_rate=5e-3", "training.orders_together=false", "training.save_steps=8",
+        "filtering.rationale=false", "training.ref_engine=transformers", "training.keep=best",
+        "training.keep_window=1"])
+    summary = train_adapter(recipe, str(tiny_model_dir), path, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "adapter" / TRAIN_META).read_text())
+    accuracies = [entry["rewards/accuracies"] for entry in meta["history"]]
+    end, accuracy = best_window(accuracies, 1)
+    assert summary.kept == meta["summary"]["kept"]
+    assert summary.kept["rule"] == "best" and summary.kept["step"] == meta["history"][end]["step"] < 8, summary.kept
+    assert summary.kept["window_accuracy"] == accuracy > summary.kept["last_window_accuracy"]
+    handed_on = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    kept = load_file(tmp_path / "run" / "checkpoints" / "best" / "adapter_model.safetensors")
+    last = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-8" / "adapter_model.safetensors")
+    assert all(torch.equal(handed_on[name], kept[name]) for name in kept)
+    assert not all(torch.equal(handed_on[name], last[name]) for name in last)
