@@ -46,7 +46,7 @@ from .prompts import load_template
 from .relevance import pair_chars, relevance_split
 from .sampling import TOO_LONG, JudgmentFile, load_too_long, plan_requests, round_trip_texts, row_key, sample_judgments
 from .system import children_peak_rss_bytes, network_switches, peak_rss_bytes, release_memory, reset_peak_rss
-from .training import train_adapter
+from .training import kept_text, train_adapter
 from .warmup import SFT_FILE, read_warmup_file, sft_from_pairs, warmup_from_judgments, warmup_stats, write_sft_file
 
 JUDGMENTS = "judgments.jsonl"
@@ -389,7 +389,7 @@ class ConjRun:
             measures = "last 8 steps: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.last_steps.items())
         self.console.print(
             f"train ({label}, {summary.objective}): {summary.steps} steps in {summary.seconds:.1f}s "
-            f"({summary.path}); {measures}; adapter in {summary.adapter_dir}",
+            f"({summary.path}); {measures}{kept_text(summary.kept)}; adapter in {summary.adapter_dir}",
             highlight=False,
         )
         return summary

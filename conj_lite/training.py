@@ -525,6 +525,18 @@ def restore_best(trainer, directory: Path, window: int) -> dict:
             "last_window_accuracy": final}
 
 
+def kept_text(kept: dict | None) -> str:
+    """What training.keep handed on, for the stage's line ("" when it kept the last step as asked)."""
+    if not kept:
+        return ""
+    if kept["rule"] == "best":
+        return (f"; kept the adapter after step {kept['step']} of {kept['last_step']} (pair accuracy "
+                f"{kept['window_accuracy']:.3f} over its window, the last window's {kept['last_window_accuracy']:.3f})")
+    if "why" in kept:
+        return f"; kept the last step's adapter ({kept['why']})"
+    return f"; kept the last step's adapter (its window's pair accuracy {kept['window_accuracy']:.3f} was the best)"
+
+
 @dataclass
 class TrainSummary:
     adapter_dir: Path

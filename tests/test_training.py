@@ -425,3 +425,15 @@ def test_keep_best_hands_on_the_adapter_of_the_best_window_not_the_last(tiny_mod
     last = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-8" / "adapter_model.safetensors")
     assert all(torch.equal(handed_on[name], kept[name]) for name in kept)
     assert not all(torch.equal(handed_on[name], last[name]) for name in last)
+
+
+def test_the_stage_line_says_which_adapter_was_kept():
+    from conj_lite.training import kept_text
+
+    assert kept_text(None) == ""
+    best = {"rule": "best", "step": 132, "window_accuracy": 0.875, "last_step": 160, "last_window_accuracy": 0.65625}
+    assert kept_text(best) == ("; kept the adapter after step 132 of 160 (pair accuracy 0.875 over its window, "
+                               "the last window's 0.656)")
+    assert "0.500 was the best" in kept_text({"rule": "last", "step": 80, "window_accuracy": 0.5, "best_step": 80,
+                                              "best_window_accuracy": 0.5})
+    assert "fewer than 8 steps logged" in kept_text({"rule": "last", "step": 4, "why": "fewer than 8 steps logged"})
