@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 # Since the LoRA's start is seeded (ninth session) a seed is one run in every process; before, fresh clones of one
 # recipe gained anything from +0.0 to +35.0 per order (docs/benchmarks.md, "One seed, one run"). The recipe as
 # shipped (steps of 4 examples, the best window kept), seed 0, its training alone: +28.5 [+23, +33.5] per order,
-# +33 [+21, +45] by P(A), consistency 63%; seed 1 +14.5 [+8.5, +21] and +18 [+4, +32]; seed 2 +19.5 [+12.5, +26.5] and +21 [+7, +34]. A run that only moves the
-# position prior gains about nothing on both, and the floors sit well under seed 0's run.
+# +33 [+21, +45] by P(A), consistency 63%; seed 1 +14.5 [+8.5, +21] and +18 [+4, +32]; seed 2 +19.5 [+12.5, +26.5]
+# and +21 [+7, +34]. A run that only moves the position prior gains about nothing on both, and the floors sit well
+# under seed 0's run.
 GAIN_FLOOR = 0.10  # per-order accuracy
 DECISION_FLOOR = 0.15  # the decision by P(A) averaged over both orders
 

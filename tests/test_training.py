@@ -300,6 +300,15 @@ def test_loraplus_below_one_is_refused_when_the_recipe_is_read():
         load_recipe(None, ["training.loraplus_ratio=0.5"])
 
 
+def verdict_pair(pid: str, order: str, question: str, answers: tuple[str, str], verdict: int) -> dict:
+    """A verdict-only DPO pair on the `en` template: `verdict` chosen, the other rejected."""
+    from conj_lite.prompts import build_messages, load_template
+
+    template = replace(load_template("en"), rationale=False)
+    return {"id": pid, "order": order, "kind": "hint", "prompt": build_messages(template, question, *answers),
+            "chosen": '{"better_answer": %d}' % verdict, "rejected": '{"better_answer": %d}' % (3 - verdict)}
+
+
 @pytest.mark.slow
 def test_loraplus_moves_the_b_matrices_ratio_times_as_fast(tiny_model_dir, tmp_path):
     """One optimizer step from LoRA's start (B = 0, so only B has a gradient): Adam's
@@ -309,14 +318,9 @@ def test_loraplus_moves_the_b_matrices_ratio_times_as_fast(tiny_model_dir, tmp_p
     from safetensors.torch import load_file
 
     from conj_lite.jsonio import write_jsonl
-    from conj_lite.prompts import build_messages, load_template
     from conj_lite.training import train_adapter
 
-    template = replace(load_template("en"), rationale=False)
-    pairs = [{"id": f"p{k}", "order": "ab", "kind": "hint",
-              "prompt": build_messages(template, f"Is {k} even?", "Yes.", "No."),
-              "chosen": '{"better_answer": %d}' % (1 + k % 2), "rejected": '{"better_answer": %d}' % (2 - k % 2)}
-             for k in range(2)]
+    pairs = [verdict_pair(f"p{k}", "ab", f"Is {k} even?", ("Yes.", "No."), 1 + k % 2) for k in range(2)]
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     moved = {}
     for ratio in (1, 16):
@@ -341,13 +345,10 @@ def test_the_lora_starts_from_training_seed_whatever_the_process_drew_before(tin
     from safetensors.torch import load_file
 
     from conj_lite.jsonio import write_jsonl
-    from conj_lite.prompts import build_messages, load_template
     from conj_lite.training import train_adapter
 
-    template = replace(load_template("en"), rationale=False)
-    pairs = [{"id": "p0", "order": order, "kind": "hint", "prompt": build_messages(template, "Is 2 even?", *answers),
-              "chosen": '{"better_answer": %d}' % verdict, "rejected": '{"better_answer": %d}' % (3 - verdict)}
-             for order, answers, verdict in (("ab", ("Yes.", "No."), 1), ("ba", ("No.", "Yes."), 2))]
+    pairs = [verdict_pair("p0", "ab", "Is 2 even?", ("Yes.", "No."), 1),
+             verdict_pair("p0", "ba", "Is 2 even?", ("No.", "Yes."), 2)]
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     adapters = []
     for run, (seed, drawn) in enumerate(((0, 1), (0, 2), (1, 1))):
@@ -398,15 +399,10 @@ def test_keep_best_hands_on_the_adapter_of_the_best_window_not_the_last(tiny_mod
 
     from conj_lite.artifacts import TRAIN_META
     from conj_lite.jsonio import write_jsonl
-    from conj_lite.prompts import build_messages, load_template
     from conj_lite.training import best_window, train_adapter
 
-    template = replace(load_template("en"), rationale=False)
-    pairs = [{"id": f"p{k}", "order": order, "kind": "hint",
-              "prompt": build_messages(template, f"Is {2 * k} even?", *answers),
-              "chosen": '{"better_answer": %d}' % verdict, "rejected": '{"better_answer": %d}' % (3 - verdict)}
-             for k in range(16)
-             for order, answers, verdict in ([("ab", ("Yes.", "No."), 1)] if k % 2 else [("ba", ("No.", "Yes."), 2)])]
+    pairs = [verdict_pair(f"p{k}", "ab", f"Is {2 * k} even?", ("Yes.", "No."), 1) if k % 2 else
+             verdict_pair(f"p{k}", "ba", f"Is {2 * k} even?", ("No.", "Yes."), 2) for k in range(16)]
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     recipe = load_recipe(find_recipe("tiny-cpu"), [
         "training.max_steps=8", "training.batch_size=2", "training.grad_accum=1", "training.eval_pairs=0",
