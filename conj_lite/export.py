@@ -53,7 +53,7 @@ from .artifacts import (
 )
 from .errors import InputError
 from .judging.verify import VerifyReport, print_verify, verify_export
-from .jsonio import read_json, write_json
+from .jsonio import read_json, staged_dir, write_json
 from .progress import get_console
 from .prompts import DEFAULT_CHAT_DATE, JudgeTemplate
 from .system import exclusive
@@ -256,35 +256,26 @@ def _wanted(rel: str) -> bool:
 
 def extract_converter(sdist: Path, dest: Path) -> None:
     """Unpack only the converter, conversion/ and gguf-py/ from the sdist into dest."""
-    staging = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    count = 0
-    try:
-        with tarfile.open(sdist, "r:*") as tar:
-            for member in tar:
-                parts = member.name.split("/")
-                if len(parts) < 4 or parts[1:3] != ["vendor", "llama.cpp"] or not member.isfile():
-                    continue
-                rel = "/".join(parts[3:])
-                if not _wanted(rel) or ".." in parts or member.name.startswith("/"):
-                    continue
-                target = staging / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
-                count += 1
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise InputError(f"{sdist}: cannot unpack the converter: {exc}") from None
-    try:
+    with staged_dir(dest) as staging:
+        count = 0
+        try:
+            with tarfile.open(sdist, "r:*") as tar:
+                for member in tar:
+                    parts = member.name.split("/")
+                    if len(parts) < 4 or parts[1:3] != ["vendor", "llama.cpp"] or not member.isfile():
+                        continue
+                    rel = "/".join(parts[3:])
+                    if not _wanted(rel) or ".." in parts or member.name.startswith("/"):
+                        continue
+                    target = staging / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(member) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    count += 1
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise InputError(f"{sdist}: cannot unpack the converter: {exc}") from None
         _check_converter_tree(staging, f"{sdist} (vendor/llama.cpp)")
-    except InputError:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    (staging / CONVERTER_MARKER).write_text(json.dumps({"sdist": str(sdist), "files": count}))
-    shutil.rmtree(dest, ignore_errors=True)
-    staging.rename(dest)
+        (staging / CONVERTER_MARKER).write_text(json.dumps({"sdist": str(sdist), "files": count}))
 
 
 def converter_from_sdist(sdist: Path, console=None) -> Converter:
@@ -615,33 +606,30 @@ def merge_adapter(source: str | Path, merged_dir: str | Path, *, base: str | Non
     tokenizer.chat_template = system_default_template(tokenizer.chat_template, template.system)
     add_bos, add_eos = _special_tokens_added(tokenizer)
 
-    staging = merged_dir.with_name(merged_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging), safe_serialization=True)
-    tokenizer.save_pretrained(str(staging))
-    config_path = staging / "tokenizer_config.json"
-    tok_config = read_json(config_path) if config_path.is_file() else {}
-    tok_config["add_bos_token"], tok_config["add_eos_token"] = add_bos, add_eos
-    tok_config.setdefault("added_tokens_decoder", _added_tokens_decoder(tokenizer))
-    config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False), encoding="utf-8")
-    _copy_sentencepiece_model(staging, [str(source), str(base)])
-    seconds = time.perf_counter() - start
-    meta = {
-        "fingerprint": fingerprint,
-        "source": str(source),
-        "kind": info["kind"],
-        "base_model": base,
-        "trained_in_4bit": info["load_in_4bit"],
-        "dtype": str(torch_dtype).replace("torch.", ""),
-        "template": template.to_dict(),
-        "chat_date": info.get("chat_date") or DEFAULT_CHAT_DATE,
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "seconds": round(seconds, 2),
-    }
-    (staging / MERGE_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-    shutil.rmtree(merged_dir, ignore_errors=True)
-    staging.rename(merged_dir)
+    with staged_dir(merged_dir) as staging:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        config_path = staging / "tokenizer_config.json"
+        tok_config = read_json(config_path) if config_path.is_file() else {}
+        tok_config["add_bos_token"], tok_config["add_eos_token"] = add_bos, add_eos
+        tok_config.setdefault("added_tokens_decoder", _added_tokens_decoder(tokenizer))
+        config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False), encoding="utf-8")
+        _copy_sentencepiece_model(staging, [str(source), str(base)])
+        seconds = time.perf_counter() - start
+        meta = {
+            "fingerprint": fingerprint,
+            "source": str(source),
+            "kind": info["kind"],
+            "base_model": base,
+            "trained_in_4bit": info["load_in_4bit"],
+            "dtype": str(torch_dtype).replace("torch.", ""),
+            "template": template.to_dict(),
+            "chat_date": info.get("chat_date") or DEFAULT_CHAT_DATE,
+            "add_bos_token": add_bos,
+            "add_eos_token": add_eos,
+            "seconds": round(seconds, 2),
+        }
+        (staging / MERGE_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     del model
     return MergeResult(merged_dir, seconds, False, meta["dtype"], fingerprint)
 

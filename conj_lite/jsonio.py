@@ -11,9 +11,11 @@ manifests).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -103,6 +105,25 @@ def _replace_atomically(path: Path, text: str) -> None:
         if full is not None:
             raise full from None
         raise
+
+
+@contextlib.contextmanager
+def staged_dir(dest: str | Path) -> Iterator[Path]:
+    """An empty directory, `dest` with `.partial` appended, that replaces `dest` whole when
+    the block ends without error; on an error it is removed and `dest` stays as it was.
+    A reader finds `dest` complete or absent; a killed writer leaves at most the
+    `.partial`, which the next writer clears."""
+    dest = Path(dest)
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
 
 
 def read_json(path: str | Path) -> dict:

@@ -52,7 +52,7 @@ from . import sampling
 from .data import PreferencePair, write_pairs_jsonl
 from .errors import InputError
 from .export import merge_adapter
-from .jsonio import read_jsonl, write_jsonl
+from .jsonio import read_jsonl, staged_dir, write_jsonl
 from .judging import evaluate, open_judge
 from .pipeline import ConjRun
 from .prompts import JudgeTemplate, build_messages, hint_prefix, judge_verdict_json, ordered_answers
@@ -252,17 +252,14 @@ def base_judge(spec: BaseJudgeSpec = BaseJudgeSpec(), *, wrong: str = "negation"
     losses = warm_up(model, tokenizer, warmup_examples(spec, template(), wrong),
                      TinyModelSpec(warmup_steps=spec.steps, warmup_batch_size=spec.batch_size, warmup_lr=spec.lr,
                                    seed=spec.seed))
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if (tiny_dir / "tokenizer.model").is_file():  # llama.cpp's converter reads it (GGUF export)
-        shutil.copy(tiny_dir / "tokenizer.model", staging / "tokenizer.model")
-    meta = {"spec": asdict(spec), "wrong": wrong, "tiny": str(tiny_dir), "loss_first": losses[:1],
-            "loss_last": losses[-5:]}
-    (staging / "conj_lite_learnability.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    with staged_dir(out) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if (tiny_dir / "tokenizer.model").is_file():  # llama.cpp's converter reads it (GGUF export)
+            shutil.copy(tiny_dir / "tokenizer.model", staging / "tokenizer.model")
+        meta = {"spec": asdict(spec), "wrong": wrong, "tiny": str(tiny_dir), "loss_first": losses[:1],
+                "loss_last": losses[-5:]}
+        (staging / "conj_lite_learnability.json").write_text(json.dumps(meta, indent=2))
     return out
 
 

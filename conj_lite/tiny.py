@@ -28,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import TinyConfig
+from .jsonio import staged_dir
 from .prompts import (
     JudgeTemplate,
     build_messages,
@@ -254,18 +255,15 @@ def build_tiny_model(
         model = LlamaForCausalLM(config)
         losses = warm_up(model, tokenizer, examples, spec, progress) if spec.warmup_steps else []
 
-        staging = out_dir.with_name(out_dir.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        # The converter reads sentencepiece vocabularies from tokenizer.model.
-        shutil.copy(work / "tok" / "tokenizer.model", staging / "tokenizer.model")
-        meta = {"spec": asdict(spec), "warmup_loss_first": losses[:1], "warmup_loss_last": losses[-5:]}
-        (staging / "conj_lite_tiny.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        staging.rename(out_dir)
+        with staged_dir(out_dir) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            # The converter reads sentencepiece vocabularies from tokenizer.model.
+            shutil.copy(work / "tok" / "tokenizer.model", staging / "tokenizer.model")
+            meta = {"spec": asdict(spec), "warmup_loss_first": losses[:1], "warmup_loss_last": losses[-5:]}
+            (staging / "conj_lite_tiny.json").write_text(json.dumps(meta, indent=2))
     return out_dir
 
 

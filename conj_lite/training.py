@@ -36,7 +36,7 @@ from .artifacts import TRAIN_META
 from .config import LR_SCHEDULERS, Recipe, save_recipe
 from .errors import InputError
 from .frame import frame_head, verdict_only_head
-from .jsonio import iter_jsonl_objects
+from .jsonio import iter_jsonl_objects, staged_dir
 from .models import Runtime, import_unsloth_first, load_causal_lm, load_tokenizer, resolve_runtime
 from .progress import stage_progress
 from .system import trim_heap
@@ -493,13 +493,10 @@ def keep_best_callback(directory: Path, window: int):
             best = best_window([acc for _, acc in logged], window)
             if best is None or best[0] != len(logged) - 1:
                 return
-            staging = directory.with_name(directory.name + ".partial")
-            shutil.rmtree(staging, ignore_errors=True)
-            model.save_pretrained(str(staging), selected_adapters=["default"])
-            (staging / "kept.json").write_text(json.dumps({"step": state.global_step, "window": window,
-                                                           "window_accuracy": best[1]}))
-            shutil.rmtree(directory, ignore_errors=True)
-            staging.rename(directory)
+            with staged_dir(directory) as staging:
+                model.save_pretrained(str(staging), selected_adapters=["default"])
+                (staging / "kept.json").write_text(json.dumps({"step": state.global_step, "window": window,
+                                                               "window_accuracy": best[1]}))
 
     return KeepBest()
 
@@ -728,14 +725,6 @@ def last_steps_mean(log_history: list[dict], objective: str, n: int = 8) -> dict
 
 def write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out_dir: Path) -> None:
     """adapter/ with weights, tokenizer, training meta and recipe, written atomically."""
-    import shutil
-
-    adapter_dir = out_dir / "adapter"
-    staging = out_dir / "adapter.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    # Only the trained adapter: TRL's frozen "ref" copy (when continuing) is not the judge.
-    trainer.model.save_pretrained(str(staging), selected_adapters=["default"])
-    tokenizer.save_pretrained(str(staging))
     history = [
         {k: v for k, v in entry.items()
          if k in ("step", "loss", "rewards/margins", "rewards/accuracies", "mean_token_accuracy", "learning_rate")}
@@ -757,10 +746,12 @@ def write_adapter(trainer, tokenizer, recipe, runtime, base, pairs, summary, out
         "summary": summary.to_dict(),
         "history": history,
     }
-    (staging / TRAIN_META).write_text(json.dumps(meta, indent=2))
-    save_recipe(recipe, staging / "recipe.yaml")
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    staging.rename(adapter_dir)
+    with staged_dir(out_dir / "adapter") as staging:
+        # Only the trained adapter: TRL's frozen "ref" copy (when continuing) is not the judge.
+        trainer.model.save_pretrained(str(staging), selected_adapters=["default"])
+        tokenizer.save_pretrained(str(staging))
+        (staging / TRAIN_META).write_text(json.dumps(meta, indent=2))
+        save_recipe(recipe, staging / "recipe.yaml")
 
 
 def recorded_template(recipe: Recipe) -> dict:

@@ -82,3 +82,23 @@ def test_a_full_disk_keeps_the_old_file_of_an_atomic_write(small_disk):
     with pytest.raises(InputError, match=f"disk full while writing {path}"):
         write_jsonl(path, [{"n": i, "text": "x" * 1000} for i in range(200)])
     assert read_jsonl(path) == [{"n": 1}] and [p.name for p in small_disk.path.iterdir()] == ["pairs.jsonl"]
+
+
+def test_a_staged_directory_replaces_the_old_one_whole_or_not_at_all(tmp_path):
+    from conj_lite.jsonio import staged_dir
+
+    dest = tmp_path / "adapter"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    (tmp_path / "adapter.partial").mkdir()  # a killed writer's leftover
+    (tmp_path / "adapter.partial" / "stale.txt").write_text("stale")
+    with pytest.raises(RuntimeError):
+        with staged_dir(dest) as staging:
+            assert list(staging.iterdir()) == []  # the leftover cleared
+            (staging / "new.txt").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert [p.name for p in dest.iterdir()] == ["old.txt"] and not (tmp_path / "adapter.partial").exists()
+    with staged_dir(dest) as staging:
+        (staging / "new.txt").write_text("new")
+        assert (dest / "old.txt").is_file()  # the old one stays readable until the end
+    assert [p.name for p in dest.iterdir()] == ["new.txt"] and not (tmp_path / "adapter.partial").exists()

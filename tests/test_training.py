@@ -423,6 +423,22 @@ def test_keep_best_hands_on_the_adapter_of_the_best_window_not_the_last(tiny_mod
     assert not all(torch.equal(handed_on[name], last[name]) for name in last)
 
 
+def test_a_resumed_training_drops_a_best_adapter_saved_after_its_checkpoint(tmp_path):
+    """Killed after the best adapter of step 6 was saved but before a checkpoint at or past
+    it: the run resumes from step 4 and replays steps 5-8, so the saved best describes steps
+    the resumed run has not trained yet. It goes; one saved at or before the checkpoint stays."""
+    from transformers import TrainerState
+
+    from conj_lite.training import keep_best_callback
+
+    best = tmp_path / "best"
+    for saved, resumed_at, stays in ((6, 4, False), (4, 4, True), (2, 4, True), (6, 0, False)):
+        best.mkdir(exist_ok=True)
+        (best / "kept.json").write_text(json.dumps({"step": saved, "window": 1, "window_accuracy": 1.0}))
+        keep_best_callback(best, 1).on_train_begin(None, TrainerState(global_step=resumed_at), None)
+        assert best.is_dir() == stays, (saved, resumed_at)
+
+
 def test_the_stage_line_says_which_adapter_was_kept():
     from conj_lite.training import kept_text
 
