@@ -467,6 +467,14 @@ def logged_accuracies(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(entry["step"], entry[KEEP_METRIC]) for entry in log_history if "loss" in entry and KEEP_METRIC in entry]
 
 
+def kept_step(directory: Path) -> int | None:
+    """The step whose adapter keep_best_callback saved in `directory` (kept.json), None if none."""
+    try:
+        return json.loads((directory / "kept.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def keep_best_callback(directory: Path, window: int):
     """A TrainerCallback that saves the adapter to `directory` after each step that ends the best
     window so far (best_window), with kept.json saying which step it is."""
@@ -474,15 +482,9 @@ def keep_best_callback(directory: Path, window: int):
 
     from transformers import TrainerCallback
 
-    def saved_step() -> int | None:
-        try:
-            return json.loads((directory / "kept.json").read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            return None
-
     class KeepBest(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            step = saved_step()
+            step = kept_step(directory)
             if step is not None and step > state.global_step:  # saved past the checkpoint resumed from
                 shutil.rmtree(directory, ignore_errors=True)
 
@@ -511,8 +513,7 @@ def restore_best(trainer, directory: Path, window: int) -> dict:
         return {**last, "why": f"fewer than {window} steps logged"}
     step, accuracy = logged[best[0]][0], round(best[1], 4)
     final = round(sum(acc for _, acc in logged[-window:]) / window, 4)
-    kept_file = directory / "kept.json"
-    if step == logged[-1][0] or not kept_file.is_file() or json.loads(kept_file.read_text())["step"] != step:
+    if step == logged[-1][0] or kept_step(directory) != step:
         return {**last, "window_accuracy": final, "best_step": step, "best_window_accuracy": accuracy}
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
