@@ -67,7 +67,7 @@ class DataConfig:
                        "`conj-lite run` judges them before and after training and prints what changed")
     heldout_engine: str = opt("transformers", "what judges the held-out pairs before and after training: "
                               "transformers (the base, then the base with the adapter, in the training dtype: the "
-                              "model as trained, its own tokenizer) or llama.cpp (an f16 GGUF of the base, the "
+                              "model as trained, its own tokenizer) or llama.cpp (an f32 GGUF of the base, the "
                               "adapter as a GGUF LoRA at run time, llama.cpp's tokenizer: as the GGUF judge reads "
                               "prompts; 1.4x faster on the demo's CPU); auto: llama.cpp on a CPU when installed and "
                               "the model has a GGUF or can be converted to one")
@@ -181,7 +181,7 @@ class TrainConfig:
                           "still computes in model.dtype (docs/benchmarks.md)")
     ref_batch_size: int = opt(16, "pairs per batch when precomputing the reference log-probabilities")
     ref_engine: str = opt("auto", "what computes the DPO reference's log-probabilities: transformers (TRL: a forward "
-                          "pass in every step, or precompute_ref) or llama.cpp (once, before training, on an f16 "
+                          "pass in every step, or precompute_ref) or llama.cpp (once, before training, on an f32 "
                           "GGUF of the reference: conj_lite/reference.py); auto: llama.cpp with the shared-prompt "
                           "step on a CPU when llama-cpp-python is installed and the model has a GGUF or can be "
                           "converted to one")

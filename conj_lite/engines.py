@@ -8,8 +8,8 @@ policy it samples from (`policy()`, recorded in sampled_from.json). Two ship:
 
   transformers  HF `generate` on the model directory, the round's adapter merged in;
                 the default on a GPU (4-bit, unsloth), and wherever llama.cpp is not.
-  llama.cpp     llama-cpp-python on an f16 GGUF of the policy: the packaged model's own
-                GGUF (`base.gguf`, the weights training dequantized) rewritten in f16, or
+  llama.cpp     llama-cpp-python on an f32 GGUF of the policy: the packaged model's own
+                GGUF (`base.gguf`, the weights training dequantized) rewritten in f32, or
                 the model directory converted by the export stage's converter; a round's
                 adapter as a GGUF LoRA applied at run time (each made once, cached). The
                 sequences of a batch decode together in one context
@@ -340,7 +340,7 @@ def engine_inputs(name: str, base: str, adapter: Path | None) -> dict:
     if name != "llama.cpp":
         return {"name": name}
     shipped = gguf_of(base)
-    return {"name": name, "gguf": path_identity(shipped) if shipped else "the model directory", "as": "f16",
+    return {"name": name, "gguf": path_identity(shipped) if shipped else "the model directory", "as": POLICY_GGUF_TYPE,
             "lora": "the adapter as a GGUF LoRA" if adapter else None, "llama_cpp_python": _llama_cpp_version()}
 
 
@@ -373,8 +373,18 @@ def _converted(kind: str, source: Path, build: Callable[[Path], None]) -> Path:
     return out
 
 
-def requantize_f16(src: Path, dst: Path, threads: int | None = None) -> Path:
-    """`src` (a GGUF of any type) with its weights in f16, in-process (llama_model_quantize)."""
+# The policy's GGUF for llama.cpp's work on the model's own weights (sampling, the DPO
+# reference, the held-out pairs): f32. That work is prompt evaluation, which llama.cpp's
+# CPU kernels do ~1.7x faster from f32 than from f16 weights (f16 converts both operands
+# on the fly; decoding one token at a time is as fast in both; benchmarks/gguf_types.py),
+# and f32 holds the weights training computes with, without f16's rounding.
+POLICY_GGUF_TYPE = "f32"
+_FTYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16"}
+
+
+def requantize(src: Path, dst: Path, type_: str = POLICY_GGUF_TYPE, threads: int | None = None) -> Path:
+    """`src` (a GGUF of any type) with its weights in `type_` (f32 or f16), in-process
+    (llama_model_quantize)."""
     import llama_cpp
     from llama_cpp._logger import set_verbose
 
@@ -382,11 +392,11 @@ def requantize_f16(src: Path, dst: Path, threads: int | None = None) -> Path:
 
     set_verbose(False)  # llama.cpp would list every tensor
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_F16
-    params.allow_requantize = True  # a quantized source: dequantized, then stored in f16
+    params.ftype = getattr(llama_cpp, _FTYPES[type_])
+    params.allow_requantize = True  # a quantized source: dequantized, then stored in `type_`
     params.nthread = threads or usable_cpus()
     if llama_cpp.llama_model_quantize(str(src).encode("utf-8"), str(dst).encode("utf-8"), params) != 0:
-        raise InputError(f"{src}: llama.cpp cannot rewrite this GGUF in f16")
+        raise InputError(f"{src}: llama.cpp cannot rewrite this GGUF in {type_}")
     return dst
 
 
@@ -394,44 +404,44 @@ def policy_gguf(base: str, adapter: Path | None, recipe: Recipe, console=None, *
                 instead: str = "sample with HF generate") -> tuple[Path, Path | None, dict]:
     """(model GGUF, GGUF LoRA or None, what was converted) of the policy, made once and
     cached: the model's own GGUF (a packaged model's base.gguf, the weights training
-    dequantized) rewritten in f16, or else its directory converted to an f16 GGUF by the
-    export stage's converter; the adapter converted to a GGUF LoRA. f16 because
-    llama.cpp's CPU matrix kernels evaluate prompts about twice as fast in f16 as in
-    Q4_1 (benchmarks/sampling.py). A model with neither a GGUF nor a directory to
+    dequantized) rewritten in f32 (POLICY_GGUF_TYPE), or else its directory converted to
+    such a GGUF by the export stage's converter; the adapter converted to a GGUF LoRA of
+    the same type. A model with neither a GGUF nor a directory to
     convert is an InputError that names the recipe `setting` and what to set it to."""
     from .export import convert_lora_to_gguf, convert_to_gguf, find_converter
     from .prompts import load_template
 
     instead = f"set {setting}=transformers to {instead} instead"
+    kind = POLICY_GGUF_TYPE
     shipped = gguf_of(base)
     if shipped is not None:
-        gguf = _converted("model-f16", shipped, lambda out: requantize_f16(shipped, out))
-        files = {"gguf_from": {"file": path_identity(shipped)["digest"], "as": "f16"}}
+        gguf = _converted(f"model-{kind}", shipped, lambda out: requantize(shipped, out, kind))
+        files = {"gguf_from": {"file": path_identity(shipped)["digest"], "as": kind}}
     elif can_convert(base):
         if console is not None:
-            console.print(f"sample: converting {base} to an f16 GGUF for llama.cpp (once, cached)", highlight=False)
+            console.print(f"sample: converting {base} to an {kind} GGUF for llama.cpp (once, cached)", highlight=False)
         template = load_template(recipe.prompts.template)
         try:
-            gguf = _converted("model-f16", Path(base), lambda out: convert_to_gguf(
-                Path(base), out, find_converter(console=console), outtype="f16", template=template,
+            gguf = _converted(f"model-{kind}", Path(base), lambda out: convert_to_gguf(
+                Path(base), out, find_converter(console=console), outtype=kind, template=template,
                 name="policy", log_path=out.with_name(out.name + ".log")))
         except InputError as exc:
             raise InputError(f"{base}: cannot convert the model to a GGUF for {setting}=llama.cpp: {exc}\n"
                              f"{instead}") from None
-        files = {"gguf_from": {"model": path_identity(base)["digest"], "as": "f16"}}
+        files = {"gguf_from": {"model": path_identity(base)["digest"], "as": kind}}
     else:
         raise InputError(f"{base}: {setting}=llama.cpp needs a GGUF of the policy, and this model has none "
                          f"and is not a local model directory to convert; {instead}")
     lora = None
     if adapter is not None:
         try:
-            lora = _converted("lora-f16", Path(adapter), lambda out: convert_lora_to_gguf(
-                adapter, out, base, converter=find_converter(console=console, lora=True), outtype="f16",
+            lora = _converted(f"lora-{kind}", Path(adapter), lambda out: convert_lora_to_gguf(
+                adapter, out, base, converter=find_converter(console=console, lora=True), outtype=kind,
                 log_path=out.with_name(out.name + ".log")))
         except InputError as exc:
             raise InputError(f"{adapter}: cannot convert the adapter to a GGUF LoRA for {setting}=llama.cpp: "
                              f"{exc}\n{instead}") from None
-        files["lora_from"] = {"adapter": path_identity(adapter)["digest"], "as": "f16"}
+        files["lora_from"] = {"adapter": path_identity(adapter)["digest"], "as": kind}
     return gguf, lora, files
 
 

@@ -38,7 +38,7 @@ from .filtering import build_pairs
 from .jsonio import read_json, write_json, write_jsonl
 from .judging import Judge, evaluate
 from .judging.evaluation import paired_gain
-from .engines import choose_engine, engine_inputs, gguf_engine, open_engine, policy_gguf
+from .engines import POLICY_GGUF_TYPE, choose_engine, engine_inputs, gguf_engine, open_engine, policy_gguf
 from .models import import_unsloth_early, resolve_model_path, resolve_runtime, set_cpu_threads
 from .packaged import PACKAGED
 from .progress import get_console, quiet_libraries, stage_progress
@@ -453,7 +453,7 @@ class ConjRun:
             return None
         engine = gguf_engine(self.recipe.data.heldout_engine, self.base_model())
         # transformers: in the precision training used (bf16 on a CPU reads 2x faster than fp32)
-        dtype = "f16" if engine == "llama.cpp" else (
+        dtype = POLICY_GGUF_TYPE if engine == "llama.cpp" else (
             "bfloat16" if resolve_runtime(self.recipe.model).dtype == "bf16" else "float32")
         out = {"pairs": len(pairs), "mode": "verdict", "base": self.base_model(), "adapter": str(adapter),
                "engine": engine, "dtype": dtype}
@@ -475,7 +475,7 @@ class ConjRun:
 
     def _heldout_judge(self, engine: str, adapter, dtype: str) -> Judge:
         """The verdict-mode judge of the held-out pairs: the base (+ adapter) through
-        transformers, or on llama.cpp an f16 GGUF of the base with the adapter as a GGUF
+        transformers, or on llama.cpp an f32 GGUF of the base with the adapter as a GGUF
         LoRA applied at run time (engines.policy_gguf: made once, cached)."""
         options = dict(template=self.template, mode="verdict", n_ctx=self.recipe.model.max_seq_length,
                        chat_date=self.recipe.prompts.date_string)

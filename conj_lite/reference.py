@@ -5,17 +5,18 @@ computes the reference's log-probabilities of each pair's chosen and rejected
 completions with a forward pass in every step (or all of them first, with
 `precompute_ref_log_probs`), in the policy's own dtype: in fp32 on a CPU that pass is a
 third of a step of the embedded demo (0.9-1.0 s of a 2.65 s micro-step of 2 rows,
-docs/benchmarks.md). llama.cpp evaluates the same prompts from an f16 GGUF of the
-reference about twice as fast, so with `training.ref_engine: llama.cpp` the trainer is
+docs/benchmarks.md). llama.cpp evaluates the same prompts from a GGUF of the
+reference (f32: `engines.POLICY_GGUF_TYPE`) once, sharing what rows share, so with `training.ref_engine: llama.cpp` the trainer is
 handed the reference's log-probabilities computed here, from the token ids TRL's own
 data preparation made, and takes them as it takes precomputed ones.
 
 The reference is the policy's GGUF (`engines.policy_gguf`): the model's own GGUF
-rewritten in f16 or its directory converted, plus, when training continues from an
+rewritten in f32 or its directory converted, plus, when training continues from an
 adapter, that adapter as a GGUF LoRA (TRL's reference is then a frozen copy of it).
-f16 weights and llama.cpp's kernels differ from the fp32 forward by ~0.006 nats on a
-judgment's log-probability (SmolLM2, the demo's pairs: mean 0.006, largest 0.023); the
-DPO term sees that times beta (0.1), a shift of its logit by ~0.001.
+llama.cpp's kernels differ from the fp32 forward by a few thousandths of a nat on a
+judgment's log-probability (SmolLM2, the demo's pairs, from the earlier f16 GGUF: mean
+0.006, largest 0.023); the DPO term sees that times beta (0.1), a shift of its logit
+by ~0.001.
 
 Each row is evaluated on one sequence, its prompt from where it departs from the
 previous row's (the judge's instructions are evaluated once), then the chosen

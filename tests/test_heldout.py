@@ -26,7 +26,7 @@ def test_the_held_out_engine_is_a_checked_recipe_field(tmp_path):
 
 @pytest.mark.slow
 def test_the_held_out_pairs_judged_on_llama_cpp(repo_root, tiny_model_dir, tmp_path):
-    """data.heldout_engine=llama.cpp: the f16 GGUF of the base, then with the adapter as a
+    """data.heldout_engine=llama.cpp: the f32 GGUF of the base, then with the adapter as a
     GGUF LoRA. (Agreement with transformers is measured on SmolLM2, docs/benchmarks.md:
     llama.cpp's tokenizer reads some texts otherwise than the model's own, the tiny
     model's from the first token.)"""
@@ -35,7 +35,7 @@ def test_the_held_out_pairs_judged_on_llama_cpp(repo_root, tiny_model_dir, tmp_p
     run = ConjRun.from_recipe(repo_root / "conj_lite" / "recipes" / "tiny-cpu.yaml", tmp_path / "run", overrides)
     run.run_all(export=False)
     result = json.loads((tmp_path / "run" / "heldout.json").read_text())
-    assert result["engine"] == "llama.cpp" and result["dtype"] == "f16" and result["pairs"] == 8
+    assert result["engine"] == "llama.cpp" and result["dtype"] == "f32" and result["pairs"] == 8
     records = {}
     for name in ("before", "after"):
         path = tmp_path / "run" / "heldout" / f"{name}.jsonl"
