@@ -13,7 +13,6 @@ time after a prompt. The types take turns within every round; best of --rounds.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from conj_lite.data import load_pairs  # noqa: E402
-from conj_lite.engines import requantize  # noqa: E402
+from conj_lite.export import quantize_gguf  # noqa: E402
 from conj_lite.judging import Judge  # noqa: E402
 from conj_lite.judging.backends import load_llama  # noqa: E402
 from conj_lite.judging.verdicts import verdict_prefix  # noqa: E402
@@ -35,18 +34,6 @@ from conj_lite.system import usable_cpus  # noqa: E402
 from report import machine, today, versions, write_section  # noqa: E402
 
 TITLE = "GGUF types for llama.cpp's work on the policy (benchmarks/gguf_types.py)"
-
-
-def quantize(src: Path, dst: Path, ftype: str, threads: int) -> Path:
-    import llama_cpp
-    from llama_cpp._logger import set_verbose
-
-    set_verbose(False)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = getattr(llama_cpp, ftype), threads
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
-        raise SystemExit(f"{src}: llama_model_quantize to {ftype} failed")
-    return dst
 
 
 def prompts(shipped: Path, n: int) -> list[list[int]]:
@@ -89,9 +76,8 @@ def main(argv=None) -> int:
     shipped = packaged_model_path("smollm2-135m") / BASE_GGUF
     ids = prompts(shipped, args.prompts)
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"f32": requantize(shipped, Path(tmp) / "f32.gguf", "f32", args.threads),
-                 "f16": requantize(shipped, Path(tmp) / "f16.gguf", "f16", args.threads)}
-        files["q8_0"] = quantize(files["f16"], Path(tmp) / "q8_0.gguf", "LLAMA_FTYPE_MOSTLY_Q8_0", args.threads)
+        files = {kind: quantize_gguf(shipped, Path(tmp) / f"{kind}.gguf", kind, threads=args.threads,
+                                     allow_requantize=True) for kind in ("f32", "f16", "q8_0")}
         files["q4_1 (shipped)"] = shipped
         best: dict[str, list[float]] = {name: [0.0, 0.0] for name in files}
         for _ in range(args.rounds):

@@ -379,25 +379,6 @@ def _converted(kind: str, source: Path, build: Callable[[Path], None]) -> Path:
 # on the fly; decoding one token at a time is as fast in both; benchmarks/gguf_types.py),
 # and f32 holds the weights training computes with, without f16's rounding.
 POLICY_GGUF_TYPE = "f32"
-_FTYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16"}
-
-
-def requantize(src: Path, dst: Path, type_: str = POLICY_GGUF_TYPE, threads: int | None = None) -> Path:
-    """`src` (a GGUF of any type) with its weights in `type_` (f32 or f16), in-process
-    (llama_model_quantize)."""
-    import llama_cpp
-    from llama_cpp._logger import set_verbose
-
-    from .system import usable_cpus
-
-    set_verbose(False)  # llama.cpp would list every tensor
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, _FTYPES[type_])
-    params.allow_requantize = True  # a quantized source: dequantized, then stored in `type_`
-    params.nthread = threads or usable_cpus()
-    if llama_cpp.llama_model_quantize(str(src).encode("utf-8"), str(dst).encode("utf-8"), params) != 0:
-        raise InputError(f"{src}: llama.cpp cannot rewrite this GGUF in {type_}")
-    return dst
 
 
 def policy_gguf(base: str, adapter: Path | None, recipe: Recipe, console=None, *, setting: str = "sampling.engine",
@@ -408,14 +389,16 @@ def policy_gguf(base: str, adapter: Path | None, recipe: Recipe, console=None, *
     such a GGUF by the export stage's converter; the adapter converted to a GGUF LoRA of
     the same type. A model with neither a GGUF nor a directory to
     convert is an InputError that names the recipe `setting` and what to set it to."""
-    from .export import convert_lora_to_gguf, convert_to_gguf, find_converter
+    from .export import convert_lora_to_gguf, convert_to_gguf, find_converter, quantize_gguf
     from .prompts import load_template
+    from .system import usable_cpus
 
     instead = f"set {setting}=transformers to {instead} instead"
     kind = POLICY_GGUF_TYPE
     shipped = gguf_of(base)
     if shipped is not None:
-        gguf = _converted(f"model-{kind}", shipped, lambda out: requantize(shipped, out, kind))
+        gguf = _converted(f"model-{kind}", shipped, lambda out: quantize_gguf(
+            shipped, out, kind, threads=usable_cpus(), allow_requantize=True))
         files = {"gguf_from": {"file": path_identity(shipped)["digest"], "as": kind}}
     elif can_convert(base):
         if console is not None:

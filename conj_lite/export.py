@@ -766,19 +766,26 @@ def _conj_lite_version() -> str:
 # ---------------------------------------------------------------- quantize
 
 
-def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, verbose: bool = False) -> Path:
-    """Quantize `src` (f16/bf16/f32 GGUF) to `dst` in-process with llama_model_quantize."""
+UNQUANTIZED_FTYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16"}  # rewrites, not exports
+
+
+def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int = 0, verbose: bool = False,
+                  allow_requantize: bool = False) -> Path:
+    """Quantize `src` (f16/bf16/f32 GGUF) to `dst` in-process with llama_model_quantize:
+    to an export type (QUANT_TYPES), or to f32/f16 (UNQUANTIZED_FTYPES). With
+    `allow_requantize` a quantized `src` is dequantized first."""
     import ctypes
 
     import llama_cpp
     from llama_cpp._logger import set_verbose
 
-    ftype_name = QUANT_TYPES[qtype][0]
+    ftype_name = UNQUANTIZED_FTYPES.get(qtype) or QUANT_TYPES[qtype][0]
     if not hasattr(llama_cpp, ftype_name):
         raise InputError(f"this llama-cpp-python ({llama_cpp.__version__}) has no {ftype_name}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, ftype_name)
     params.nthread = threads
+    params.allow_requantize = allow_requantize
     tmp = dst.with_name(dst.name + ".partial")
     set_verbose(verbose)
     try:
