@@ -7,6 +7,8 @@ seen (an example = one pair in one answer order), both orders, 95% intervals, fo
          judgments) -> filter -> DPO + alpha*SFT (conj_lite.training, TRL)
   sft    the supervised ceiling on the same pairs: `training.objective=sft` on the
          correct verdicts (the chosen side of the same DPO pairs), same steps
+  rise   RISE's two stages in the same budget: the SFT warm-up for half the examples,
+         then DPO + alpha*SFT continuing that adapter for the other half
 
 on two tasks built from real data:
 
@@ -59,6 +61,7 @@ from report import cpu_name, today, versions, write_section  # noqa: E402
 RECIPE = "smollm2-135m_cpu"
 HH_SINGLE = REPO / "data" / "hh_harmless_single_turn.jsonl.gz"
 TITLE = "Learning curves: where SmolLM2-135M learns to judge (benchmarks/learning_curve.py)"
+METHODS = ("conj", "sft", "rise")
 METRICS = ("accuracy", "accuracy_prob", "consistency", "position_bias")
 SET_NAMES = {"relevance": "relevance held-out", "hh": "HH held-out", "llmbar_natural": "LLMBar Natural"}
 
@@ -100,10 +103,23 @@ def sample_pool(task: str, seed: int, pool: list, out: Path, overrides: list[str
 
 
 def train_one(run: ConjRun, method: str, budget: int, work: Path) -> dict:
-    """One adapter: `budget` training examples (steps x batch x accumulation) of the pool."""
+    """One adapter: `budget` training examples (steps x batch x accumulation) of the pool.
+    RISE spends the same budget in two stages: an SFT warm-up on the correct verdicts for
+    half of it (work/warmup), then DPO + alpha*SFT continuing that adapter for the other
+    half, on the same examples (the pool's judgments need no model: nothing to resample)."""
+    if method == "rise":
+        first = _train(run, "sft", budget // 2, work / "warmup")
+        second = _train(run, run.recipe.training.objective, budget - budget // 2, work,
+                        init_adapter=work / "warmup" / "adapter")
+        return {**second, "seconds": first["seconds"] + second["seconds"],
+                "peak_rss_gb": max(first["peak_rss_gb"], second["peak_rss_gb"]), "warmup": first}
+    objective = {"conj": run.recipe.training.objective, "sft": "sft"}[method]
+    return _train(run, objective, budget, work)
+
+
+def _train(run: ConjRun, objective: str, budget: int, work: Path, init_adapter: Path | None = None) -> dict:
     t = run.recipe.training
     per_step = t.batch_size * t.grad_accum
-    objective = {"conj": t.objective, "sft": "sft"}[method]
     recipe = replace(run.recipe, training=replace(t, objective=objective, max_steps=max(1, budget // per_step)))
     data = run.out_dir / PAIRS
     if objective == "sft":
@@ -111,7 +127,7 @@ def train_one(run: ConjRun, method: str, budget: int, work: Path) -> dict:
     release_memory()
     reset_peak_rss()
     start = time.perf_counter()
-    summary = train_adapter(recipe, run.base_model(), data, work)
+    summary = train_adapter(recipe, run.base_model(), data, work, init_adapter=init_adapter)
     return {"seconds": time.perf_counter() - start, "peak_rss_gb": round(peak_rss_bytes() / 1e9, 2),
             "steps": summary.steps, "before": summary.before, "after": summary.after}
 
@@ -298,7 +314,7 @@ def gpu_curve(model_dir: str, *, budget_s: float, work: Path, dry_run: bool, rec
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=("relevance", "hh"), default="relevance")
-    parser.add_argument("--methods", nargs="+", choices=("conj", "sft"), default=["conj", "sft"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["conj", "sft"])
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 1024],
                         help="training examples seen (pair x order) per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -309,14 +325,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/curve")
     parser.add_argument("--note", action="append", default=[])
     parser.add_argument("--render", metavar="RESULTS_JSON", help="write docs/benchmarks.md and the PNG from a results file")
+    parser.add_argument("--part", help="with --render: a section of its own, titled with this name (e.g. 'HH harmless')")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run (section.key=value)")
     args = parser.parse_args(argv)
-    docs_png = REPO / "docs" / "benchmarks" / "learning_curve.png"
     if args.render:
+        # a part (say "HH harmless") is its own section and files beside the main curve's
+        slug = "".join(c if c.isalnum() else "_" for c in args.part.lower()) if args.part else ""
+        stem = "learning_curve" + (f"_{slug}" if slug else "")
+        docs_png = REPO / "docs" / "benchmarks" / f"{stem}.png"
         results = json.loads(Path(args.render).read_text())
         plot(results, docs_png)
-        results["meta"]["plot"] = "benchmarks/learning_curve.png"
-        print(f"wrote {docs_png} and {write_section(TITLE, render(results), results, 'learning_curve.json')}")
+        results["meta"]["plot"] = f"benchmarks/{stem}.png"
+        title = f"{TITLE}: {args.part}" if args.part else TITLE
+        print(f"wrote {docs_png} and {write_section(title, render(results), results, f'{stem}.json')}")
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

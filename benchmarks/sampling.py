@@ -154,9 +154,13 @@ def engines_benchmark(args) -> int:
     pairs = [p for p in pairs if p.label != "tie"][: args.pairs or None]
     load_before = load_average()
     engines, opened = {}, {}
-    for name in ("transformers", "llama.cpp"):
+    for name in ("transformers", *(f"llama.cpp {kind}" for kind in args.gguf_types)):
+        engine_recipe = recipe
+        if name != "transformers":
+            engine_recipe = dataclasses.replace(recipe, sampling=dataclasses.replace(
+                recipe.sampling, gguf_type=name.split()[1]))
         start = time.perf_counter()
-        engines[name] = open_engine(name, base, None, recipe)
+        engines[name] = open_engine(name.split()[0], base, None, engine_recipe)
         engines[name].prepare(template, recipe.prompts.date_string, round_trip_texts(template, pairs))
         opened[name] = round(time.perf_counter() - start, 2)
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "conj-lite-bench-engines"
@@ -165,7 +169,7 @@ def engines_benchmark(args) -> int:
     verdicts: dict[str, list] = {}
     for _ in range(args.repeats):
         for name, engine in engines.items():
-            out = work / f"{name}.jsonl"
+            out = work / f"{name.replace(' ', '-')}.jsonl"
             out.unlink(missing_ok=True)
             summary = sample_judgments(engine, pairs, template, recipe.sampling, out)
             rows = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
@@ -178,32 +182,34 @@ def engines_benchmark(args) -> int:
     for engine in engines.values():
         engine.close()
     best = {name: max(r["per_s"] for r in runs) for name, runs in results.items()}
-    ratio = best["llama.cpp"] / best["transformers"]
+    ratios = {name: best[name] / best["transformers"] for name in engines if name != "transformers"}
     rate1 = {name: round(v.count(1) / len(v), 3) for name, v in verdicts.items()}
     load_after = load_average()
-    print(f"llama.cpp / transformers: {ratio:.2f}x; answer-1 rate {rate1}; load {load_before} -> {load_after}")
+    print(f"llama.cpp / transformers: {', '.join(f'{k} {v:.2f}x' for k, v in ratios.items())}; "
+          f"answer-1 rate {rate1}; load {load_before} -> {load_after}")
     if args.no_write:
         return 0
     n = results["transformers"][0]["judgments"]
+    types = "" if args.gguf_types == ["f32"] else " --gguf-types " + " ".join(args.gguf_types)
+    rows = "\n".join(f"| {name} | {opened[name]} | {best[name]:.2f} | {results[name][0]['new_tokens']} | {rate1[name]} | "
+                     + ("" if name == "transformers" else f"**{ratios[name]:.2f}×**") + " |" for name in engines)
     body = f"""
 Date: {today()}. Machine: {machine()}, {usable_cpus()} threads. Versions: {versions('torch', 'transformers', 'llama_cpp_python', 'llguidance')}.
-Command: `python benchmarks/sampling.py --engines{f' --pairs {args.pairs}' if args.pairs != 8 else ''} --repeats {args.repeats}`. Load average {load_before} before, {load_after} after.
+Command: `python benchmarks/sampling.py --engines{f' --pairs {args.pairs}' if args.pairs != 8 else ''} --repeats {args.repeats}{types}`. Load average {load_before} before, {load_after} after.
 
 The demo's sampling settings (recipe `smollm2-135m_cpu` with {', '.join(ENGINE_WORKLOAD)}: judgments with a rationale,
 {len(pairs)} labelled pairs × 2 orders × (2 repeats + 2 hints) = {n} judgments, frame grammar, temperature 0.8, top-p 0.95, ≤ 48 new tokens, batch 32) with each engine through
 `sample_judgments`, best of {args.repeats} alternated runs. transformers: fp32 HF `generate`, the prompt's KV cache shared
-by its repeats. llama.cpp: the packaged GGUF rewritten in f16, an example's prompts in one batch (its plain prompt
-evaluated once for its repeats and hinted prompts), flash attention. Both engines use the same frame sampler and
-per-judgment seeds.
+by its repeats. llama.cpp: the packaged GGUF rewritten in the type named (`sampling.gguf_type`), an example's prompts
+in one batch (its plain prompt evaluated once for its repeats and hinted prompts), flash attention. All engines use
+the same frame sampler and per-judgment seeds. Goal: ≥ 5× transformers.
 
-| engine | opened in (s) | judgments/s | new tokens | answer-1 rate (repeats) |
-|---|---:|---:|---:|---:|
-| transformers | {opened['transformers']} | {best['transformers']:.2f} | {results['transformers'][0]['new_tokens']} | {rate1['transformers']} |
-| llama.cpp | {opened['llama.cpp']} | {best['llama.cpp']:.2f} | {results['llama.cpp'][0]['new_tokens']} | {rate1['llama.cpp']} |
-| **ratio** llama.cpp ÷ transformers | | **{ratio:.2f}×** (goal ≥ 5×) | | |
+| engine | opened in (s) | judgments/s | new tokens | answer-1 rate (repeats) | ÷ transformers |
+|---|---:|---:|---:|---:|---:|
+{rows}
 """
     raw = {"date": today(), "machine": machine(), "threads": usable_cpus(), "load_before": load_before,
-           "load_after": load_after, "pairs": len(pairs), "opened_s": opened, "runs": results, "ratio": ratio,
+           "load_after": load_after, "pairs": len(pairs), "opened_s": opened, "runs": results, "ratios": ratios,
            "answer1_rate": rate1}
     print(f"wrote {write_section('Sampling engines: transformers vs llama.cpp (SmolLM2, CPU)', body, raw, 'sampling_engines.json')}")
     return 0
@@ -325,6 +331,8 @@ def main(argv=None) -> int:
     parser.add_argument("--load-in-4bit", action="store_true",
                         help="GPU, with --shape: load the model in 4-bit NF4 through conj_lite.models, as the recipes do")
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch docs/")
+    parser.add_argument("--gguf-types", nargs="+", default=["f32"], choices=("f32", "f16", "q8_0"),
+                        help="--engines: the llama.cpp engine on each of these GGUF types (sampling.gguf_type)")
     parser.add_argument("--engines", action="store_true",
                         help="transformers vs llama.cpp engine on SmolLM2 with the demo's recipe (--pairs: default 8, 0 = all)")
     parser.add_argument("--overhead", action="store_true", help="the frame sampler's per-token cost, batch 32")

@@ -333,14 +333,15 @@ def choose_engine(choice: str, base: str) -> str:
     return gguf_engine(choice, base)
 
 
-def engine_inputs(name: str, base: str, adapter: Path | None) -> dict:
+def engine_inputs(name: str, base: str, adapter: Path | None, kind: str = "f32") -> dict:
     """What an engine will read, for sampled_from.json's inputs, found without loading or
     converting anything: the engine, and for llama.cpp the GGUF it runs (the model's own,
-    or one converted from the model directory) and how the adapter becomes a GGUF LoRA."""
+    or one converted from the model directory, as `kind`) and how the adapter becomes a
+    GGUF LoRA."""
     if name != "llama.cpp":
         return {"name": name}
     shipped = gguf_of(base)
-    return {"name": name, "gguf": path_identity(shipped) if shipped else "the model directory", "as": POLICY_GGUF_TYPE,
+    return {"name": name, "gguf": path_identity(shipped) if shipped else "the model directory", "as": kind,
             "lora": "the adapter as a GGUF LoRA" if adapter else None, "llama_cpp_python": _llama_cpp_version()}
 
 
@@ -373,28 +374,30 @@ def _converted(kind: str, source: Path, build: Callable[[Path], None]) -> Path:
     return out
 
 
-# The policy's GGUF for llama.cpp's work on the model's own weights (sampling, the DPO
-# reference, the held-out pairs): f32. That work is prompt evaluation, which llama.cpp's
-# CPU kernels do ~1.7x faster from f32 than from f16 weights (f16 converts both operands
-# on the fly; decoding one token at a time is as fast in both; benchmarks/gguf_types.py),
-# and f32 holds the weights training computes with, without f16's rounding.
+# The policy's GGUF for llama.cpp's work on the model's own weights (the DPO reference,
+# the held-out pairs, sampling unless sampling.gguf_type says otherwise): f32, the weights
+# training computes with, without f16's rounding (the reference is within 0.004 nats of
+# TRL's fp32 forward; f16: 0.011). Its speed depends on the CPU (benchmarks/gguf_types.py):
+# on AVX2 alone llama.cpp evaluates prompts ~1.7x faster from f32 than from f16 (f16 is
+# converted on the fly); with AVX-512 f16 is ~8% faster at prompts and ~1.8x at decoding.
 POLICY_GGUF_TYPE = "f32"
 
 
 def policy_gguf(base: str, adapter: Path | None, recipe: Recipe, console=None, *, setting: str = "sampling.engine",
-                instead: str = "sample with HF generate") -> tuple[Path, Path | None, dict]:
+                instead: str = "sample with HF generate", kind: str = POLICY_GGUF_TYPE) -> tuple[Path, Path | None, dict]:
     """(model GGUF, GGUF LoRA or None, what was converted) of the policy, made once and
     cached: the model's own GGUF (a packaged model's base.gguf, the weights training
-    dequantized) rewritten in f32 (POLICY_GGUF_TYPE), or else its directory converted to
-    such a GGUF by the export stage's converter; the adapter converted to a GGUF LoRA of
-    the same type. A model with neither a GGUF nor a directory to
-    convert is an InputError that names the recipe `setting` and what to set it to."""
-    from .export import convert_lora_to_gguf, convert_to_gguf, find_converter, quantize_gguf
+    dequantized) rewritten as `kind` (f32: POLICY_GGUF_TYPE; f16; q8_0), or else its
+    directory converted to such a GGUF by the export stage's converter; the adapter
+    converted to a GGUF LoRA of the same type (f32 for a quantized `kind`: llama.cpp applies
+    a LoRA beside the weights, whatever their type). A model with neither a GGUF nor a
+    directory to convert is an InputError that names the recipe `setting` and what to set it to."""
+    from .export import UNQUANTIZED_FTYPES, convert_lora_to_gguf, convert_to_gguf, find_converter, quantize_gguf
     from .prompts import load_template
     from .system import usable_cpus
 
     instead = f"set {setting}=transformers to {instead} instead"
-    kind = POLICY_GGUF_TYPE
+    lora_kind = kind if kind in UNQUANTIZED_FTYPES else "f32"
     shipped = gguf_of(base)
     if shipped is not None:
         gguf = _converted(f"model-{kind}", shipped, lambda out: quantize_gguf(
@@ -418,13 +421,13 @@ def policy_gguf(base: str, adapter: Path | None, recipe: Recipe, console=None, *
     lora = None
     if adapter is not None:
         try:
-            lora = _converted(f"lora-{kind}", Path(adapter), lambda out: convert_lora_to_gguf(
-                adapter, out, base, converter=find_converter(console=console, lora=True), outtype=kind,
+            lora = _converted(f"lora-{lora_kind}", Path(adapter), lambda out: convert_lora_to_gguf(
+                adapter, out, base, converter=find_converter(console=console, lora=True), outtype=lora_kind,
                 log_path=out.with_name(out.name + ".log")))
         except InputError as exc:
             raise InputError(f"{adapter}: cannot convert the adapter to a GGUF LoRA for {setting}=llama.cpp: "
                              f"{exc}\n{instead}") from None
-        files["lora_from"] = {"adapter": path_identity(adapter)["digest"], "as": kind}
+        files["lora_from"] = {"adapter": path_identity(adapter)["digest"], "as": lora_kind}
     return gguf, lora, files
 
 
@@ -432,7 +435,7 @@ def open_llama_cpp(base: str, adapter: Path | None, recipe: Recipe, console=None
     if not llama_cpp_installed():
         raise InputError('sampling.engine=llama.cpp needs llama-cpp-python: pip install "conj-lite[export]" '
                          "(or set sampling.engine=transformers)")
-    gguf, lora, files = policy_gguf(base, adapter, recipe, console)
+    gguf, lora, files = policy_gguf(base, adapter, recipe, console, kind=recipe.sampling.gguf_type)
     source = f"{gguf}" + (f" + {lora} (the adapter {adapter})" if lora else "")
     return LlamaCppEngine(gguf, lora=lora, n_ctx=recipe.model.max_seq_length, source=source, files=files)
 

@@ -205,10 +205,11 @@ class ConjRun:
         sampling = asdict(self.recipe.sampling)
         sampling.pop("batch_size", None)  # judgments are seeded per judgment, not per batch
         sampling.pop("engine", None)  # recorded as the engine auto picks, with the files it runs
+        kind = sampling.pop("gguf_type")  # the same: llama.cpp's GGUF "as" this type; nothing for transformers
         engine = choose_engine(self.recipe.sampling.engine, self.base_model())
         return _plain({"model": self.model_identity(), "adapter": path_identity(adapter),
                        "data": self.data_identity(), "sampling": sampling,
-                       "engine": engine_inputs(engine, self.base_model(), adapter)})
+                       "engine": engine_inputs(engine, self.base_model(), adapter, kind)})
 
     def filter_inputs(self, work: Path) -> dict:
         return _plain({"judgments": path_identity(work / JUDGMENTS), "filtering": asdict(self.recipe.filtering),

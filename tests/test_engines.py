@@ -17,6 +17,7 @@ from conj_lite.engines import (
     TransformersEngine,
     cells_needed,
     choose_engine,
+    engine_inputs,
     open_engine,
     open_llama_cpp,
 )
@@ -32,6 +33,35 @@ def test_the_engine_is_a_checked_recipe_field():
     assert recipe_from_dict({"sampling": {"engine": "llama.cpp"}}).sampling.engine == "llama.cpp"
     with pytest.raises(InputError, match=r"sampling.engine: expected one of \['auto', 'transformers', 'llama.cpp'\]"):
         recipe_from_dict({"sampling": {"engine": "vllm"}})
+
+
+def test_the_gguf_type_is_a_checked_recipe_field():
+    assert load_recipe().sampling.gguf_type == "f32"
+    assert recipe_from_dict({"sampling": {"gguf_type": "q8_0"}}).sampling.gguf_type == "q8_0"
+    with pytest.raises(InputError, match=r"sampling.gguf_type: expected one of \['f32', 'f16', 'q8_0'\], got 'q4_0'"):
+        recipe_from_dict({"sampling": {"gguf_type": "q4_0"}})
+
+
+def test_llama_cpp_samples_from_the_gguf_type_the_recipe_names(tiny_model_dir, tiny_adapter, sample_pairs, tmp_path):
+    """sampling.gguf_type=q8_0: the engine reads a Q8_0 GGUF of the policy and the round's
+    adapter as an f32 GGUF LoRA, and says so; the default stays f32."""
+    from gguf import GGUFReader
+
+    recipe = load_recipe(find_recipe("tiny-cpu"), ["sampling.n_repeats=2", "sampling.max_new_tokens=16",
+                                                   "sampling.gguf_type=q8_0"])
+    engine = open_engine("llama.cpp", str(tiny_model_dir), tiny_adapter, recipe)
+    try:
+        rows = sampled(engine, sample_pairs[:2], recipe.sampling, tmp_path / "q8.jsonl")
+        gguf, lora, files = engine.gguf, engine.lora, engine.files
+    finally:
+        engine.close()
+    assert rows and all(r["verdict"] in (1, 2) for r in rows)
+    assert files["gguf_from"]["as"] == "q8_0" and files["lora_from"]["as"] == "f32"
+    types = Counter(t.tensor_type.name for t in GGUFReader(gguf).tensors)
+    assert types["Q8_0"] > 0 and types["F16"] == 0, types
+    assert {t.tensor_type.name for t in GGUFReader(lora).tensors} == {"F32"}
+    default = load_recipe(find_recipe("tiny-cpu"))
+    assert engine_inputs("llama.cpp", str(tiny_model_dir), None, default.sampling.gguf_type)["as"] == "f32"
 
 
 def test_auto_takes_llama_cpp_on_a_cpu_for_a_model_it_can_have_a_gguf_of(tmp_path):

@@ -138,3 +138,17 @@ def test_export_out_takes_the_final_rounds_adapter(tmp_path, repo_root, capsys):
     save_recipe(replace(recipe, rounds=1), out / "recipe.yaml")
     assert final_adapter_of(out) == out / "adapter"
     assert final_adapter_of(tmp_path) is None
+
+
+def test_the_sampling_gguf_type_is_an_input_of_the_llama_cpp_engine_only(repo_root, tiny_model_dir, tmp_path):
+    """A change of sampling.gguf_type samples again on llama.cpp (another GGUF), and changes
+    nothing the transformers engine reads."""
+    def inputs(*overrides):
+        run = ConjRun.from_recipe(recipe_path(repo_root), tmp_path / "run",
+                                  [*FAST, f"model.name_or_path={tiny_model_dir}", *overrides])
+        return run.sampling_inputs(None)
+
+    f32, q8 = inputs("sampling.engine=llama.cpp"), inputs("sampling.engine=llama.cpp", "sampling.gguf_type=q8_0")
+    assert (f32["engine"]["as"], q8["engine"]["as"]) == ("f32", "q8_0")
+    assert "gguf_type" not in f32["sampling"]
+    assert inputs("sampling.engine=transformers") == inputs("sampling.engine=transformers", "sampling.gguf_type=q8_0")
