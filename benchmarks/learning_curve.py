@@ -216,8 +216,9 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results["base"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), sharey=True)
+    names = [name for name in results["base"] if any(name in r for r in results["rows"])]  # the sets judged (--sets)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, name in zip(axes, names):
         ax.axhline(100 * results["base"][name]["accuracy"], color="grey", ls="--", lw=1, label="untrained")
         ax.axhline(50, color="grey", lw=0.5)
@@ -334,6 +335,7 @@ def main(argv=None) -> int:
         stem = "learning_curve" + (f"_{slug}" if slug else "")
         docs_png = REPO / "docs" / "benchmarks" / f"{stem}.png"
         results = json.loads(Path(args.render).read_text())
+        results["meta"]["notes"] = list(dict.fromkeys(results["meta"].get("notes", []) + args.note))
         plot(results, docs_png)
         results["meta"]["plot"] = f"benchmarks/{stem}.png"
         title = f"{TITLE}: {args.part}" if args.part else TITLE
