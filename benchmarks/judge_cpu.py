@@ -391,33 +391,31 @@ LLMBAR_NATURAL = REPO.parent / "shared" / "data" / "llmbar" / "Dataset" / "LLMBa
 
 def whole_process(args, console) -> int:
     """`conj-lite judge --data` as a user runs it (a fresh process each: imports, model
-    load, template and grammar set-up, judging), the shipped Q4_1 GGUF against the same
-    weights through transformers (--backend hf), alternated, best of --repeats."""
+    load, template and grammar set-up, judging), the shipped Q4_1 GGUF and a q8_0 of it
+    against the same weights through transformers (--backend hf), in turn, best of --repeats."""
     import resource
     import subprocess
     import tempfile
 
-    from conj_lite.packaged import BASE_GGUF, packaged_model_path
-
     from conj_lite.export import quantize_gguf
+    from conj_lite.packaged import BASE_GGUF, packaged_model_path
 
     model_dir = packaged_model_path("smollm2-135m")
     data = Path(args.data) if args.data != str(REPO / "data" / "sample_prefs.jsonl") else LLMBAR_NATURAL
-    scratch = tempfile.TemporaryDirectory()
-    # the type `conj-lite run` exports (export.quant_types of the demo): the same weights, Q4_1's values in q8_0
-    q8 = Path(scratch.name) / "judge-q8_0.gguf"
-    quantize_gguf(model_dir / BASE_GGUF, q8, "q8_0", threads=args.threads, allow_requantize=True)
-    commands = {
-        "gguf (shipped Q4_1)": ["--model", str(model_dir / BASE_GGUF)],
-        "gguf (q8_0, as `conj-lite run` exports)": ["--model", str(q8)],
-        "transformers (--backend hf)": ["--model", str(model_dir), "--backend", "hf"],
-    }
     common = ["--data", str(data), "--limit", str(args.pairs), "--mode", "rationale",
               "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
     load_before = [round(x, 2) for x in os.getloadavg()]
-    seconds = {name: [] for name in commands}
-    cpu = {name: [] for name in commands}  # user + system: what the process used, whatever else ran
     with tempfile.TemporaryDirectory() as tmp:
+        # the type `conj-lite run` exports (export.quant_types of the demo): the same weights, Q4_1's values in q8_0
+        q8 = Path(tmp) / "judge-q8_0.gguf"
+        quantize_gguf(model_dir / BASE_GGUF, q8, "q8_0", threads=args.threads, allow_requantize=True)
+        commands = {
+            "gguf (shipped Q4_1)": ["--model", str(model_dir / BASE_GGUF)],
+            "gguf (q8_0, as `conj-lite run` exports)": ["--model", str(q8)],
+            "transformers (--backend hf)": ["--model", str(model_dir), "--backend", "hf"],
+        }
+        seconds = {name: [] for name in commands}
+        cpu = {name: [] for name in commands}  # user + system: what the process used, whatever else ran
         for round_ in range(args.repeats):
             for index, (name, model) in enumerate(commands.items()):
                 out = Path(tmp) / f"{round_}-{index}.jsonl"
@@ -428,11 +426,8 @@ def whole_process(args, console) -> int:
                 now = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu[name].append(round(now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime, 2))
                 console.print(f"bench: {name}: {seconds[name][-1]} s, {cpu[name][-1]} CPU s", highlight=False)
-    scratch.cleanup()
     best = {name: min(v) for name, v in seconds.items()}
-    hf = best["transformers (--backend hf)"]
-    ratio = hf / best["gguf (shipped Q4_1)"]
-    ratios = {name: hf / t for name, t in best.items() if name.startswith("gguf")}
+    ratios = {name: best["transformers (--backend hf)"] / t for name, t in best.items() if name.startswith("gguf")}
     load_after = [round(x, 2) for x in os.getloadavg()]
     command = " ".join(["python benchmarks/judge_cpu.py", *args.argv])
     body = "\n".join([
@@ -451,7 +446,7 @@ def whole_process(args, console) -> int:
     ])
     console.print(body, highlight=False, markup=False)
     if not args.quick:
-        raw = {"seconds": seconds, "cpu_seconds": cpu, "ratio": ratio, "ratios": ratios, "load_before": load_before, "load_after": load_after,
+        raw = {"seconds": seconds, "cpu_seconds": cpu, "ratio": ratios["gguf (shipped Q4_1)"], "ratios": ratios, "load_before": load_before, "load_after": load_after,
                "command": command, "pairs": args.pairs, "data": str(data)}
         console.print(f"bench: wrote {write_section(WHOLE_TITLE, body, raw, 'judge_cpu_whole.json')}", highlight=False)
     return 0
