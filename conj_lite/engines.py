@@ -333,7 +333,7 @@ def choose_engine(choice: str, base: str) -> str:
     return gguf_engine(choice, base)
 
 
-def engine_inputs(name: str, base: str, adapter: Path | None, kind: str = "f32") -> dict:
+def engine_inputs(name: str, base: str, adapter: Path | None, kind: str) -> dict:
     """What an engine will read, for sampled_from.json's inputs, found without loading or
     converting anything: the engine, and for llama.cpp the GGUF it runs (the model's own,
     or one converted from the model directory, as `kind`) and how the adapter becomes a
