@@ -12,6 +12,7 @@ If this curve stays at chance, no loop built on the same model, task and budget 
 learn it; if it rises, a loop that does not has a defect to find.
 
     python benchmarks/ceiling.py --task relevance --steps 150 --out runs/ceiling
+    python benchmarks/ceiling.py --task hh --steps 300 --out runs/ceiling-hh   # HH harmless preferences
     python benchmarks/ceiling.py --render runs/ceiling/results.json
 """
 
@@ -36,17 +37,25 @@ from conj_lite.packaged import packaged_model_path  # noqa: E402
 from conj_lite.prompts import build_messages, check_chat_template, load_template, ordered_answers, render_prompt, true_slot  # noqa: E402
 from conj_lite.relevance import relevance_split  # noqa: E402
 from conj_lite.system import usable_cpus  # noqa: E402
+from real_learnability import hh_split  # noqa: E402
 from report import cpu_name, today, versions, write_section  # noqa: E402
 
 HH_SINGLE = REPO / "data" / "hh_harmless_single_turn.jsonl.gz"
 TITLE = "The supervised ceiling: can SmolLM2-135M learn to judge? (benchmarks/ceiling.py)"
+TASK_TEXT = {"relevance": "relevance pairs from the shipped HH harmless single-turn file, held-out questions never trained on",
+             "hh": "HH-RLHF harmless preferences (../shared; the held-out pairs of benchmarks/learning_curve.py --task hh)"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+TASKS = ("relevance", "hh")
+
+
 def task_pairs(task: str, n_test: int, max_chars: int, seed: int):
-    """(train, test) pairs: the relevance task from the shipped HH single-turn file."""
-    if task != "relevance":
-        raise SystemExit(f"unknown task {task!r}")
+    """(train, test) pairs: the relevance task from the shipped HH single-turn file, or
+    HH harmless preferences (../shared) split as benchmarks/learning_curve.py splits them
+    (the same held-out pairs)."""
+    if task == "hh":
+        return hh_split(n_test, max_chars)
     sources = load_pairs(HH_SINGLE).pairs
     return relevance_split(sources, n_test, seed=seed, per_question=4, max_chars=max_chars)
 
@@ -106,6 +115,12 @@ class VerdictModel:
         return out
 
 
+def step_indices(order: list[int], step: int, size: int) -> list[int]:
+    """The training pairs of `step` (from 1): the next `size` of the seeded `order`,
+    going round it again when the steps ask for more pairs than there are."""
+    return [order[((step - 1) * size + j) % len(order)] for j in range(size)]
+
+
 def train(args, seed: int, out: Path) -> dict:
     import torch
 
@@ -135,7 +150,7 @@ def train(args, seed: int, out: Path) -> dict:
 
     record(0)
     for step in range(1, args.steps + 1):
-        batch = [train_pairs[order[(step - 1) * args.batch + j] % len(train_pairs)] for j in range(args.batch)]
+        batch = [train_pairs[i] for i in step_indices(order, step, args.batch)]
         texts, targets = [], []
         for pair in batch:  # both orders of every pair in the same step
             for o in ("ab", "ba"):
@@ -172,7 +187,7 @@ def render(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="relevance")
+    parser.add_argument("--task", choices=TASKS, default="relevance")
     parser.add_argument("--mode", choices=("full", "lora"), default="full")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--lora-r", type=int, default=16)
@@ -192,7 +207,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         results = json.loads(Path(args.render).read_text())
-        print(f"wrote {write_section(TITLE, render(results), results, 'ceiling.json')}")
+        task = results["meta"].get("task", "relevance")
+        title, raw = (TITLE, "ceiling.json") if task == "relevance" else (f"{TITLE}: {task}", f"ceiling_{task}.json")
+        print(f"wrote {write_section(title, render(results), results, raw)}")
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,12 +218,13 @@ def main(argv=None) -> int:
               f"lr {args.lr:g} ({args.warmup} warm-up steps), {args.batch} pairs per step in both orders, "
               f"{'bf16 autocast' if args.bf16 else 'fp32'}, cross-entropy on the verdict token.")
     results = {"meta": {
-        "date": today(), "machine": f"{cpu_name()}, {usable_cpus()} cores, no GPU",
+        "task": args.task, "date": today(), "machine": f"{cpu_name()}, {usable_cpus()} cores, no GPU",
         "versions": versions("torch", "transformers", "peft"),
         "command": "python benchmarks/ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "task_text": (f"relevance pairs from the shipped HH harmless single-turn file (question + replies ≤ "
-                      f"{args.max_chars} characters): {runs[0]['n_train']} training pairs, {runs[0]['n_test']} "
-                      "held-out pairs on questions never trained on, template `" + args.template + "` verdict-only."),
+        "task_text": (f"{TASK_TEXT[args.task]} (question + replies ≤ {args.max_chars} characters): "
+                      f"{runs[0]['n_train']} training pairs (visited again in the same order when the steps ask for "
+                      f"more), {runs[0]['n_test']} held-out pairs never trained on, template `{args.template}` "
+                      "verdict-only."),
         "method": method, "notes": args.note}, "runs": runs}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(render(results))

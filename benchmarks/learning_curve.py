@@ -55,7 +55,7 @@ from conj_lite.relevance import pair_chars, relevance_split  # noqa: E402
 from conj_lite.system import peak_rss_bytes, release_memory, reset_peak_rss, usable_cpus  # noqa: E402
 from conj_lite.training import recorded_template, train_adapter  # noqa: E402
 from conj_lite.warmup import sft_from_pairs  # noqa: E402
-from real_learnability import HH, LLMBAR, judge_sets, mean_p1, paired_gain, split  # noqa: E402
+from real_learnability import LLMBAR, hh_split, judge_sets, mean_p1, paired_gain, split  # noqa: E402
 from report import cpu_name, today, versions, write_section  # noqa: E402
 
 RECIPE = "smollm2-135m_cpu"
@@ -71,8 +71,7 @@ def task_data(task: str, n_test: int, max_chars: int, pool: int, seed: int) -> t
     task's and LLMBar Natural for transfer. Held-out questions are never in a pool."""
     rel_train, rel_test = relevance_split(load_pairs(HH_SINGLE).pairs, n_test, seed=0, per_question=8,
                                           max_chars=max_chars)
-    hh = [p for p in load_pairs(HH, skip_invalid=True).pairs if p.label in ("A", "B") and pair_chars(p) <= max_chars]
-    hh_train, hh_test = split(hh, len(hh) - n_test, n_test)
+    hh_train, hh_test = hh_split(n_test, max_chars)
     sets = {"relevance": rel_test, "hh": hh_test, "llmbar_natural": load_pairs(LLMBAR).pairs}
     train = rel_train if task == "relevance" else hh_train
     # a seeded order of the pool, so that each seed trains on its own draw of pairs

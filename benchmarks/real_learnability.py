@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from conj_lite.data import load_pairs, write_pairs_jsonl  # noqa: E402
+from conj_lite.relevance import pair_chars  # noqa: E402
 from conj_lite.export import convert_lora_to_gguf  # noqa: E402
 from conj_lite.judging import Judge, evaluate  # noqa: E402
 from conj_lite.judging.evaluation import paired_gain  # noqa: E402
@@ -68,6 +69,13 @@ def split(pairs, n_train: int, n_test: int, seed: int = 0) -> tuple[list, list]:
     if n_train + n_test > len(ranked):
         raise SystemExit(f"only {len(ranked)} usable pairs for {n_train} + {n_test}")
     return ranked[:n_train], ranked[n_train:n_train + n_test]
+
+
+def hh_split(n_test: int, max_chars: int) -> tuple[list, list]:
+    """(train, held-out) HH harmless pairs whose question and answers fit in `max_chars`:
+    the split the learning curve and the supervised ceiling share."""
+    hh = [p for p in load_pairs(HH, skip_invalid=True).pairs if p.label in ("A", "B") and pair_chars(p) <= max_chars]
+    return split(hh, len(hh) - n_test, n_test)
 
 
 def judge_sets(base_gguf: Path, lora_gguf: Path | None, sets: dict, work: Path, template=None,
