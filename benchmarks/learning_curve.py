@@ -359,7 +359,7 @@ def main(argv=None) -> int:
              f"α {t.alpha:g}, "
              f"{t.batch_size}×{t.grad_accum} examples per step, both orders of a pair in the same step: "
              f"{t.orders_together}; {recipe.model.dtype}, seeded LoRA start, adapter kept: {t.keep}"
-             + (f" (best {t.keep_window} steps' pair accuracy)" if t.keep == "best" else "")
+             + (f" (best {t.keep_window} steps' pair accuracy, when beyond chance at {t.keep_level:g})" if t.keep == "best" else "")
              + f"; questions + answers ≤ {args.max_chars} characters; {args.test} held-out pairs "
              "per task (questions never trained on), LLMBar Natural (100) never trained on.")
     new = {"meta": {"date": today(), "machine": f"{cpu_name()}, {usable_cpus()} cores, no GPU",

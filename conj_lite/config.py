@@ -167,6 +167,10 @@ class TrainConfig:
                     "after the step that ends the keep_window steps whose batches, judged before each step trained "
                     "on them, had the highest pair accuracy; the last such step on ties)")
     keep_window: int = opt(8, "training.keep: best: logged steps in the window")
+    keep_level: float = opt(0.05, "training.keep: best hands on the best window only when a judge that guesses "
+                            "(each example right with probability 1/2) reaches its pair accuracy over as many examples "
+                            "with at most this probability; otherwise the last step's adapter. 1: the best window "
+                            "whatever its accuracy")
     lr_scheduler: str = opt("cosine", "the learning rate after the warm-up: cosine (down to 0 at the last step), "
                             "linear, or constant")
     logging_steps: int = opt(1, "log every N steps")
@@ -374,6 +378,8 @@ def check_recipe(recipe: Recipe) -> None:
                          "use training.keep: last")
     if recipe.training.keep_window < 1:
         raise InputError(f"training.keep_window: expected 1 or more steps, got {recipe.training.keep_window}")
+    if not 0 < recipe.training.keep_level <= 1:
+        raise InputError(f"training.keep_level: expected a probability in (0, 1], got {recipe.training.keep_level}")
     if not 0 <= recipe.training.adam_beta2 < 1:
         raise InputError(f"training.adam_beta2: expected 0 <= beta2 < 1, got {recipe.training.adam_beta2}")
     source = recipe.warmup.source

@@ -459,6 +459,27 @@ def best_window(accuracies: list[float], window: int) -> tuple[int, float] | Non
     return best
 
 
+def chance_bar(n: int, level: float) -> float:
+    """The lowest pair accuracy over `n` examples that a judge who guesses (each example right
+    with probability 1/2, one-sided binomial) reaches with probability at most `level`; above
+    1 when `n` examples are too few to show a judge beyond chance, 0 for level 1. Over the
+    demo's windows (8 steps of 4 examples) it is 22 of 32, 0.6875: on HH, whose runs stayed on
+    their plateau, the best windows were 0.5625-0.625, noise that picked steps 22 and 62 of 160."""
+    if level >= 1:
+        return 0.0
+    tail = 0.0
+    for k in range(n, -1, -1):
+        tail += math.comb(n, k) / 2 ** n
+        if tail > level:
+            return (k + 1) / n
+    return 0.0
+
+
+def examples_per_log(args) -> int:
+    """The training examples behind one logged step's pair accuracy."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * args.logging_steps
+
+
 KEEP_METRIC = "rewards/accuracies"
 
 
@@ -503,9 +524,10 @@ def keep_best_callback(directory: Path, window: int):
     return KeepBest()
 
 
-def restore_best(trainer, directory: Path, window: int) -> dict:
+def restore_best(trainer, directory: Path, window: int, level: float = 0.05) -> dict:
     """Load the kept adapter (keep_best_callback) into the trainer's model when it is the best
-    window's of this training's log; what was kept, for the summary."""
+    window's of this training's log and that window's pair accuracy is beyond chance
+    (chance_bar at `level`); what was kept, for the summary."""
     logged = logged_accuracies(trainer.state.log_history)
     best = best_window([acc for _, acc in logged], window)
     last = {"rule": "last", "step": trainer.state.global_step}
@@ -515,6 +537,12 @@ def restore_best(trainer, directory: Path, window: int) -> dict:
     final = round(sum(acc for _, acc in logged[-window:]) / window, 4)
     if step == logged[-1][0] or kept_step(directory) != step:
         return {**last, "window_accuracy": final, "best_step": step, "best_window_accuracy": accuracy}
+    n = window * examples_per_log(trainer.args)
+    bar = chance_bar(n, level)
+    if best[1] < bar - 1e-9:
+        return {**last, "window_accuracy": final, "best_step": step, "best_window_accuracy": accuracy,
+                "why": f"no window beat chance: the best, {accuracy:.3f} after step {step}, is under the "
+                       f"{bar:.3f} a judge that guesses reaches over {n} examples with probability {level:g}"}
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -681,7 +709,7 @@ def train_adapter(recipe: Recipe, base: str, pairs_path: str | Path, out_dir: st
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
-    kept = restore_best(trainer, best_dir, recipe.training.keep_window) if keeping else None
+    kept = restore_best(trainer, best_dir, recipe.training.keep_window, recipe.training.keep_level) if keeping else None
     after = pair_metrics(trainer, eval_set, objective) if eval_set else {}
 
     adapter_dir = out_dir / "adapter"

@@ -379,6 +379,8 @@ def test_the_best_window_is_the_highest_mean_the_latest_on_ties():
     (["training.keep=first"], "training.keep: expected one of"),
     (["training.keep=best", "training.objective=sft"], "the sft objective does not have"),
     (["training.keep=best", "training.keep_window=0"], "training.keep_window: expected 1 or more"),
+    (["training.keep=best", "training.keep_level=0"], r"training.keep_level: expected a probability in \(0, 1\]"),
+    (["training.keep=best", "training.keep_level=1.5"], r"training.keep_level: expected a probability in \(0, 1\]"),
 ])
 def test_keep_settings_are_checked_when_the_recipe_is_read(overrides, refused):
     from conj_lite.errors import InputError
@@ -389,11 +391,37 @@ def test_keep_settings_are_checked_when_the_recipe_is_read(overrides, refused):
         load_recipe(None, overrides)
 
 
+def binomial_tail(n: int, k: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2)."""
+    from math import comb
+
+    return sum(comb(n, i) for i in range(k, n + 1)) / 2 ** n
+
+
+@pytest.mark.parametrize("n, level", [(32, 0.05), (64, 0.05), (8, 0.05), (32, 0.01), (32, 0.5), (100, 0.05)])
+def test_the_chance_bar_is_the_lowest_accuracy_a_guessing_judge_reaches_that_rarely(n, level):
+    from conj_lite.training import chance_bar
+
+    k = round(chance_bar(n, level) * n)
+    assert binomial_tail(n, k) <= level < binomial_tail(n, k - 1)
+
+
+def test_the_chance_bar_of_the_demos_window_and_of_windows_too_small_to_tell():
+    from conj_lite.training import chance_bar
+
+    assert chance_bar(32, 0.05) == 22 / 32  # 8 steps of 4 examples: 18/32 (0.5625) is chance, 22/32 is not
+    assert chance_bar(4, 0.05) > 1  # 4 examples cannot show a judge beyond chance at 5%
+    assert chance_bar(4, 1.0) == 0.0  # level 1: any window
+
+
 @pytest.mark.slow
-def test_keep_best_hands_on_the_adapter_of_the_best_window_not_the_last(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("level", [1.0, 0.05])
+def test_keep_best_hands_on_the_adapter_of_the_best_window_not_the_last(tiny_model_dir, tmp_path, level):
     """Single-order rows whose verdicts alternate, taken shuffled: the tiny judge's pair accuracy
     rises and falls with its position prior (seeded: 1.0 at step 4 of 8, 0.5 at the end). With
-    training.keep: best the adapter handed on is the one saved after step 4, and says so."""
+    training.keep: best the adapter handed on is the one saved after step 4, and says so; unless the
+    window (one step of 2 examples) cannot tell that accuracy from a guess at the keep_level (5%):
+    then the last step's adapter, with why."""
     import torch
     from safetensors.torch import load_file
 
@@ -408,17 +436,22 @@ def test_keep_best_hands_on_the_adapter_of_the_best_window_not_the_last(tiny_mod
         "training.max_steps=8", "training.batch_size=2", "training.grad_accum=1", "training.eval_pairs=0",
         "training.learning_rate=5e-3", "training.orders_together=false", "training.save_steps=8",
         "filtering.rationale=false", "training.ref_engine=transformers", "training.keep=best",
-        "training.keep_window=1"])
+        "training.keep_window=1", f"training.keep_level={level}"])
     summary = train_adapter(recipe, str(tiny_model_dir), path, tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "adapter" / TRAIN_META).read_text())
     accuracies = [entry["rewards/accuracies"] for entry in meta["history"]]
     end, accuracy = best_window(accuracies, 1)
     assert summary.kept == meta["summary"]["kept"]
+    handed_on = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    last = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-8" / "adapter_model.safetensors")
+    if level < 1:
+        assert summary.kept["rule"] == "last" and summary.kept["best_window_accuracy"] == accuracy == 1.0
+        assert "no window beat chance" in summary.kept["why"] and "over 2 examples" in summary.kept["why"]
+        assert all(torch.equal(handed_on[name], last[name]) for name in last)
+        return
     assert summary.kept["rule"] == "best" and summary.kept["step"] == meta["history"][end]["step"] < 8, summary.kept
     assert summary.kept["window_accuracy"] == accuracy > summary.kept["last_window_accuracy"]
-    handed_on = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     kept = load_file(tmp_path / "run" / "checkpoints" / "best" / "adapter_model.safetensors")
-    last = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-8" / "adapter_model.safetensors")
     assert all(torch.equal(handed_on[name], kept[name]) for name in kept)
     assert not all(torch.equal(handed_on[name], last[name]) for name in last)
 
