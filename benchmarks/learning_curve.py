@@ -128,7 +128,7 @@ def _train(run: ConjRun, objective: str, budget: int, work: Path, init_adapter: 
     start = time.perf_counter()
     summary = train_adapter(recipe, run.base_model(), data, work, init_adapter=init_adapter)
     return {"seconds": time.perf_counter() - start, "peak_rss_gb": round(peak_rss_bytes() / 1e9, 2),
-            "steps": summary.steps, "before": summary.before, "after": summary.after}
+            "steps": summary.steps, "before": summary.before, "after": summary.after, "kept": summary.kept}
 
 
 def run_one(run: ConjRun, method: str, budget: int, sets: dict, work: Path) -> dict:
@@ -178,6 +178,14 @@ def ci(x) -> str:
     return "" if not x else f" [{100 * x[0]:.1f}, {100 * x[1]:.1f}]"
 
 
+def kept_cell(train: dict) -> str:
+    """Which step's adapter was judged: training.keep's choice (best: a window's last step)."""
+    kept = train.get("kept")
+    if not kept:
+        return f"{train['steps']} (last)" if "steps" in train else "–"
+    return f"{kept['step']} ({'best window' if kept['rule'] == 'best' else 'last'})"
+
+
 def render(results: dict) -> str:
     meta = results["meta"]
     lines = [f"{meta['date']}, {meta['machine']}, {meta['versions']}.", "",
@@ -190,7 +198,8 @@ def render(results: dict) -> str:
                      f"{pct(m['position_bias'])} |")
     lines += ["", "Trained judges (gain = after − before in per-order accuracy, paired bootstrap 95% interval):", "",
               "| task | method | examples seen | seed | set | accuracy | gain (pts) | both-order | consistency | "
-              "answer-1 rate | train s | peak RSS GB |", "|---|---|---:|---:|---|---|---|---|---:|---:|---:|---:|"]
+              "answer-1 rate | adapter of step | train s | peak RSS GB |",
+              "|---|---|---:|---:|---|---|---|---|---:|---:|---|---:|---:|"]
     for r in sorted(results["rows"], key=lambda r: (r["task"], r["method"], r["budget"], r["seed"])):
         for name in results["base"]:
             if name not in r:  # judged on fewer sets (--sets)
@@ -200,7 +209,8 @@ def render(results: dict) -> str:
                 f"| {r['task']} | {r['method']} | {r['budget']} | {r['seed']} | {SET_NAMES[name]} | "
                 f"{pct(m['accuracy'])}{ci(m['accuracy_ci'])} | {100 * g['gain']:+.1f} [{100 * g['ci'][0]:+.1f}, "
                 f"{100 * g['ci'][1]:+.1f}] | {pct(m['accuracy_prob'])} | {pct(m['consistency'])} | "
-                f"{pct(m['position_bias'])} | {r['train']['seconds']:.0f} | {r['train']['peak_rss_gb']:.2f} |")
+                f"{pct(m['position_bias'])} | {kept_cell(r['train'])} | {r['train']['seconds']:.0f} | "
+                f"{r['train']['peak_rss_gb']:.2f} |")
     if meta.get("plot"):
         lines += ["", f"![learning curves]({meta['plot']})"]
     notes = [line for note in meta.get("notes", []) for line in ("", note)]  # a paragraph each
