@@ -47,9 +47,6 @@ TASK_TEXT = {"relevance": "relevance pairs from the shipped HH harmless single-t
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-TASKS = ("relevance", "hh")
-
-
 def task_pairs(task: str, n_test: int, max_chars: int, seed: int):
     """(train, test) pairs: the relevance task from the shipped HH single-turn file, or
     HH harmless preferences (../shared) split as benchmarks/learning_curve.py splits them
@@ -187,7 +184,7 @@ def render(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=TASKS, default="relevance")
+    parser.add_argument("--task", choices=tuple(TASK_TEXT), default="relevance")
     parser.add_argument("--mode", choices=("full", "lora"), default="full")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--lora-r", type=int, default=16)

@@ -180,9 +180,7 @@ def ci(x) -> str:
 
 def kept_cell(train: dict) -> str:
     """Which step's adapter was judged: training.keep's choice (best: a window's last step)."""
-    kept = train.get("kept")
-    if not kept:
-        return f"{train['steps']} (last)" if "steps" in train else "–"
+    kept = train.get("kept") or {"step": train["steps"], "rule": "last"}
     return f"{kept['step']} ({'best window' if kept['rule'] == 'best' else 'last'})"
 
 

@@ -524,7 +524,7 @@ def keep_best_callback(directory: Path, window: int):
     return KeepBest()
 
 
-def restore_best(trainer, directory: Path, window: int, level: float = 0.05) -> dict:
+def restore_best(trainer, directory: Path, window: int, level: float) -> dict:
     """Load the kept adapter (keep_best_callback) into the trainer's model when it is the best
     window's of this training's log and that window's pair accuracy is beyond chance
     (chance_bar at `level`); what was kept, for the summary."""
