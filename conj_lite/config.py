@@ -86,6 +86,15 @@ class PromptConfig:
                            "'Today Date'); pinned so the judge's prompt never changes by day")
 
 
+# The policy's GGUF for llama.cpp's work on the model's own weights (the DPO reference,
+# the held-out pairs, sampling unless sampling.gguf_type says otherwise): f32, the weights
+# training computes with, without f16's rounding (the reference is within 0.004 nats of
+# TRL's fp32 forward; f16: 0.011). Its speed depends on the CPU (benchmarks/gguf_types.py):
+# on AVX2 alone llama.cpp evaluates prompts ~1.7x faster from f32 than from f16 (f16 is
+# converted on the fly); with AVX-512 f16 is ~8% faster at prompts and ~1.8x at decoding.
+POLICY_GGUF_TYPE = "f32"
+
+
 @dataclass
 class SamplingConfig:
     n_repeats: int = opt(8, "repeated judgments per pair and order (paper: 8)")
@@ -105,7 +114,7 @@ class SamplingConfig:
     engine: str = opt("auto", "what runs the policy: auto (llama.cpp on a CPU when llama-cpp-python is installed and "
                       "the model has a GGUF or can be converted to one; transformers otherwise), transformers "
                       "(HF generate), llama.cpp (llama-cpp-python on a GGUF of the policy, a round's LoRA as a GGUF LoRA)")
-    gguf_type: str = opt("f32", "llama.cpp engine: the type of the policy's GGUF it samples from: f32 (the weights "
+    gguf_type: str = opt(POLICY_GGUF_TYPE, "llama.cpp engine: the type of the policy's GGUF it samples from: f32 (the weights "
                          "as trained), f16 or q8_0 (half or a quarter of the file; on CPUs with AVX-512 q8_0 decodes "
                          "~2.4x faster than f32, on AVX2-only CPUs f32 evaluates prompts fastest: "
                          "benchmarks/gguf_types.py). The DPO reference and the held-out pairs stay f32")

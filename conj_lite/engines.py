@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from .artifacts import fingerprint_id, path_identity
-from .config import Recipe, SamplingConfig
+from .config import POLICY_GGUF_TYPE, Recipe, SamplingConfig
 from .errors import InputError
 from .frame import FrameSampler, apply_repetition_penalty, ll_tokenizer_for, round_trip_problem
 from .judging.backends import GGUFBackend, ParallelDecoder, cells_needed
@@ -372,15 +372,6 @@ def _converted(kind: str, source: Path, build: Callable[[Path], None]) -> Path:
             finally:
                 staging.unlink(missing_ok=True)
     return out
-
-
-# The policy's GGUF for llama.cpp's work on the model's own weights (the DPO reference,
-# the held-out pairs, sampling unless sampling.gguf_type says otherwise): f32, the weights
-# training computes with, without f16's rounding (the reference is within 0.004 nats of
-# TRL's fp32 forward; f16: 0.011). Its speed depends on the CPU (benchmarks/gguf_types.py):
-# on AVX2 alone llama.cpp evaluates prompts ~1.7x faster from f32 than from f16 (f16 is
-# converted on the fly); with AVX-512 f16 is ~8% faster at prompts and ~1.8x at decoding.
-POLICY_GGUF_TYPE = "f32"
 
 
 def policy_gguf(base: str, adapter: Path | None, recipe: Recipe, console=None, *, setting: str = "sampling.engine",

@@ -31,14 +31,14 @@ from pathlib import Path
 
 from . import export as export_mod
 from .artifacts import TRAIN_META, identity_changes, path_identity
-from .config import WARMUP_SOURCES, Recipe, find_recipe, load_recipe, save_recipe
+from .config import POLICY_GGUF_TYPE, WARMUP_SOURCES, Recipe, find_recipe, load_recipe, save_recipe
 from .data import heldout_split, load_pairs
 from .errors import InputError
 from .filtering import build_pairs
 from .jsonio import read_json, write_json, write_jsonl
 from .judging import Judge, evaluate
 from .judging.evaluation import paired_gain
-from .engines import POLICY_GGUF_TYPE, choose_engine, engine_inputs, gguf_engine, open_engine, policy_gguf
+from .engines import choose_engine, engine_inputs, gguf_engine, open_engine, policy_gguf
 from .models import import_unsloth_early, resolve_model_path, resolve_runtime, set_cpu_threads
 from .packaged import PACKAGED
 from .progress import get_console, quiet_libraries, stage_progress

@@ -6,7 +6,7 @@ completions with a forward pass in every step (or all of them first, with
 `precompute_ref_log_probs`), in the policy's own dtype: in fp32 on a CPU that pass is a
 third of a step of the embedded demo (0.9-1.0 s of a 2.65 s micro-step of 2 rows,
 docs/benchmarks.md). llama.cpp evaluates the same prompts from a GGUF of the
-reference (f32: `engines.POLICY_GGUF_TYPE`) once, sharing what rows share, so with `training.ref_engine: llama.cpp` the trainer is
+reference (f32: `config.POLICY_GGUF_TYPE`) once, sharing what rows share, so with `training.ref_engine: llama.cpp` the trainer is
 handed the reference's log-probabilities computed here, from the token ids TRL's own
 data preparation made, and takes them as it takes precomputed ones.
 
