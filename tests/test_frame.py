@@ -209,8 +209,8 @@ def _nucleus(logits, temperature, top_p):
     return out / out.sum()
 
 
-@pytest.mark.parametrize("top_p, candidates", [(0.9, 1024), (0.9, 8), (0.999, 1024), (1.0, 1024)],
-                         ids=["topk-nucleus", "full-sort", "nucleus-past-the-candidates", "no-top-p"])
+@pytest.mark.parametrize("top_p, candidates", [(0.9, 1024), (0.9, (8, 1024)), (0.9, 8), (0.999, 1024), (1.0, 1024)],
+                         ids=["topk-nucleus", "second-tier", "full-sort", "nucleus-past-the-candidates", "no-top-p"])
 def test_the_batched_draw_samples_the_nucleus_distribution(top_p, candidates):
     """10,000 rows, each with its own uniform, follow the temperature/top-p distribution
     (chi-square test), whether the nucleus is found among the candidates or by sorting."""
@@ -237,6 +237,24 @@ def test_the_batched_draw_samples_the_nucleus_distribution(top_p, candidates):
         chi2 += float((pooled_c - pooled_e) ** 2 / pooled_e)
     df = int(big.sum()) + (1 if pooled_e > 0 else 0) - 1
     assert chi2 < _chi_square_limit(df), (chi2, df)
+
+
+def test_tokens_tied_at_the_edge_of_the_candidates_enter_the_nucleus_by_token_id():
+    """Five tokens hold 0.88 of the mass and twelve tie at 0.01 each: the top-0.895 nucleus
+    is the five and the two tied tokens of lowest id (20 and 21). torch.topk keeps three of
+    the tied tokens, its own choice (22-24 here); taking the nucleus from those candidates
+    because they hold more than top_p drew 22 and 23, tokens outside the nucleus."""
+    import torch
+
+    from conj_lite.frame import draw_tokens
+
+    probs = torch.zeros(200)
+    probs[150:155], probs[20:32] = 0.88 / 5, 0.01
+    rows = 4000
+    for candidates in (8, (8, 1024), (6, 16)):
+        drawn = draw_tokens(probs.log().expand(rows, -1), torch.rand(rows, generator=torch.Generator().manual_seed(0)),
+                            temperature=1.0, top_p=0.895, candidates=candidates)
+        assert set(drawn.tolist()) == {20, 21, 150, 151, 152, 153, 154}, candidates
 
 
 def test_a_row_draws_the_same_token_alone_or_in_any_batch():
