@@ -1,24 +1,11 @@
 """benchmarks/ceiling.py: the supervised ceiling's training pairs per step and its HH split."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import ceiling
+import learning_curve
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str = "ceiling"):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_steps_walk_the_seeded_order_and_go_round_it_again():
-    ceiling = load_script()
     order = [3, 0, 4, 1, 2]
     steps = [ceiling.step_indices(order, step, 2) for step in range(1, 6)]
     assert steps == [[3, 0], [4, 1], [2, 3], [0, 4], [1, 2]]
@@ -27,11 +14,10 @@ def test_steps_walk_the_seeded_order_and_go_round_it_again():
 
 
 def test_the_hh_ceiling_is_judged_on_the_learning_curves_held_out_pairs():
-    ceiling = load_script()
     if not ceiling.hh_split.__globals__["HH"].is_file():
         pytest.skip("../shared/data/hh-rlhf is not next to the repo")
     train, test = ceiling.task_pairs("hh", 100, 600, seed=0)
-    curve_train, sets = load_script("learning_curve").task_data("hh", 100, 600, pool=len(train), seed=0)
+    curve_train, sets = learning_curve.task_data("hh", 100, 600, pool=len(train), seed=0)
     assert [p.id for p in test] == [p.id for p in sets["hh"]]
     assert not {p.id for p in train} & {p.id for p in test}
     assert {p.id for p in curve_train} == {p.id for p in train}

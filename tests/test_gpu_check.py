@@ -1,13 +1,14 @@
 """benchmarks/gpu_check.py cannot rot: its CPU dry run goes through every section's code
 (all but the CUDA-only calls) and writes the JSON and markdown the docs take in."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import gpu_carry
+import gpu_check as gc
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,15 +18,7 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 ENV = dict(os.environ, CONJ_LITE_THREADS="1")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_next_lengths_brackets_the_longest_fit():
-    gc = load_script()
     # between the longest fit and the shortest failure
     assert gc.next_lengths({2048: True, 3072: True, 4096: False, 6144: False}, 3, 128) == [3328, 3584, 3840]
     # all fit: look further; none fit: look below
@@ -50,10 +43,6 @@ def test_check_env_is_fast_and_names_what_is_missing():
 def test_plan_lists_what_the_one_call_carries(tmp_path):
     """--plan names each carried file with its size, the total in MiB against the 40 MiB
     goal, and the command; missing wheels (no --prepare yet) make it fail."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_carry
-
-    gc = load_script()
     wheels = tmp_path / "wheels"
     lines: list[str] = []
     assert gpu_carry.plan("main", gc.PLAN_FLAGS, wheels=wheels, out=lines.append) == 1  # nothing prepared
@@ -77,9 +66,6 @@ def test_slim_wheel_keeps_what_the_machine_loads(tmp_path):
     import base64
     import hashlib
     import zipfile
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_carry
 
     src = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
     members = {"bitsandbytes/__init__.py": b"x = 1\n", "bitsandbytes/libbitsandbytes_cuda130.so": b"130",
@@ -110,7 +96,6 @@ def test_real_model_overrides_differ_only_in_4bit_and_unsloth():
     from conj_lite.config import load_recipe
     from conj_lite.data import heldout_split, load_pairs
 
-    gc = load_script()
     args = {"real_data": "data/sample_prefs.jsonl", "real_pairs": 8, "real_steps": 4, "real_unsloth": "auto",
             "llama_cpp": None}
     gpu_common, gpu_own = gc.real_model_overrides({**args, "dry_run": False})
@@ -128,7 +113,6 @@ def test_real_model_overrides_differ_only_in_4bit_and_unsloth():
 def test_learning_curve_is_an_optional_second_step(tmp_path):
     """Never in the main call; asked for, it runs the hook or says why not, and --render
     gives it its own section, not the GPU check's."""
-    gc = load_script()
     assert "learning_curve" not in gc.SECTIONS and "learning_curve" in gc.OPTIONAL_SECTIONS
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--work", str(tmp_path / "w"),
@@ -150,7 +134,6 @@ def test_learning_curve_is_an_optional_second_step(tmp_path):
 def test_a_section_stopped_by_its_box_keeps_its_figures(tmp_path, tiny_model_dir):
     """A section killed by its time box keeps the figures it had written (each stage as it
     ends) and names what is missing and why."""
-    gc = load_script()
     out, work = tmp_path / "out", tmp_path / "work"
     # Training that cannot end (100,000 steps) inside a 200 s box; sampling ends well before
     # (about 15 s, 55 s on a box shared with other jobs).
@@ -171,7 +154,6 @@ def test_a_section_stopped_by_its_box_keeps_its_figures(tmp_path, tiny_model_dir
 @pytest.mark.slow
 def test_dry_run_writes_json_and_markdown(tmp_path, tiny_model_dir):
     """The dry run, with the flags of the planned GPU call, runs every section."""
-    gc = load_script()
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--work", str(work),
                            *gc.PLAN_FLAGS], capture_output=True, text=True, timeout=1500, cwd=REPO, env=ENV)

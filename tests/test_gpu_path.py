@@ -93,7 +93,6 @@ def test_4bit_training_load_keeps_16bit_weights_frozen(tiny_model_dir, monkeypat
     what benchmarks/shapes.py counts for its weights (16-bit here: linears included)."""
     import torch
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from shapes import Shape, weight_bytes
 
     marked_4bit(monkeypatch)

@@ -1,20 +1,10 @@
 """benchmarks/real_learnability.py: runs from another session join the report only when
 they were made against the same base judge on the same sets."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("real_learnability", REPO / "benchmarks" / "real_learnability.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import real_learnability as rl
 
 
 def results(runs, base_acc=0.5, command="python benchmarks/real_learnability.py X", n_test=100):
@@ -31,7 +21,6 @@ def results(runs, base_acc=0.5, command="python benchmarks/real_learnability.py 
 
 
 def test_merge_keeps_earlier_runs_not_run_again_in_variant_then_seed_order():
-    rl = load_script()
     old = results([("conj", 0), ("conj", 1), ("rise", 0)], command="old")
     new = results([("rise", 1), ("rise", 0)], command="new")
     merged = rl.merge(new, json.loads(json.dumps(old)), ["rise"], "old.json")
@@ -44,7 +33,6 @@ def test_merge_keeps_earlier_runs_not_run_again_in_variant_then_seed_order():
 
 
 def test_merge_refuses_runs_made_against_another_base_or_other_sets():
-    rl = load_script()
     with pytest.raises(SystemExit, match="hh_heldout"):
         rl.merge(results([("rise", 1)]), results([("conj", 0)], base_acc=0.6), ["rise"], "old.json")
     with pytest.raises(SystemExit, match="sizes"):

@@ -7,19 +7,16 @@ Nothing here downloads: recipes are only validated, never run."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from shapes import HUB_MODELS, SHAPES, estimate_recipe
 
 from conj_lite.cli import build_parser
 from conj_lite.config import find_recipe, shipped_recipes
 from conj_lite.config import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from shapes import HUB_MODELS, SHAPES, estimate_recipe  # noqa: E402
 
 RECIPES = sorted((REPO / "conj_lite" / "recipes").glob("*.yaml"))
 CPU_RECIPES = [p for p in RECIPES if p.stem == "tiny-cpu" or p.stem.endswith("_cpu")]

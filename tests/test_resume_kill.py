@@ -7,24 +7,13 @@ which also produces the figures in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reliability.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("reliability", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import reliability
 
 
 @pytest.mark.slow
 def test_sampling_killed_at_random_points_resumes_to_the_same_texts(tiny_model_dir, tmp_path):
-    result = load_script().kill_check(tmp_path, kills=3, limit=8, seed=1)
+    result = reliability.kill_check(tmp_path, kills=3, limit=8, seed=1)
     assert result["kills"] >= 2, result  # the process was alive and had written rows each time
     assert result["judgments"] >= 24 and result["straight_duplicated"] == 0  # 4 pairs (ties skipped) x 2 orders x 6
     for name in ("killed", "other_batch"):
