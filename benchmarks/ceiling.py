@@ -4,22 +4,32 @@ Cheap on purpose, so that it can run at budgets the Con-J loop cannot afford: on
 forward pass per example, cross-entropy on the verdict token alone (the judge prompt in
 the recipe's template, verdict-only, ending `{"better_answer": `), both answer orders of
 every pair in the same step, plain PyTorch (full fine-tuning or a peft LoRA), no
-sampling, no DPO. Held-out pairs are judged in both orders every `--eval-every` steps:
+sampling. Held-out pairs are judged in both orders every `--eval-every` steps:
 per-order accuracy, the both-order decision (P(answer A) averaged over the orders),
 consistency and the answer-1 rate, with 95% bootstrap intervals (conj_lite.judging).
 
 If this curve stays at chance, no loop built on the same model, task and budget can
 learn it; if it rises, a loop that does not has a defect to find.
 
+`--objective conj` trains the same examples with the loop's own loss instead, weighed as
+the loop weighs it: DPO (sigmoid, `--beta`) between the correct and the wrong verdict
+against the untrained model, plus `--alpha` x the token-mean cross-entropy of the loop's
+verdict-only completion (`{"better_answer": N}` and the end of the turn: the verdict is
+one of its tokens, the others are the format, learnt at once). Beside the `ce` curve on
+the same LoRA it tells the objective from the LoRA and the data.
+
     python benchmarks/ceiling.py --task relevance --steps 150 --out runs/ceiling
     python benchmarks/ceiling.py --task hh --steps 300 --out runs/ceiling-hh   # HH harmless preferences
+    python benchmarks/ceiling.py --task hh --mode lora --lr 1e-3 --objective conj --out runs/ceiling-hh-conj
     python benchmarks/ceiling.py --render runs/ceiling/results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import re
 import sys
 import time
 from dataclasses import replace
@@ -80,7 +90,38 @@ class VerdictModel:
                                                      task_type="CAUSAL_LM"))
         else:
             model.get_input_embeddings().weight.requires_grad_(False)  # tied with the output head: keep it
-        self.model, self.bf16 = model, bf16
+        self.model, self.bf16, self.mode, self.frozen = model, bf16, mode, None
+
+    def completion_tokens(self) -> int:
+        """Tokens of the loop's verdict-only completion as TRL cuts it from the chat
+        (`{"better_answer": 1}` and the end of the assistant turn)."""
+        chat = [{"role": "user", "content": "q"}]
+        prompt = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        full = self.tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": self.head + "1}"}],
+                                                  tokenize=False)
+        assert full.startswith(prompt), (prompt, full)
+        return len(self.tokenizer(full[len(prompt):], add_special_tokens=False).input_ids)
+
+    def freeze_reference(self) -> None:
+        """Keep the weights as they are now as the reference (full fine-tuning; a LoRA's
+        reference is the model with the adapter switched off)."""
+        if self.mode != "lora":
+            self.frozen = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def reference_logits(self, texts: list[str]):
+        """The reference's verdict logits: the LoRA switched off, or the weights kept by
+        `freeze_reference` (full fine-tuning; frozen at the first call if not before)."""
+        with self.torch.no_grad():
+            if self.mode == "lora":
+                with self.model.disable_adapter():
+                    return self.logits(texts)
+            if self.frozen is None:
+                self.freeze_reference()
+            model, self.model = self.model, self.frozen
+            try:
+                return self.logits(texts)
+            finally:
+                self.model = model
 
     def prompt(self, pair, order: str) -> str:
         answer_1, answer_2 = ordered_answers(pair.answer_a, pair.answer_b, order)
@@ -112,6 +153,22 @@ class VerdictModel:
         return out
 
 
+def conj_loss(logits, reference, targets, beta: float, alpha: float, completion_tokens: int):
+    """The loop's loss on verdict-only examples from the two verdict logits of each row
+    (policy and reference, [n, 2]) and the correct verdict's index: sigmoid DPO between
+    the correct and the wrong verdict (the rest of the two completions is the same
+    text), plus alpha x the SFT term, whose token mean over the completion gives the
+    verdict 1/completion_tokens of it (the format tokens' share is ~0 once learnt)."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = torch.arange(len(targets))
+    margin = logits[rows, targets] - logits[rows, 1 - targets]
+    reference_margin = reference[rows, targets] - reference[rows, 1 - targets]
+    dpo = -F.logsigmoid(beta * (margin - reference_margin)).mean()
+    return dpo + alpha * F.cross_entropy(logits, targets) / completion_tokens
+
+
 def step_indices(order: list[int], step: int, size: int) -> list[int]:
     """The training pairs of `step` (from 1): the next `size` of the seeded `order`,
     going round it again when the steps ask for more pairs than there are."""
@@ -126,6 +183,9 @@ def train(args, seed: int, out: Path) -> dict:
     train_pairs, test_pairs = task_pairs(args.task, args.test, args.max_chars, args.data_seed)
     model_dir = str(packaged_model_path("smollm2-135m"))
     vm = VerdictModel(model_dir, args.template, args.mode, args.lora_r, args.bf16)
+    completion_tokens = vm.completion_tokens()
+    if args.objective == "conj" and args.mode == "full":
+        vm.freeze_reference()
     params = [p for p in vm.model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -153,7 +213,11 @@ def train(args, seed: int, out: Path) -> dict:
             for o in ("ab", "ba"):
                 texts.append(vm.prompt(pair, o))
                 targets.append(true_slot(pair.label, o) - 1)
-        loss = torch.nn.functional.cross_entropy(vm.logits(texts), torch.tensor(targets))
+        logits, targets = vm.logits(texts), torch.tensor(targets)
+        if args.objective == "ce":
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+        else:
+            loss = conj_loss(logits, vm.reference_logits(texts), targets, args.beta, args.alpha, completion_tokens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for group in optim.param_groups:
@@ -162,7 +226,26 @@ def train(args, seed: int, out: Path) -> dict:
         optim.zero_grad()
         if step % args.eval_every == 0 or step == args.steps:
             record(step)
-    return {"seed": seed, "curve": curve, "n_train": len(train_pairs), "n_test": len(test_pairs)}
+    return {"seed": seed, "curve": curve, "n_train": len(train_pairs), "n_test": len(test_pairs),
+            "completion_tokens": completion_tokens}
+
+
+def section_name(meta: dict) -> tuple[str, str]:
+    """(title, raw JSON file) of a run's section in docs/benchmarks.md: one per task,
+    mode (a LoRA's with its learning rate) and objective, so that a LoRA or a
+    Con-J-loss curve never writes over the full fine-tuning curve of the same task."""
+    task, objective = meta.get("task", "relevance"), meta.get("objective", "ce")
+    # results written before the mode and rate were stored say them in their method
+    method = meta.get("method", "")
+    mode = meta.get("mode") or ("lora" if method.startswith("LoRA") else "full")
+    parts = [(task, task)] if task != "relevance" else []
+    if mode == "lora":
+        lr = meta.get("lr") or float(re.search(r"\blr ([0-9.e+-]+)", method).group(1))
+        parts.append((f"LoRA at lr {lr:g}", f"lora{lr:g}"))
+    parts += [("the Con-J loss", "conj")] if objective == "conj" else []
+    title = TITLE + (": " + ", ".join(name for name, _ in parts) if parts else "")
+    raw = "_".join(["ceiling", *(slug for _, slug in parts)]) + ".json"
+    return title, raw
 
 
 def render(results: dict) -> str:
@@ -186,6 +269,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=tuple(TASK_TEXT), default="relevance")
     parser.add_argument("--mode", choices=("full", "lora"), default="full")
+    parser.add_argument("--objective", choices=("ce", "conj"), default="ce",
+                        help="ce: cross-entropy on the verdict; conj: the loop's DPO + alpha x SFT")
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta (--objective conj)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="the SFT term's weight (--objective conj)")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=150)
@@ -204,8 +291,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         results = json.loads(Path(args.render).read_text())
-        task = results["meta"].get("task", "relevance")
-        title, raw = (TITLE, "ceiling.json") if task == "relevance" else (f"{TITLE}: {task}", f"ceiling_{task}.json")
+        title, raw = section_name(results["meta"])
         print(f"wrote {write_section(title, render(results), results, raw)}")
         return 0
     out = Path(args.out)
@@ -213,9 +299,14 @@ def main(argv=None) -> int:
     runs = [train(args, seed, out) for seed in args.seeds]
     method = (f"{'full fine-tuning (embeddings frozen)' if args.mode == 'full' else f'LoRA r={args.lora_r}'}, AdamW "
               f"lr {args.lr:g} ({args.warmup} warm-up steps), {args.batch} pairs per step in both orders, "
-              f"{'bf16 autocast' if args.bf16 else 'fp32'}, cross-entropy on the verdict token.")
+              f"{'bf16 autocast' if args.bf16 else 'fp32'}, "
+              + ("cross-entropy on the verdict token." if args.objective == "ce" else
+                 f"the loop's loss: DPO (beta {args.beta:g}) between the correct and the wrong verdict against the "
+                 f"untrained model + {args.alpha:g} x the verdict's cross-entropy / {runs[0]['completion_tokens']} "
+                 "(the token mean over the loop's verdict-only completion)."))
     results = {"meta": {
-        "task": args.task, "date": today(), "machine": f"{cpu_name()}, {usable_cpus()} cores, no GPU",
+        "task": args.task, "mode": args.mode, "lr": args.lr, "objective": args.objective,
+        "date": today(), "machine": f"{cpu_name()}, {usable_cpus()} cores, no GPU",
         "versions": versions("torch", "transformers", "peft"),
         "command": "python benchmarks/ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "task_text": (f"{TASK_TEXT[args.task]} (question + replies ≤ {args.max_chars} characters): "
