@@ -241,7 +241,8 @@ def section_name(meta: dict) -> tuple[str, str]:
     parts = [(task, task)] if task != "relevance" else []
     if mode == "lora":
         lr = meta.get("lr") or float(re.search(r"\blr ([0-9.e+-]+)", method).group(1))
-        parts.append((f"LoRA at lr {lr:g}", f"lora{lr:g}"))
+        bf16 = meta.get("bf16", "bf16 autocast" in method)
+        parts.append((f"LoRA at lr {lr:g}" + (" in bf16 autocast" if bf16 else ""), f"lora{lr:g}" + ("bf16" if bf16 else "")))
     parts += [("the Con-J loss", "conj")] if objective == "conj" else []
     title = TITLE + (": " + ", ".join(name for name, _ in parts) if parts else "")
     raw = "_".join(["ceiling", *(slug for _, slug in parts)]) + ".json"
@@ -305,7 +306,8 @@ def main(argv=None) -> int:
                  f"untrained model + {args.alpha:g} x the verdict's cross-entropy / {runs[0]['completion_tokens']} "
                  "(the token mean over the loop's verdict-only completion)."))
     results = {"meta": {
-        "task": args.task, "mode": args.mode, "lr": args.lr, "objective": args.objective,
+        "task": args.task, "mode": args.mode, "lr": args.lr, "bf16": args.bf16,
+        "objective": args.objective,
         "date": today(), "machine": f"{cpu_name()}, {usable_cpus()} cores, no GPU",
         "versions": versions("torch", "transformers", "peft"),
         "command": "python benchmarks/ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]),

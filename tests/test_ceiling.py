@@ -28,14 +28,17 @@ def test_each_mode_and_objective_has_its_own_section():
     """A LoRA curve rendered after the full fine-tuning one used to replace its section
     (one title per task): each task, mode and objective now has its own."""
     full = {"task": "hh", "method": "full fine-tuning (embeddings frozen), AdamW lr 5e-05"}
-    lora_before_mode_was_stored = {"task": "hh", "method": "LoRA r=16, AdamW lr 0.001 (10 warm-up steps)"}
+    lora_before_mode_was_stored = {"task": "hh", "method": "LoRA r=16, AdamW lr 0.001 (10 warm-up steps), 8 pairs "
+                                   "per step in both orders, bf16 autocast, cross-entropy on the verdict token."}
     names = [ceiling.section_name(meta) for meta in (
         full, lora_before_mode_was_stored, {"task": "hh", "mode": "lora", "lr": 1e-3, "objective": "conj"},
         {"task": "hh", "mode": "full", "objective": "conj"}, {"task": "relevance", "mode": "full"},
-        {"task": "relevance", "mode": "lora", "lr": 1e-3}, {"task": "hh", "mode": "lora", "lr": 2e-4})]
+        {"task": "relevance", "mode": "lora", "lr": 1e-3}, {"task": "hh", "mode": "lora", "lr": 2e-4},
+        {"task": "hh", "mode": "lora", "lr": 1e-3, "bf16": False})]
     assert names[0] == (f"{ceiling.TITLE}: hh", "ceiling_hh.json")  # the sections already written keep theirs
     assert names[4] == (ceiling.TITLE, "ceiling.json")
-    assert names[1] == (f"{ceiling.TITLE}: hh, LoRA at lr 0.001", "ceiling_hh_lora0.001.json")
+    assert names[1] == (f"{ceiling.TITLE}: hh, LoRA at lr 0.001 in bf16 autocast", "ceiling_hh_lora0.001bf16.json")
+    assert names[7] == (f"{ceiling.TITLE}: hh, LoRA at lr 0.001", "ceiling_hh_lora0.001.json")
     assert names[2] == (f"{ceiling.TITLE}: hh, LoRA at lr 0.001, the Con-J loss", "ceiling_hh_lora0.001_conj.json")
     assert len({title for title, _ in names}) == len({raw for _, raw in names}) == len(names)
 
