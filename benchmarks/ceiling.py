@@ -47,6 +47,7 @@ from conj_lite.packaged import packaged_model_path  # noqa: E402
 from conj_lite.prompts import build_messages, check_chat_template, load_template, ordered_answers, render_prompt, true_slot  # noqa: E402
 from conj_lite.relevance import relevance_split  # noqa: E402
 from conj_lite.system import usable_cpus  # noqa: E402
+from conj_lite.training import frame_rows  # noqa: E402
 from real_learnability import hh_split  # noqa: E402
 from report import cpu_name, today, versions, write_section  # noqa: E402
 
@@ -94,14 +95,12 @@ class VerdictModel:
         self.model, self.bf16, self.mode, self.frozen = model, bf16, mode, None  # frozen: full fine-tuning's reference
 
     def completion_tokens(self) -> int:
-        """Tokens of the loop's verdict-only completion as TRL cuts it from the chat
-        (`{"better_answer": 1}` and the end of the assistant turn)."""
-        chat = [{"role": "user", "content": "q"}]
-        prompt = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        full = self.tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": self.head + "1}"}],
-                                                  tokenize=False)
-        assert full.startswith(prompt), (prompt, full)
-        return len(self.tokenizer(full[len(prompt):], add_special_tokens=False).input_ids)
+        """Tokens of the loop's verdict-only completion as its training rows hold it
+        (conj_lite.training.frame_rows: the head is in the prompt, so the completion is
+        the verdict and the end of the assistant turn: 3 tokens for SmolLM2's ChatML)."""
+        row = {"prompt": [{"role": "user", "content": "q"}], "chosen": self.head + "1}"}
+        framed = frame_rows([row], self.tokenizer, self.template, ("chosen",))
+        return len(self.tokenizer(framed[0]["chosen"], add_special_tokens=False).input_ids)
 
     def reference_logits(self, texts: list[str]):
         """The reference's verdict logits: the model with the LoRA switched off, or (full

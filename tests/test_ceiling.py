@@ -80,9 +80,9 @@ def test_the_reference_is_the_model_before_training(smollm2_dir, mode):
                 p.add_(torch.randn_like(p) * 0.05)
     assert not torch.allclose(vm.logits(texts).detach(), before, atol=1e-3)
     assert torch.allclose(vm.reference_logits(texts), before, atol=1e-5)
-    # SmolLM2's ChatML: TRL's verdict-only completion is `{"better_answer": 1}<|im_end|>\n`
-    assert vm.completion_tokens() == len(vm.tokenizer('{"better_answer": 1}<|im_end|>\n',
-                                                      add_special_tokens=False).input_ids)
+    # SmolLM2's ChatML: the loop's verdict-only rows end their prompt with the head, so the
+    # completion its SFT term averages over is `1}<|im_end|>`
+    assert vm.completion_tokens() == 3
 
 
 @pytest.mark.slow
