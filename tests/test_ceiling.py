@@ -24,6 +24,17 @@ def test_the_hh_ceiling_is_judged_on_the_learning_curves_held_out_pairs():
     assert all(len(p.question) + len(p.answer_a) + len(p.answer_b) <= 600 for p in train + test)
 
 
+def test_a_budget_beyond_the_training_pairs_takes_them_all():
+    """The learning curve's pool is capped at the task's training pairs (a budget beyond
+    them trains more than one pass) instead of stopping the run."""
+    if not ceiling.hh_split.__globals__["HH"].is_file():
+        pytest.skip("../shared/data/hh-rlhf is not next to the repo")
+    train, _ = ceiling.task_pairs("hh", 100, 600, seed=0)
+    pool, sets = learning_curve.task_data("hh", 100, 600, pool=len(train) + 500, seed=1)
+    assert {p.id for p in pool} == {p.id for p in train}
+    assert not {p.id for p in pool} & {p.id for p in sets["hh"]}
+
+
 def test_each_mode_and_objective_has_its_own_section():
     """A LoRA curve rendered after the full fine-tuning one used to replace its section
     (one title per task): each task, mode and objective now has its own."""
