@@ -13,7 +13,7 @@ from conj_lite.config import find_recipe, load_recipe, recipe_from_dict
 from conj_lite.errors import InputError
 from conj_lite.models import resolve_runtime
 from conj_lite.judging.backends import shared_prefix
-from conj_lite.reference import cells_for, log_softmax_at, rows_logps
+from conj_lite.reference import cells_for, log_softmax_at, rows_logps, unique_rows
 from conj_lite.training import resolve_ref_engine, visited_rows
 
 
@@ -171,6 +171,15 @@ def trl_reference(model_dir, tokenizer, rows, tmp_path, adapter=None):
         datasets.enable_caching()
 
 
+def test_rows_visited_again_are_evaluated_once():
+    a, b, c = ([1, 2], [3], [4]), ([1, 2], [4], [3]), ([5], [3], [4])
+    unique, where = unique_rows([a, b, a, c, b, a])
+    assert unique == [a, b, c]  # in the order first met: the prompt cache follows it
+    assert where == [0, 1, 0, 2, 1, 0]
+    assert [unique[i] for i in where] == [a, b, a, c, b, a]
+    assert unique_rows([]) == ([], [])
+
+
 def test_llama_cpp_gives_trls_reference_on_the_real_model(smollm2_dir, tmp_path):
     from conj_lite.models import load_tokenizer
     from conj_lite.reference import llama_cpp_reference_logps
@@ -188,6 +197,9 @@ def test_llama_cpp_gives_trls_reference_on_the_real_model(smollm2_dir, tmp_path)
     # rows (from an f16 GGUF: 0.011)
     np.testing.assert_allclose(chosen, want_c, atol=0.008)
     np.testing.assert_allclose(rejected, want_r, atol=0.008)
+    # a second pass visits rows again: their results are the first visit's, one per row
+    again = llama_cpp_reference_logps(reads["gguf"], None, ds.select([*range(len(ds)), 1, 0]), 1024)
+    assert again == (chosen + chosen[1::-1], rejected + rejected[1::-1])
     assert reads["engine"] == "llama.cpp" and reads["lora"] is None and reads["gguf_from"]["as"] == "f32"
     # f32 weights: llama.cpp evaluates prompts ~1.7x faster from them than from f16 (benchmarks/gguf_types.py)
     from gguf import GGMLQuantizationType, GGUFReader
