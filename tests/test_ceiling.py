@@ -4,6 +4,9 @@ import ceiling
 import learning_curve
 import pytest
 
+needs_shared_hh = pytest.mark.skipif(not ceiling.hh_split.__globals__["HH"].is_file(),
+                                     reason="../shared/data/hh-rlhf is not next to the repo")
+
 
 def test_steps_walk_the_seeded_order_and_go_round_it_again():
     order = [3, 0, 4, 1, 2]
@@ -13,9 +16,8 @@ def test_steps_walk_the_seeded_order_and_go_round_it_again():
     assert sorted(i for s in steps[:5] for i in s) == sorted(order * 2)
 
 
+@needs_shared_hh
 def test_the_hh_ceiling_is_judged_on_the_learning_curves_held_out_pairs():
-    if not ceiling.hh_split.__globals__["HH"].is_file():
-        pytest.skip("../shared/data/hh-rlhf is not next to the repo")
     train, test = ceiling.task_pairs("hh", 100, 600, seed=0)
     curve_train, sets = learning_curve.task_data("hh", 100, 600, pool=len(train), seed=0)
     assert [p.id for p in test] == [p.id for p in sets["hh"]]
@@ -24,11 +26,10 @@ def test_the_hh_ceiling_is_judged_on_the_learning_curves_held_out_pairs():
     assert all(len(p.question) + len(p.answer_a) + len(p.answer_b) <= 600 for p in train + test)
 
 
+@needs_shared_hh
 def test_a_budget_beyond_the_training_pairs_takes_them_all():
     """The learning curve's pool is capped at the task's training pairs (a budget beyond
     them trains more than one pass) instead of stopping the run."""
-    if not ceiling.hh_split.__globals__["HH"].is_file():
-        pytest.skip("../shared/data/hh-rlhf is not next to the repo")
     train, _ = ceiling.task_pairs("hh", 100, 600, seed=0)
     pool, sets = learning_curve.task_data("hh", 100, 600, pool=len(train) + 500, seed=1)
     assert {p.id for p in pool} == {p.id for p in train}
